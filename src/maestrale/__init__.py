@@ -1,0 +1,23 @@
+"""maestrale: Mistral, Mixtral, Ministral and Phi-3 with the transformers API."""
+
+from .cache import Cache, DynamicCache
+from .configs import (
+    AutoConfig,
+    MinistralConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedConfig,
+)
+from .models import *  # noqa: F401,F403
+from .models import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""The public model classes of each family: the shared decoder and heads bound to the family's config."""
+
+from __future__ import annotations
+
+from ..configs import MinistralConfig, MistralConfig, MixtralConfig, Phi3Config
+from ..configs.base import PretrainedConfig
+from .decoder import DecoderModel
+from .heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
+
+HEADS = {
+    "ForCausalLM": ForCausalLM,
+    "ForSequenceClassification": ForSequenceClassification,
+    "ForTokenClassification": ForTokenClassification,
+    "ForQuestionAnswering": ForQuestionAnswering,
+}
+
+
+# model_type -> {"Model" or a head's task name -> class}, for the Auto classes and the loaders.
+MODEL_MAPPING: dict[str, dict[str, type]] = {}
+
+
+def _family(prefix: str, config_class: type[PretrainedConfig]) -> tuple[type, ...]:
+    """XModel and its four heads, in the order of HEADS."""
+    base = type(f"{prefix}Model", (DecoderModel,), {"config_class": config_class, "__module__": __name__})
+    heads = tuple(
+        type(f"{prefix}{task}", (head,), {"config_class": config_class, "base_class": base, "__module__": __name__})
+        for task, head in HEADS.items()
+    )
+    MODEL_MAPPING[config_class.model_type] = {"Model": base, **dict(zip(HEADS, heads))}
+    return (base, *heads)
+
+
+(MistralModel, MistralForCausalLM, MistralForSequenceClassification, MistralForTokenClassification,
+ MistralForQuestionAnswering) = _family("Mistral", MistralConfig)
+(MinistralModel, MinistralForCausalLM, MinistralForSequenceClassification, MinistralForTokenClassification,
+ MinistralForQuestionAnswering) = _family("Ministral", MinistralConfig)
+(MixtralModel, MixtralForCausalLM, MixtralForSequenceClassification, MixtralForTokenClassification,
+ MixtralForQuestionAnswering) = _family("Mixtral", MixtralConfig)
+(Phi3Model, Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification,
+ Phi3ForQuestionAnswering) = _family("Phi3", Phi3Config)
+
+__all__ = [cls.__name__ for classes in MODEL_MAPPING.values() for cls in classes.values()]

@@ -1,0 +1,126 @@
+"""Feed-forward blocks: the SwiGLU MLP and Mixtral's sparse mixture of experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)); Phi-3 stores gate and up as one fused projection."""
+
+    def __init__(self, config, fused_gate_up: bool = False):
+        super().__init__()
+        hidden, inter = config.hidden_size, config.intermediate_size
+        if fused_gate_up:
+            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        else:
+            self.gate_proj = nn.Linear(hidden, inter, bias=False)
+            self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act_fn = ACT_FNS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class Router(nn.Module):
+    """Scores experts per token; keeps the top k, renormalised to sum to one."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = F.softmax(logits.float(), dim=-1)
+        top_probs, top_experts = probs.topk(self.top_k, dim=-1)
+        return logits, top_probs / top_probs.sum(dim=-1, keepdim=True), top_experts
+
+
+class Experts(nn.Module):
+    """All experts' SwiGLU weights as 3-D tensors: gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        inter, hidden = config.intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
+        self.act_fn = ACT_FNS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, top_experts: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = top_experts.shape
+        experts = top_experts.reshape(-1)
+        if experts.numel() <= self.num_experts:
+            # Decoding: gather only the experts the few tokens use and run them as one batched product.
+            rows = x.repeat_interleave(k, dim=0).unsqueeze(-1)
+            gate, up = torch.bmm(self.gate_up_proj[experts], rows).squeeze(-1).chunk(2, dim=-1)
+            out = torch.bmm(self.down_proj[experts], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
+            out = out * top_weights.reshape(-1, 1)
+            return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+        # Prefill: sort the (token, expert) pairs by expert and run each expert once on its contiguous group.
+        order = experts.argsort(stable=True)
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # one host sync per layer
+        token_of = order // k
+        groups = x[token_of].split(counts)
+        outs = []
+        for e, group in enumerate(groups):
+            if group.shape[0]:
+                gate, up = F.linear(group, self.gate_up_proj[e]).chunk(2, dim=-1)
+                outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))
+        weighted = torch.cat(outs) * top_weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixtral's feed-forward: a router picks top-k experts per token and mixes their outputs."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.gate = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x = x.reshape(-1, shape[-1])
+        router_logits, top_weights, top_experts = self.gate(x)
+        return self.experts(x, top_experts, top_weights).view(shape), router_logits
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss: num_experts * sum_e (fraction of tokens routed to e) * (mean prob of e)."""
+    device = router_logits[0].device
+    logits = torch.cat([layer.to(device) for layer in router_logits])
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+    if attention_mask is None:
+        weight = torch.ones(probs.shape[0], device=device)
+    else:
+        seq_len = router_logits[0].shape[0] // attention_mask.shape[0]
+        # The router saw the current tokens only: the mask's last columns.
+        mask = attention_mask[:, -seq_len:].reshape(-1).to(device, torch.float32)
+        weight = mask.repeat(len(router_logits))
+    total = weight.sum()
+    tokens_per_expert = (chosen * weight[:, None]).sum(dim=0) / total
+    prob_per_expert = (probs * weight[:, None]).sum(dim=0) / total
+    return (tokens_per_expert * prob_per_expert).sum() * num_experts

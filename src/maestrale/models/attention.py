@@ -38,8 +38,9 @@ def build_mask(
     allowed = allowed[None, None]
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, key_start : key_start + key_len].to(device=device, dtype=torch.bool)
-    # A query that may see nothing (a left-padding position) attends everywhere instead of producing NaN.
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    # A query that may see nothing (a left-padding position) gets what each backend gives, as in transformers:
+    # SDPA returns zeros, the eager softmax a uniform average.
+    return allowed
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -57,7 +58,8 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, training: boo
     if mask is None and q.shape[2] > 1:  # plain causal; mask is None only when queries and keys coincide
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Added, not filled: a row with every key masked then averages uniformly, exactly as transformers' eager.
+        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, v), weights

@@ -19,11 +19,12 @@ HEADS = {
 MODEL_MAPPING: dict[str, dict[str, type]] = {}
 
 
-def _family(prefix: str, config_class: type[PretrainedConfig]) -> tuple[type, ...]:
-    """XModel and its four heads, in the order of HEADS."""
+def _family(prefix: str, config_class: type[PretrainedConfig], **head_attributes: dict) -> tuple[type, ...]:
+    """XModel and its four heads, in the order of HEADS; `head_attributes` maps a task to class attributes."""
     base = type(f"{prefix}Model", (DecoderModel,), {"config_class": config_class, "__module__": __name__})
     heads = tuple(
-        type(f"{prefix}{task}", (head,), {"config_class": config_class, "base_class": base, "__module__": __name__})
+        type(f"{prefix}{task}", (head,), {"config_class": config_class, "base_class": base, "__module__": __name__,
+                                          **head_attributes.get(task, {})})
         for task, head in HEADS.items()
     )
     MODEL_MAPPING[config_class.model_type] = {"Model": base, **dict(zip(HEADS, heads))}
@@ -33,7 +34,11 @@ def _family(prefix: str, config_class: type[PretrainedConfig]) -> tuple[type, ..
 (MistralModel, MistralForCausalLM, MistralForSequenceClassification, MistralForTokenClassification,
  MistralForQuestionAnswering) = _family("Mistral", MistralConfig)
 (MinistralModel, MinistralForCausalLM, MinistralForSequenceClassification, MinistralForTokenClassification,
- MinistralForQuestionAnswering) = _family("Ministral", MinistralConfig)
+ MinistralForQuestionAnswering) = _family(
+    "Ministral", MinistralConfig,
+    # transformers keeps the old `transformer.` prefix for this head's weights.
+    ForQuestionAnswering={"base_model_prefix": "transformer"},
+)
 (MixtralModel, MixtralForCausalLM, MixtralForSequenceClassification, MixtralForTokenClassification,
  MixtralForQuestionAnswering) = _family("Mixtral", MixtralConfig)
 (Phi3Model, Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification,

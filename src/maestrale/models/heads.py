@@ -27,17 +27,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
 
 
 class HeadModel(PreTrainedModel):
-    """A decoder (`self.model`) plus a head; `base_class` is the family's decoder class."""
+    """A decoder (at `base_model_prefix`, usually `model`) plus a head; `base_class` is the family's decoder class."""
 
     base_class: type[PreTrainedModel]
 
     def __init__(self, config):
         super().__init__(config)
-        self.model = self.base_class(config)
+        setattr(self, self.base_model_prefix, self.base_class(config))
 
     def _run_base(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                   output_attentions, output_hidden_states, **extra):
-        return self.model(
+        return self.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True, **extra,
@@ -72,7 +72,7 @@ class ForCausalLM(HeadModel):
         num_items_in_batch=None,
         cache_position=None,
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast | tuple:
-        moe = self.model.is_moe
+        moe = self.base_model.is_moe
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
         extra = {"output_router_logits": output_router_logits} if moe else {}

@@ -7,7 +7,7 @@ import torch
 import maestrale
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
 
 
 def config_pair(family: str, **overrides):

@@ -214,7 +214,7 @@ class PretrainedConfig:
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_") and k != "name_or_path"}
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["id2label"] = dict(self.id2label)
         out["label2id"] = self.label2id
         if out.get("dtype") is not None:
             out["dtype"] = str(out["dtype"]).removeprefix("torch.")

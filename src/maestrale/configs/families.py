@@ -45,7 +45,7 @@ class MistralConfig(DecoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_dim is None:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads == 0:  # else validate() says why
             self.head_dim = self.hidden_size // self.num_attention_heads
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation.utils import GenerationMixin
 from .mlp import load_balancing_loss
 from .modeling_utils import PreTrainedModel
 from .outputs import (
@@ -47,7 +48,7 @@ class HeadModel(PreTrainedModel):
         return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
 
 
-class ForCausalLM(HeadModel):
+class ForCausalLM(GenerationMixin, HeadModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):

@@ -1,0 +1,560 @@
+"""`generate()`: prepare inputs once, then run one of three loops — decode (greedy or sampling), beam search, assisted.
+
+The decode loop does a fixed amount of Python per step: one forward on the new token, the processors, a write into a
+preallocated token buffer, and at most one host sync (the stop check, skipped when nothing but the length can stop
+generation). Masks and position ids are views or a +1 on small tensors, never rebuilt from the whole sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..cache import Cache, DynamicCache
+from ..models.outputs import ModelOutput
+from .configuration import GenerationConfig
+from .logits_process import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from .stopping_criteria import (
+    EosTokenCriteria,
+    MaxTimeCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+from .streamers import BaseStreamer
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "past_key_values")
+
+
+@dataclass(repr=False, eq=False)
+class GenerateDecoderOnlyOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass(repr=False, eq=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    beam_indices: torch.LongTensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class _Run:
+    """What the loops share, prepared once by `generate`."""
+
+    config: GenerationConfig
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    cache: Cache
+    mask: torch.Tensor | None  # (batch, prompt) 2-D padding mask, None when nothing is padded
+    positions: torch.Tensor | None  # (batch, prompt) position ids, None when they are plain 0..n-1
+    past: int  # prompt tokens already in the cache
+    max_length: int
+    eos: torch.Tensor | None
+    pad: torch.Tensor | None
+    streamer: BaseStreamer | None
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Model inputs that stay the same at every step."""
+        return dict(past_key_values=self.cache, use_cache=True, return_dict=True,
+                    output_attentions=self.config.output_attentions or None,
+                    output_hidden_states=self.config.output_hidden_states or None)
+
+
+class GenerationMixin:
+    """Adds `generate()` to causal LMs; `model.generation_config` comes from the loader or, lazily, from the config."""
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        if self.__dict__.get("_generation_config") is None:
+            self.__dict__["_generation_config"] = GenerationConfig.from_model_config(self.config)
+        return self.__dict__["_generation_config"]
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self.__dict__["_generation_config"] = value
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | Mapping | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+        synced_gpus: bool | None = None,
+        assistant_model: torch.nn.Module | None = None,
+        streamer: BaseStreamer | None = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput | torch.LongTensor:
+        """Continue each prompt; keyword arguments override fields of `generation_config` (default: the model's).
+
+        `inputs` is a (batch, seq) tensor of token ids or a mapping holding `input_ids` (and `attention_mask`), e.g.
+        what a tokenizer or `apply_chat_template(..., return_tensors="pt")` returns.
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        model_inputs = config.update(**kwargs)
+        unknown = set(model_inputs) - set(MODEL_INPUTS)
+        if unknown:
+            raise TypeError(f"generate() got unknown arguments {sorted(unknown)}: they are neither GenerationConfig "
+                            f"fields nor the model inputs {list(MODEL_INPUTS)}")
+        input_ids, mask = _input_ids_and_mask(inputs, model_inputs, config, self.device)
+        cache = model_inputs.get("past_key_values")
+
+        eos = None if config.eos_token_id is None else torch.tensor(config.eos_token_id, device=input_ids.device).reshape(-1)
+        pad_id = config.pad_token_id if config.pad_token_id is not None else (None if eos is None else int(eos[0]))
+        pad = None if pad_id is None else torch.tensor(pad_id, device=input_ids.device)
+        if mask is None:
+            mask = _infer_mask(input_ids, pad_id, eos)
+        _warn_right_padding(input_ids, mask, pad_id)
+        self._check_generate_args(config, input_ids, assistant_model, streamer, tokenizer)
+
+        prompt_len = input_ids.shape[1]
+        max_length = _max_length(config, prompt_len, getattr(self.config, "max_position_embeddings", None))
+        expand = max(config.num_beams, config.num_return_sequences)
+        if expand > 1:
+            input_ids, mask = input_ids.repeat_interleave(expand, 0), mask.repeat_interleave(expand, 0)
+        positions = None
+        if not bool(mask.all()):  # one sync, once: padding needs its mask and shifted positions at every step
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            mask = None
+        if cache is None:
+            # Assisted decoding rolls back rejected drafts; a rolling window cannot give back what it dropped,
+            # so there every layer keeps all its tokens (masks still apply the window, so results are the same).
+            cache = DynamicCache() if assistant_model is not None else DynamicCache(self.config)
+        past = cache.get_seq_length()
+        if positions is None and past:
+            positions = torch.arange(prompt_len, device=input_ids.device)[None]
+
+        processors = self._logits_processors(config, prompt_len, mask, eos, prefix_allowed_tokens_fn, logits_processor)
+        criteria = StoppingCriteriaList()
+        if config.max_time is not None:
+            criteria.append(MaxTimeCriteria(config.max_time))
+        if config.stop_strings is not None:
+            criteria.append(StopStringCriteria(tokenizer, config.stop_strings))
+        if eos is not None:
+            criteria.append(EosTokenCriteria(eos))
+        criteria = _merge(criteria, stopping_criteria or [])
+
+        run = _Run(config, processors, criteria, cache, mask, positions, past, max_length, eos, pad, streamer)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        if assistant_model is not None:
+            return self._assisted_decode(input_ids, run, assistant_model)
+        if config.num_beams > 1:
+            return self._beam_search(input_ids, run)
+        return self._decode(input_ids, run)
+
+    # ----- preparation -----
+    def _check_generate_args(self, config, input_ids, assistant_model, streamer, tokenizer) -> None:
+        if streamer is not None and config.num_beams > 1:
+            raise ValueError("a streamer cannot follow beam search (beams change their past); set num_beams=1 or drop streamer")
+        if config.stop_strings is not None and tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer: pass generate(..., stop_strings=..., tokenizer=tokenizer)")
+        if not config.use_cache:
+            raise ValueError("maestrale always decodes with a KV cache; use_cache=False is not supported in generate()")
+        if assistant_model is not None:
+            if config.num_beams > 1 or config.do_sample:
+                raise ValueError("assisted generation in maestrale is greedy only: set num_beams=1 and do_sample=False")
+            if input_ids.shape[0] > 1:
+                raise ValueError(f"assisted generation takes one prompt at a time, got a batch of {input_ids.shape[0]}")
+            if assistant_model.config.vocab_size != self.config.vocab_size:
+                raise ValueError(f"assistant_model has vocab_size {assistant_model.config.vocab_size}, the model "
+                                 f"{self.config.vocab_size}: the assistant must share the tokenizer")
+
+    def _logits_processors(self, config, prompt_len, mask, eos, prefix_allowed_tokens_fn, user) -> LogitsProcessorList:
+        """The processors the config asks for, in transformers' order, with the user's merged in before the warpers."""
+        processors = LogitsProcessorList()
+        if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+            # Left padding is not part of the text: skip it.
+            skip = None if mask is None else (mask != 0).int().argmax(1)
+            processors.append(RepetitionPenaltyLogitsProcessor(float(config.repetition_penalty), skip))
+        if config.no_repeat_ngram_size:
+            processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+        if config.bad_words_ids is not None:
+            processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
+        min_length = config.min_length or 0
+        if config.min_new_tokens:
+            min_length = prompt_len + config.min_new_tokens
+        if eos is not None and min_length > 0:
+            processors.append(MinLengthLogitsProcessor(min_length, eos))
+        if prefix_allowed_tokens_fn is not None:
+            processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, config.num_beams))
+        processors = _merge(processors, user or [])
+        if config.do_sample:
+            # Beam sampling must keep enough candidates for every beam to survive an eos.
+            keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
+            if config.temperature is not None and config.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(float(config.temperature)))
+            if config.top_k:
+                processors.append(TopKLogitsWarper(config.top_k, min_tokens_to_keep=keep))
+            if config.top_p is not None and config.top_p < 1.0:
+                processors.append(TopPLogitsWarper(config.top_p, min_tokens_to_keep=keep))
+            if config.min_p is not None:
+                processors.append(MinPLogitsWarper(config.min_p, min_tokens_to_keep=keep))
+            if config.typical_p is not None and config.typical_p < 1.0:
+                processors.append(TypicalLogitsWarper(config.typical_p, min_tokens_to_keep=keep))
+        return processors
+
+    def _prefill(self, input_ids: torch.Tensor, run: _Run, model=None):
+        """Run the prompt (the part not yet in the cache); keep only the last position's logits."""
+        model = model or self
+        past = run.past
+        return model(
+            input_ids[:, past:],
+            attention_mask=run.mask,
+            position_ids=None if run.positions is None else run.positions[:, past:],
+            logits_to_keep=1,
+            **run.forward_kwargs(),
+        )
+
+    # ----- greedy and sampling -----
+    def _decode(self, input_ids: torch.Tensor, run: _Run) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        config = run.config
+        batch, length = input_ids.shape
+        tokens = input_ids.new_empty(batch, run.max_length)
+        tokens[:, :length] = input_ids
+        mask = _grown(run.mask, run.max_length)
+        position = None if run.positions is None else run.positions[:, -1:]
+        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        replace_finished = run.pad is not None and any(hasattr(c, "eos_token_id") for c in run.criteria)
+        record = _Record(config)
+
+        outputs = self._prefill(input_ids, run)
+        while True:
+            logits = outputs.logits[:, -1].float()
+            scores = run.processors(tokens[:, :length], logits)
+            if config.do_sample:
+                next_tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            if replace_finished:
+                next_tokens = torch.where(unfinished, next_tokens, run.pad)
+            tokens[:, length] = next_tokens
+            length += 1
+            record.add(scores, logits, outputs)
+            if run.streamer is not None:
+                run.streamer.put(next_tokens.cpu())
+            if run.criteria:
+                unfinished &= ~run.criteria(tokens[:, :length], record.scores)
+                if not unfinished.any():  # the one host sync of a step
+                    break
+            if length == run.max_length:
+                break
+            if position is not None:
+                position = position + 1
+            outputs = self(
+                next_tokens[:, None],
+                attention_mask=None if mask is None else mask[:, :length],
+                position_ids=position,
+                **run.forward_kwargs(),
+            )
+        if run.streamer is not None:
+            run.streamer.end()
+        sequences = tokens[:, :length]
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=run.cache, **record.fields())
+
+    # ----- beam search -----
+    def _beam_search(self, input_ids: torch.Tensor, run: _Run) -> GenerateBeamDecoderOnlyOutput | torch.LongTensor:
+        """Keep the num_beams best running hypotheses and the num_beams best finished ones, per prompt.
+
+        Each step scores every (beam, token) continuation, takes the top (1 + #eos) * num_beams of them (so enough
+        stay alive after some end), sends those that stop to the finished pool (scored with the length penalty)
+        and continues with the best that did not. Everything is batched; the loop syncs once per step.
+        """
+        config = run.config
+        beams, prompt_len, max_length = config.num_beams, input_ids.shape[1], run.max_length
+        batch = input_ids.shape[0] // beams
+        device = input_ids.device
+        n_eos = 0 if run.eos is None else run.eos.numel()
+        candidates = max(2, 1 + n_eos) * beams
+        is_top = torch.arange(candidates, device=device) < beams
+        if run.eos is None:
+            fill = -1
+        else:
+            fill = int(run.pad) if run.pad is not None and int(run.pad) != 0 else int(run.eos[0])
+        penalty, early = config.length_penalty, config.early_stopping
+
+        def pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            """Rows `index` (batch, k) along the beam dimension of t (batch, beams, ...)."""
+            return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
+
+        running = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
+        running[:, :, :prompt_len] = input_ids.view(batch, beams, prompt_len)
+        running_scores = torch.zeros(batch, beams, device=device)
+        running_scores[:, 1:] = -1e9  # all beams start equal: only the first may spawn continuations at step one
+        running_origin = torch.full((batch, beams, max_length - prompt_len), -1, dtype=torch.int32, device=device)
+        done, done_scores, done_origin = running.clone(), torch.full((batch, beams), -1e9, device=device), running_origin.clone()
+        is_done = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+        improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        row_offset = torch.arange(batch, device=device)[:, None] * beams
+        mask = _grown(run.mask, max_length)
+        position = None if run.positions is None else run.positions[:, -1:]
+        record = _Record(config)
+
+        outputs = self._prefill(input_ids, run)
+        length = prompt_len
+        while True:
+            logits = outputs.logits[:, -1].float()
+            log_probs = run.processors(running[:, :, :length].reshape(batch * beams, length), logits.log_softmax(-1))
+            record.add(log_probs, logits, outputs)
+            vocab = log_probs.shape[-1]
+            totals = (log_probs.view(batch, beams, vocab) + running_scores[..., None]).view(batch, beams * vocab)
+            if config.do_sample:
+                flat_index = torch.multinomial(totals.softmax(-1), num_samples=candidates)
+                top_scores = totals.gather(1, flat_index)
+            else:
+                top_scores, flat_index = torch.topk(totals, candidates)
+            source = flat_index // vocab
+            cand = pick(running, source)
+            cand[:, :, length] = flat_index % vocab
+            cand_origin = pick(running_origin, source)
+            cand_origin[:, :, length - prompt_len] = (source + row_offset).int()
+            stops = run.criteria(cand[:, :, : length + 1].reshape(batch * candidates, length + 1), record.scores)
+            stops = stops.view(batch, candidates) | (length + 1 >= max_length)
+
+            # Running beams: the best continuations that did not stop.
+            alive_scores = top_scores + stops.float() * -1e9
+            best = torch.topk(alive_scores, beams).indices
+            running, running_scores, running_origin = pick(cand, best), pick(alive_scores, best), pick(cand_origin, best)
+
+            # Finished pool: merge in the stopped continuations among the top num_beams, if they beat what is there.
+            ended_scores = top_scores / ((length + 1 - prompt_len) ** penalty)
+            ended_scores += (is_done.all(-1, keepdim=True) & (early is True)).float() * -1e9
+            ended_scores += (~improvable).float() * -1e9
+            ended_scores += (~(stops & is_top)) * -1e9
+            merged_scores = torch.cat([done_scores, ended_scores], 1)
+            best = torch.topk(merged_scores, beams).indices
+            done = pick(torch.cat([done, cand], 1), best)
+            done_scores = pick(merged_scores, best)
+            done_origin = pick(torch.cat([done_origin, cand_origin], 1), best)
+            is_done = pick(torch.cat([is_done, stops & is_top], 1), best)
+
+            run.cache.reorder_cache(running_origin[:, :, length - prompt_len].reshape(-1))
+            length += 1
+            # Can a running beam still beat the worst finished one? (transformers' heuristic, for identical output)
+            best_length = max_length - prompt_len if early == "never" and penalty > 0 else length - prompt_len
+            best_running = running_scores[:, :1] / (best_length ** penalty)
+            worst_done = torch.where(is_done, done_scores.min(1, keepdim=True).values, -1e9)
+            improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+            keep_going = improvable.any() & ~(is_done.all() & (early is True)) & ~stops.all()
+            if not keep_going:  # the one host sync of a step
+                break
+            if position is not None:
+                position = position + 1
+            outputs = self(
+                running[:, :, length - 1].reshape(-1, 1),
+                attention_mask=None if mask is None else mask[:, :length],
+                position_ids=position,
+                **run.forward_kwargs(),
+            )
+
+        keep = config.num_return_sequences
+        sequences, scores = done[:, :keep].reshape(batch * keep, -1), done_scores[:, :keep].reshape(-1)
+        origin = done_origin[:, :keep].reshape(batch * keep, -1)
+        generated = int((origin >= 0).sum(1).max())
+        sequences, origin = sequences[:, : prompt_len + generated], origin[:, :generated]
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences, sequences_scores=scores if config.output_scores else None, beam_indices=origin,
+            past_key_values=run.cache, **record.fields(),
+        )
+
+    # ----- assisted (speculative) decoding -----
+    def _assisted_decode(self, input_ids: torch.Tensor, run: _Run, assistant) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        """Greedy decoding where a small assistant drafts tokens and the model checks them all in one forward.
+
+        The model keeps its own pick at every position, so the result is exactly greedy decoding; each round costs
+        one model forward and yields the accepted drafts plus one token. Rejected drafts are cropped from both caches.
+        """
+        config = run.config
+        if run.mask is not None or run.past:
+            raise ValueError("assisted generation takes one unpadded prompt and no past_key_values")
+        length = input_ids.shape[1]
+        tokens = input_ids.new_empty(1, run.max_length)
+        tokens[:, :length] = input_ids
+        draft_count = config.num_assistant_tokens
+        assistant_cache = DynamicCache()
+        record = _Record(config)
+        finished = False
+        while not finished:
+            drafts = min(draft_count, run.max_length - length - 1)
+            for i in range(drafts):  # the assistant drafts greedily, feeding whatever it has not seen yet
+                seen = assistant_cache.get_seq_length()
+                out = assistant(tokens[:, seen:length + i], past_key_values=assistant_cache, use_cache=True,
+                                logits_to_keep=1, return_dict=True)
+                tokens[:, length + i] = out.logits[:, -1].argmax(-1)
+            seen = run.cache.get_seq_length()
+            out = self(tokens[:, seen:length + drafts], logits_to_keep=drafts + 1, **run.forward_kwargs())
+            new = 0
+            for i in range(drafts + 1):
+                logits = out.logits[:, i].float()
+                scores = run.processors(tokens[:, :length + i], logits)
+                choice = scores.argmax(-1)
+                agrees = i < drafts and bool(choice == tokens[:, length + i])
+                tokens[:, length + i] = choice
+                new += 1
+                record.add(scores, logits, None)
+                if run.streamer is not None:
+                    run.streamer.put(choice.cpu())
+                if (run.criteria and bool(run.criteria(tokens[:, :length + new], record.scores).all())) \
+                        or length + new == run.max_length:
+                    finished = True
+                    break
+                if not agrees:
+                    break
+            length += new
+            # Keep in both caches only tokens that are now part of the sequence (the newest is fed next round).
+            run.cache.crop(length - 1)
+            assistant_cache.crop(length - 1)
+            draft_count = draft_count + 2 if new == drafts + 1 else max(1, draft_count - 1)
+        if run.streamer is not None:
+            run.streamer.end()
+        sequences = tokens[:, :length]
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=run.cache, **record.fields())
+
+
+class _Record:
+    """The per-step tensors `return_dict_in_generate` asks for; nothing is kept otherwise."""
+
+    def __init__(self, config: GenerationConfig):
+        on = config.return_dict_in_generate
+        self.scores = [] if on and config.output_scores else None
+        self.logits = [] if on and config.output_logits else None
+        self.attentions = [] if on and config.output_attentions else None
+        self.hidden_states = [] if on and config.output_hidden_states else None
+
+    def add(self, scores: torch.Tensor, logits: torch.Tensor, outputs) -> None:
+        if self.scores is not None:
+            self.scores.append(scores)
+        if self.logits is not None:
+            self.logits.append(logits)
+        if self.attentions is not None:
+            self.attentions.append(outputs.attentions)
+        if self.hidden_states is not None:
+            self.hidden_states.append(outputs.hidden_states)
+
+    def fields(self) -> dict[str, tuple | None]:
+        return {name: None if value is None else tuple(value)
+                for name, value in vars(self).items()}
+
+
+# ----- helpers -----
+def _input_ids_and_mask(inputs, model_inputs: dict, config: GenerationConfig, device: torch.device):
+    """input_ids (batch, seq) and the attention mask if given, from a tensor, a mapping (BatchEncoding) or kwargs."""
+    mask = model_inputs.get("attention_mask")
+    if isinstance(inputs, Mapping):
+        if "input_ids" not in inputs:
+            raise ValueError(f"generate() got a mapping without input_ids (keys: {sorted(inputs)}); pass the tokenizer's output")
+        mask = inputs.get("attention_mask") if mask is None else mask
+        inputs = inputs["input_ids"]
+    if inputs is not None and model_inputs.get("input_ids") is not None:
+        raise ValueError("pass the prompt once: either as the first argument of generate() or as input_ids=")
+    input_ids = inputs if inputs is not None else model_inputs.get("input_ids")
+    if input_ids is None:
+        if config.bos_token_id is None:
+            raise ValueError("generate() needs input_ids, or a bos_token_id in the generation config to start from")
+        input_ids = torch.tensor([[config.bos_token_id]])
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch tensor of token ids, got {type(input_ids).__name__}; "
+                        "tokenize with return_tensors='pt'")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}; "
+                         "for one prompt use input_ids[None]")
+    if mask is not None and mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+    input_ids = input_ids.to(device)
+    return input_ids, None if mask is None else mask.to(device)
+
+
+def _infer_mask(input_ids: torch.Tensor, pad_id: int | None, eos: torch.Tensor | None) -> torch.Tensor:
+    """Without a mask, pad tokens are padding, unless pad is also an eos token (then nothing is)."""
+    if pad_id is None or (eos is not None and bool((eos == pad_id).any())):
+        return torch.ones_like(input_ids)
+    return (input_ids != pad_id).long() if bool((input_ids == pad_id).any()) else torch.ones_like(input_ids)
+
+
+def _warn_right_padding(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int | None) -> None:
+    if pad_id is not None and input_ids.shape[0] > 1 and bool((mask[:, -1] == 0).any()):
+        logger.warning("A decoder-only architecture is being used, but right-padding was detected! For correct "
+                       "generation results, please set `padding_side='left'` when initializing the tokenizer.")
+
+
+def _max_length(config: GenerationConfig, prompt_len: int, max_positions: int | None) -> int:
+    if config.max_new_tokens is not None:
+        max_length = prompt_len + config.max_new_tokens
+    elif config.max_length is not None:
+        max_length = config.max_length
+    else:
+        warnings.warn("Using the model-agnostic default `max_length` (=20) to control the generation length. "
+                      "We recommend setting `max_new_tokens` to control the maximum length of the generation.",
+                      UserWarning, stacklevel=3)
+        max_length = prompt_len + 20
+        if max_positions is not None:
+            max_length = min(max_length, max_positions)
+    if prompt_len >= max_length:
+        raise ValueError(f"Input length of input_ids is {prompt_len}, but `max_length` is set to {max_length}. "
+                         "Increase `max_length` or, better, set `max_new_tokens`.")
+    return max_length
+
+
+def _grown(mask: torch.Tensor | None, max_length: int) -> torch.Tensor | None:
+    """The padding mask extended with ones to max_length, so each step takes a view instead of concatenating."""
+    if mask is None:
+        return None
+    grown = mask.new_ones(mask.shape[0], max_length)
+    grown[:, : mask.shape[1]] = mask
+    return grown
+
+
+def _merge(defaults: list, custom: list):
+    """The defaults, each replaced by a custom entry of the same type if there is one, then the other custom ones."""
+    merged = type(defaults)()
+    for default in defaults:
+        replacement = next((c for c in custom if type(c) is type(default)), None)
+        if replacement is not None:
+            logger.warning(f"a custom {type(default).__name__} was passed to generate() and also built from the "
+                           "generation config; the custom one is used")
+        merged.append(replacement if replacement is not None else default)
+    merged.extend(c for c in custom if c not in merged)
+    return merged

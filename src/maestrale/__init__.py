@@ -11,6 +11,7 @@ from .configs import (
     PreTrainedConfig,
 )
 from .models import *  # noqa: F401,F403
+from .generation import *  # noqa: F401,F403  after models, whose heads import generation
 from .models import (
     AutoModel,
     AutoModelForCausalLM,

@@ -149,7 +149,9 @@ class GGUFShard:
             names = self._names(tensor.name, _torch_shape(tensor)[0])
             if not names:
                 continue
-            weights = torch.from_numpy(np.ascontiguousarray(_dequantized(tensor)))
+            array = _dequantized(tensor)
+            # Unquantized tensors come back as read-only views of the file; torch wants memory it may own.
+            weights = torch.from_numpy(array if array.flags.writeable else array.copy())
             for name, expert in names:
                 yield name, self._unpermute(name, weights if expert is None else weights[expert])
 

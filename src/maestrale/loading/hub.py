@@ -45,15 +45,12 @@ def resolve_file(
                 local_files_only=local_files_only, token=token, force_download=force_download,
             )
         )
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"the hub repo {name_or_path} has no file {filename}") from None
-        return None
     except RepositoryNotFoundError:
         raise OSError(
             f"{name_or_path!r} is neither a local folder nor a hub repo you can reach; check the name, "
             "or pass `token=` for a gated or private repo"
         ) from None
+    # LocalEntryNotFoundError is a subclass of EntryNotFoundError: it must be caught first.
     except LocalEntryNotFoundError:
         if not required and _cached_repo_exists(name_or_path, cache_dir):
             return None
@@ -62,6 +59,10 @@ def resolve_file(
             "and the file is not in the local cache. Download it once while online, or point at a local folder "
             "that holds the checkpoint"
         ) from None
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"the hub repo {name_or_path} has no file {filename}") from None
+        return None
 
 
 def _cached_repo_exists(repo_id: str | os.PathLike, cache_dir) -> bool:

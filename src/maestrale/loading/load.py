@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ CONFIG_KWARGS = {"num_labels", "id2label", "label2id", "rope_scaling", "rope_the
 class Checkpoint:
     """What a source on disk provides: a config as a dict, weight shards, and where they came from."""
 
-    config_dict: dict[str, Any] | None
+    config_dict: dict[str, Any]
+    config_source: str  # the file the config was read from, named in messages
     shards: list[Shard]
-    origin: str  # the file or folder named in messages
+    origin: str  # the file or folder the weights come from, named in messages
     generation_config: Path | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_kwargs: dict) -> Checkpoint:
@@ -49,8 +49,8 @@ def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_
     text = os.fspath(name_or_path)
     if gguf_file is not None or (text.endswith(".gguf") and os.path.isfile(text)):
         path = resolve_file(name_or_path, gguf_file, **hub_kwargs) if gguf_file is not None else Path(text)
-        config_dict, shard, tokenizer_metadata = read_gguf(path)
-        return Checkpoint(config_dict, [shard], str(path), extras={"tokenizer_metadata": tokenizer_metadata})
+        config_dict, shard, _ = read_gguf(path)
+        return Checkpoint(config_dict, str(path), [shard], str(path))
 
     config_path = resolve_file(name_or_path, CONFIG_NAME, required=False, **hub_kwargs)
     if config_path is not None:
@@ -61,8 +61,8 @@ def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_
                 "model.safetensors.index.json with its shards, or pytorch_model.bin; for a .gguf file pass gguf_file="
             )
         generation = resolve_file(name_or_path, GENERATION_CONFIG_NAME, required=False, **hub_kwargs)
-        return Checkpoint(read_config_dict(config_path), [open_shard(f) for f in files], str(config_path.parent),
-                          generation)
+        return Checkpoint(read_config_dict(config_path), str(config_path), [open_shard(f) for f in files],
+                          str(config_path.parent), generation)
 
     params_path = resolve_file(name_or_path, PARAMS_NAME, required=False, **hub_kwargs)
     if params_path is not None:
@@ -70,7 +70,7 @@ def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_
             if resolve_file(name_or_path, name, required=False, **hub_kwargs) is not None:
                 break
         config_dict, shards = open_mistral_native(params_path.parent)
-        return Checkpoint(config_dict, shards, str(params_path.parent))
+        return Checkpoint(config_dict, str(params_path), shards, str(params_path.parent))
     raise FileNotFoundError(
         f"{name_or_path} holds no checkpoint maestrale can read: no config.json (Hugging Face format), no params.json "
         "(Mistral native format); for a .gguf file pass gguf_file= or the file's path"
@@ -141,7 +141,7 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
         config.validate()
     else:
         data = checkpoint.config_dict
-        config_class = config_class_for(data.get("model_type"), checkpoint.origin)
+        config_class = config_class_for(data.get("model_type"), checkpoint.config_source)
         known = set(config_class._field_defaults()) | set(COMMON_DEFAULTS) | CONFIG_KWARGS
         unknown = sorted(set(overrides) - known)
         if unknown:

@@ -43,22 +43,32 @@ ARCHITECTURES = ("llama", "phi3")
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], "GGUFShard", dict[str, Any]]:
     """(config dict, the tensors as a shard, tokenizer metadata: every `tokenizer.*` field of the file)."""
+    config, shard = open_gguf(path)
+    tokenizer = {name: field.contents() for name, field in shard.reader.fields.items() if name.startswith("tokenizer.")}
+    return config, shard, tokenizer
+
+
+def open_gguf(path: str | Path) -> tuple[dict[str, Any], "GGUFShard"]:
+    """(config dict, the tensors as a shard), reading only scalar metadata: parsing the tokenizer's vocabulary
+    arrays costs seconds, and the model does not need them."""
+    from gguf import GGUFValueType
+
     path = Path(path)
     reader = _reader(path)
-    fields = {name: field.contents() for name, field in reader.fields.items()}
+    fields = {name: field.contents() for name, field in reader.fields.items() if field.types[0] != GGUFValueType.ARRAY}
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; maestrale reads {list(ARCHITECTURES)}")
-    config = _config(path, arch, fields, {t.name: t for t in reader.tensors})
-    tokenizer = {name: value for name, value in fields.items() if name.startswith("tokenizer.")}
-    return config, GGUFShard(path, reader, config), tokenizer
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    config = _config(path, arch, fields, {t.name: t for t in reader.tensors}, len(tokens.data) if tokens else 0)
+    return config, GGUFShard(path, reader, config)
 
 
 def read_gguf_config(path: str | Path):
     """The maestrale config of a .gguf file, read from its metadata only."""
     from ..configs import config_class_for
 
-    config, _, _ = read_gguf(path)
+    config, _ = open_gguf(path)
     return config_class_for(config["model_type"], str(path)).from_dict(config)
 
 
@@ -73,7 +83,8 @@ def _reader(path: Path):
         raise OSError(f"{path} is not a readable GGUF file ({e}); download it again") from None
 
 
-def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, Any], num_tokens: int
+            ) -> dict[str, Any]:
     def field(key: str, default=None):
         return fields.get(f"{arch}.{key}", default)
 
@@ -92,7 +103,7 @@ def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, An
     config.update(
         model_type="phi3" if arch == "phi3" else ("mixtral" if experts else "mistral"),
         num_key_value_heads=kv_heads,
-        vocab_size=int(field("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))),
+        vocab_size=int(field("vocab_size") or num_tokens),
         rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
         sliding_window=field("attention.sliding_window"),
         # Without an output tensor the head reuses the token embeddings.
@@ -130,7 +141,7 @@ class GGUFShard:
     """The tensors of a GGUF file under Hugging Face names, dequantized to float32 one at a time."""
 
     def __init__(self, path: Path, reader, config: dict[str, Any]):
-        self.path, self._reader = path, reader
+        self.path, self.reader = path, reader
         self._in_layer = PHI3_IN_LAYER if config["model_type"] == "phi3" else IN_LAYER
         # Only llama.cpp's llama converter permutes q/k.
         self._heads = None if config["model_type"] == "phi3" else {
@@ -138,14 +149,14 @@ class GGUFShard:
 
     def infos(self) -> dict[str, TensorInfo]:
         infos = {}
-        for tensor in self._reader.tensors:
+        for tensor in self.reader.tensors:
             shape = _torch_shape(tensor)
             for name, expert in self._names(tensor.name, shape[0]):
                 infos[name] = (shape if expert is None else shape[1:], torch.float32)
         return infos
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for tensor in self._reader.tensors:
+        for tensor in self.reader.tensors:
             names = self._names(tensor.name, _torch_shape(tensor)[0])
             if not names:
                 continue

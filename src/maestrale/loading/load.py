@@ -18,7 +18,7 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..models.modeling_utils import resolve_dtype
 from .checkpoint import Shard, find_weight_files, open_shard
-from .gguf import read_gguf
+from .gguf import open_gguf
 from .hub import resolve_file
 from .layout import Layout, Slot
 from .mistral_native import PARAMS_NAME, open_mistral_native
@@ -49,7 +49,7 @@ def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_
     text = os.fspath(name_or_path)
     if gguf_file is not None or (text.endswith(".gguf") and os.path.isfile(text)):
         path = resolve_file(name_or_path, gguf_file, **hub_kwargs) if gguf_file is not None else Path(text)
-        config_dict, shard, _ = read_gguf(path)
+        config_dict, shard = open_gguf(path)
         return Checkpoint(config_dict, str(path), [shard], str(path))
 
     config_path = resolve_file(name_or_path, CONFIG_NAME, required=False, **hub_kwargs)

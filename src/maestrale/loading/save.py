@@ -33,12 +33,15 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, max_shard_size:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        _use_default_permissions(staging)  # mkdtemp makes it private (0700); a saved model is an ordinary folder
         model.config.architectures = [type(model).__name__]
         model.config.dtype = model.dtype
         model.config.save_pretrained(staging)
         if hasattr(model, "generation_config"):
             model.generation_config.save_pretrained(staging)
         write_shards(checkpoint_tensors(model), staging, parse_size(max_shard_size))
+        for file in staging.iterdir():
+            _use_default_permissions(file)
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -72,6 +75,12 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_
         index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _use_default_permissions(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _publish(staging: Path, target: Path) -> None:

@@ -39,7 +39,7 @@ class Layout:
         self.aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - self.params.keys()
         self.prefix = model.base_model_prefix
         self.is_task_model = model.base_model is not model
-        self.moe = getattr(model.config, "num_local_experts", None) is not None
+        self.moe = is_moe(model.config)
         self.intermediate = model.config.intermediate_size
 
     def slot(self, name: str) -> Slot | None:
@@ -72,12 +72,16 @@ class Layout:
         return None
 
 
+def is_moe(config) -> bool:
+    return getattr(config, "num_local_experts", None) is not None
+
+
 def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the names transformers saves (Mixtral experts one by one), tied copies left out."""
-    inter = model.config.intermediate_size
+    inter, moe = model.config.intermediate_size, is_moe(model.config)
     for name, param in model.named_parameters():
         tensor = param.detach()
-        if (m := MODEL_EXPERTS.match(name)) and getattr(model.config, "num_local_experts", None) is not None:
+        if moe and (m := MODEL_EXPERTS.match(name)):
             hub = f"{m['layer']}.block_sparse_moe.experts"
             for e in range(tensor.shape[0]):
                 if m["kind"] == "down_proj":
@@ -85,7 +89,7 @@ def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 else:
                     yield f"{hub}.{e}.w1.weight", tensor[e, :inter]
                     yield f"{hub}.{e}.w3.weight", tensor[e, inter:]
-        elif (m := MODEL_ROUTER.match(name)) and getattr(model.config, "num_local_experts", None) is not None:
+        elif moe and (m := MODEL_ROUTER.match(name)):
             yield f"{m['layer']}.block_sparse_moe.gate.weight", tensor
         else:
             yield name, tensor

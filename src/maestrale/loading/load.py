@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
+from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import open_gguf
@@ -28,7 +29,6 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-GENERATION_CONFIG_NAME = "generation_config.json"
 # Config keys accepted as from_pretrained keyword arguments besides the declared fields.
 CONFIG_KWARGS = {"num_labels", "id2label", "label2id", "rope_scaling", "rope_theta"}
 
@@ -126,8 +126,6 @@ def load_pretrained(
     add_device_hooks(model, placement)
     model.eval()
     if checkpoint.generation_config is not None and hasattr(model, "generation_config"):
-        from ..generation.configuration import GenerationConfig
-
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.generation_config)
     _warn(model, checkpoint.origin, report)
     return (model, report) if output_loading_info else model

@@ -17,8 +17,6 @@ from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from .layout import checkpoint_tensors
 from .sizes import parse_size
 
-GENERATION_CONFIG_NAME = "generation_config.json"
-
 
 def save_pretrained(model, save_directory: str | os.PathLike, *, max_shard_size: int | str = "50GB",
                     safe_serialization: bool = True, is_main_process: bool = True) -> None:

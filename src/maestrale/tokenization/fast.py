@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers.models import BPE
 
 from .batch import BatchEncoding
 
@@ -451,7 +452,9 @@ class PreTrainedTokenizerFast:
         self._check_ids(ids)
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
-        if clean:
+        # As transformers 5 does, BPE output is never cleaned up: the clean-up is meant for WordPiece and would
+        # delete real spaces before punctuation.
+        if clean and not isinstance(self._tokenizer.model, BPE):
             for before, after in CLEAN_UP:
                 text = text.replace(before, after)
         return text

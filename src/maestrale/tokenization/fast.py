@@ -58,10 +58,12 @@ def _truncation_strategy(truncation: bool | str | None) -> str | None:
     raise ValueError(f"truncation={truncation!r} is not valid: use True, {', '.join(TRUNCATION_STRATEGIES)} or False")
 
 
-def _nested_lists(value: Any) -> list:
-    """A tensor, array or list of ids (or of id sequences) as plain Python lists."""
+def _nested_lists(value: Any) -> Any:
+    """A tensor, array or list of ids (or of id sequences) as plain Python lists; numbers pass through."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        return value
     return [v.tolist() if isinstance(v, (torch.Tensor, np.ndarray)) else v for v in value]
 
 

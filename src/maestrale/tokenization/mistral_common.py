@@ -85,37 +85,25 @@ class MistralCommonBackend:
     def __len__(self) -> int:
         return self._raw.n_words
 
+    # mistral-common's names for these tokens; their ids come from the vocabulary (a v1 file has no <pad>, so its
+    # pad id is the unk id, as in transformers).
+    bos_token, eos_token, unk_token, pad_token = "<s>", "</s>", "<unk>", "<pad>"
+
     @property
     def bos_token_id(self) -> int:
-        return self._raw.bos_id
+        return self.convert_tokens_to_ids(self.bos_token)
 
     @property
     def eos_token_id(self) -> int:
-        return self._raw.eos_id
+        return self.convert_tokens_to_ids(self.eos_token)
 
     @property
     def pad_token_id(self) -> int:
-        return self._raw.pad_id
+        return self.convert_tokens_to_ids(self.pad_token)
 
     @property
     def unk_token_id(self) -> int:
-        return self._raw.unk_id
-
-    @property
-    def bos_token(self) -> str:
-        return self._raw.id_to_piece(self._raw.bos_id)
-
-    @property
-    def eos_token(self) -> str:
-        return self._raw.id_to_piece(self._raw.eos_id)
-
-    @property
-    def pad_token(self) -> str:
-        return self._raw.id_to_piece(self._raw.pad_id)
-
-    @property
-    def unk_token(self) -> str:
-        return self._raw.id_to_piece(self._raw.unk_id)
+        return self.convert_tokens_to_ids(self.unk_token)
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -126,12 +114,20 @@ class MistralCommonBackend:
         return self.convert_ids_to_tokens(self.all_special_ids)
 
     def get_vocab(self) -> dict[str, int]:
-        """Token string -> id. Lossy for tekken: byte tokens that are not valid UTF-8 collapse onto one string."""
+        """Token string -> id. Lossy for tekken: a byte token that is not valid UTF-8 shows as a string with "�",
+        which maps to the token with exactly those bytes, else to <unk> (as transformers does)."""
         if self._vocab is None:
-            vocab = {}
-            for index, piece in enumerate(self._raw.vocab()):
-                vocab.setdefault(piece, index)
-            self._vocab = vocab
+            pieces = self._raw.vocab()
+            if self._is_tekken:
+                keep = self._policy.KEEP
+                by_bytes = {self._raw.id_to_byte_piece(i, keep): i for i in range(len(pieces)) if i not in self._special_ids}
+                special = {pieces[i]: i for i in self._special_ids}
+                vocab = {p: by_bytes.get(p.encode("utf-8"), special.get(p, self._raw.unk_id)) for p in pieces}
+            else:
+                vocab = {}
+                for index, piece in enumerate(pieces):
+                    vocab.setdefault(piece, index)
+            self._vocab = dict(sorted(vocab.items(), key=lambda item: item[1]))
         return self._vocab
 
     def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | list[str]:
@@ -231,7 +227,7 @@ class MistralCommonBackend:
                 else [0] * len(ids)
         if return_length:
             data["length"] = len(ids)
-        padded = pad_encodings(data, self._raw.pad_id, padding_side or self.padding_side, padding, max_length,
+        padded = pad_encodings(data, self.pad_token_id, padding_side or self.padding_side, padding, max_length,
                                pad_to_multiple_of, return_attention_mask)
         out = BatchEncoding(dict(padded))
         if prepend_batch_axis or return_tensors is not None:
@@ -273,7 +269,7 @@ class MistralCommonBackend:
             pad_to_multiple_of: int | None = None, padding_side: str | None = None,
             return_attention_mask: bool | None = None, return_tensors: str | None = None,
             verbose: bool = True) -> BatchEncoding:
-        return pad_encodings(encoded_inputs, self._raw.pad_id, padding_side or self.padding_side, padding,
+        return pad_encodings(encoded_inputs, self.pad_token_id, padding_side or self.padding_side, padding,
                              max_length, pad_to_multiple_of, return_attention_mask, return_tensors,
                              self.model_max_length)
 

@@ -165,3 +165,11 @@ def test_tokenizer_from_tokenizer_object():
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(backend, unk_token="[UNK]", pad_token="[UNK]")
     assert tok(["a b", "b"], padding=True)["input_ids"] == [[1, 2], [2, 0]]
+
+
+def test_character_alignment(pair):
+    ours, ref = pair
+    mine, theirs = ours(TEXTS[1], return_offsets_mapping=True), ref(TEXTS[1])
+    assert [mine.char_to_token(i) for i in range(20)] == [theirs.char_to_token(i) for i in range(20)]
+    with pytest.raises(ValueError, match="return_offsets_mapping=True"):
+        ours(TEXTS[1]).char_to_token(3)

@@ -55,7 +55,8 @@ class BatchEncoding(dict):
 
     def _encoding(self, batch_index: int):
         if not self._encodings:
-            raise ValueError("This BatchEncoding has no token/character alignment: it was not made by a fast tokenizer")
+            raise ValueError("This BatchEncoding has no token/character alignment: call the tokenizer with "
+                             "return_offsets_mapping=True to keep it")
         return self._encodings[batch_index]
 
     def convert_to_tensors(self, tensor_type: str | None) -> "BatchEncoding":

@@ -347,8 +347,11 @@ class PreTrainedTokenizerFast:
             truncation_strategy = "longest_first"  # transformers truncates when only max_length is given
         self._set_truncation_and_padding(padding_strategy, truncation_strategy, max_length, stride,
                                          pad_to_multiple_of, padding_side or self.padding_side)
-        encodings = self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens,
-                                                 is_pretokenized=is_split_into_words)
+        # Without offsets asked for, the cheaper encode_batch_fast skips computing them; the BatchEncoding then
+        # has no character alignment (char_to_token) to offer.
+        aligned = return_offsets_mapping or not hasattr(self._tokenizer, "encode_batch_fast")
+        encode = self._tokenizer.encode_batch if aligned else self._tokenizer.encode_batch_fast
+        encodings = encode(inputs, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words)
         if return_overflowing_tokens:
             sample = [i for i, e in enumerate(encodings) for _ in range(1 + len(e.overflowing))]
             encodings = [x for e in encodings for x in (e, *e.overflowing)]
@@ -368,7 +371,7 @@ class PreTrainedTokenizerFast:
             data["overflow_to_sample_mapping"] = sample
         elif not batched and return_tensors is None:
             data = {key: value[0] for key, value in data.items()}  # one text in, one sequence out
-        return BatchEncoding(data, encodings, tensor_type=return_tensors)
+        return BatchEncoding(data, encodings if aligned else None, tensor_type=return_tensors)
 
     def _set_truncation_and_padding(self, padding: str | None, truncation: str | None, max_length: int | None,
                                     stride: int, pad_to_multiple_of: int | None, padding_side: str) -> None:

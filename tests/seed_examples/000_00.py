@@ -1,0 +1,14 @@
+# Example 0 from 000_2bf5e6a296c248af.txt, as written there (interactive prompts removed).
+# maestrale copy: `transformers` -> `maestrale`, hub id -> a tiny local folder (conftest.py builds it), "cuda" -> "cpu".
+import torch
+from maestrale import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("./tiny-ministral", torch_dtype=torch.bfloat16, attn_implementation="sdpa", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("./tiny-ministral")
+messages = [
+    {"role": "user", "content": "What is your favourite condiment?"},
+    {"role": "assistant", "content": "Well, I'm quite partial to a good squeeze of fresh lemon juice. It adds just the right amount of zesty flavour to whatever I'm cooking up in the kitchen!"},
+    {"role": "user", "content": "Do you have mayonnaise recipes?"}
+]
+model_inputs = tokenizer.apply_chat_template(messages, return_tensors="pt").to("cpu")
+generated_ids = model.generate(model_inputs, max_new_tokens=100, do_sample=True)
+tokenizer.batch_decode(generated_ids)[0]

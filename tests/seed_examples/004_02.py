@@ -1,0 +1,10 @@
+# Example 2 from 004_6b70e315729f35fe.txt, as written there (interactive prompts removed).
+# maestrale copy: `transformers` -> `maestrale`, hub id -> a tiny local folder (conftest.py builds it).
+from maestrale import AutoTokenizer, Phi3ForCausalLM
+model = Phi3ForCausalLM.from_pretrained("./tiny-phi3")
+tokenizer = AutoTokenizer.from_pretrained("./tiny-phi3")
+prompt = "Hey, are you conscious? Can you talk to me?"
+inputs = tokenizer(prompt, return_tensors="pt")
+# Generate
+generate_ids = model.generate(inputs.input_ids, max_length=30)
+tokenizer.batch_decode(generate_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]

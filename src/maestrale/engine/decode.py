@@ -1,0 +1,283 @@
+"""The decode step beneath generate(): a static KV cache and one CUDA graph per step.
+
+The prompt goes through the model's own forward (SDPA); its keys and values are then copied into preallocated caches,
+a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer a fused q/k/v
+product, the cache write and flash-decoding attention (kernels.py), the output product and the feed-forward. On CUDA
+the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
+token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.mlp import ACT_FNS
+from ..models.outputs import CausalLMOutputWithPast
+from ..models.rotary import apply_rotary
+from .kernels import cache_write, decode_attention, expert_linear
+
+MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def _project_qkv(x, norm, eps: float, qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """Norm, one q/k/v product and rotary for one token a row: q (batch, heads, head_dim), k and v (batch, kv_heads, head_dim)."""
+    b = x.shape[0]
+    q, k, v = F.linear(_rms_norm(x, norm, eps), qkv).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = apply_rotary(q.view(b, heads, 1, head_dim), cos, sin)
+    k = apply_rotary(k.view(b, kv_heads, 1, head_dim), cos, sin)
+    return q[:, :, 0], k[:, :, 0], v.reshape(b, kv_heads, head_dim)
+
+
+def _attention_out(x, attn, o_proj, norm, eps: float):
+    """Residual add of the attention output; the normed input of the feed-forward."""
+    x = x + F.linear(attn.flatten(1), o_proj)
+    return x, _rms_norm(x, norm, eps)
+
+
+def _gated_mlp(x, h, gate_up, down, act):
+    gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+    return x + F.linear(act(gate) * up, down)
+
+
+def _route(h, router, top_k: int):
+    probs = F.softmax(F.linear(h, router).float(), dim=-1)
+    top_probs, top_experts = probs.topk(top_k, dim=-1)
+    return top_probs / top_probs.sum(dim=-1, keepdim=True), top_experts
+
+
+def _gate(gate_up, act):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def _mix(x, expert_out, top_weights):
+    """Weighted sum of each token's k expert outputs, added to the residual."""
+    tokens, k = top_weights.shape
+    mixed = (expert_out * top_weights.reshape(-1, 1)).view(tokens, k, -1).sum(dim=1)
+    return x + mixed.to(x.dtype)
+
+
+def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act):
+    """Every expert on every token, weighted by the router (zero where not chosen): once the batch routes to most
+    experts, this reads each expert's weight once, the fewest bytes there are."""
+    gate, up = torch.matmul(h, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    out = torch.matmul(act(gate) * up, down.transpose(1, 2))  # (experts, tokens, hidden)
+    weights = torch.zeros(h.shape[0], gate_up.shape[0], device=h.device).scatter(1, top_experts, top_weights)
+    return x + torch.einsum("eth,te->th", out.float(), weights).to(x.dtype)
+
+
+def _head(x, norm, eps: float, lm_head):
+    return F.linear(_rms_norm(x, norm, eps), lm_head)
+
+
+STEP_PARTS = {f.__name__: f for f in (_project_qkv, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts, _head)}
+
+
+def _fused(linears) -> torch.Tensor:
+    """One weight for linear layers that share their input. Their weights become row blocks of it, so nothing is
+    stored twice and state_dict names stay; a second call finds them already laid out and copies nothing."""
+    weights = [linear.weight for linear in linears]
+    first, cols = weights[0], weights[0].shape[1]
+    offsets = [sum(w.shape[0] for w in weights[:i]) * cols for i in range(len(weights) + 1)]
+    laid_out = all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                   and w.storage_offset() == first.storage_offset() + offset for w, offset in zip(weights, offsets))
+    if not laid_out:
+        fused = torch.cat([w.detach() for w in weights])
+        for w, start, end in zip(weights, offsets, offsets[1:]):
+            w.data = fused.view(-1)[start:end].view(w.shape)
+    return torch.as_strided(first.detach(), (offsets[-1] // cols, cols), (cols, 1))
+
+
+@dataclass
+class _LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 * inter, hidden), or (experts, 2 * inter, hidden) for Mixtral
+    down: torch.Tensor
+    router: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer) -> _LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = attn.qkv_proj.weight.detach() if hasattr(attn, "qkv_proj") else _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        if hasattr(mlp, "experts"):
+            ffn = dict(gate_up=mlp.experts.gate_up_proj.detach(), down=mlp.experts.down_proj.detach(),
+                       router=mlp.gate.weight.detach())
+        else:
+            gate_up = mlp.gate_up_proj.weight.detach() if hasattr(mlp, "gate_up_proj") else _fused([mlp.gate_proj, mlp.up_proj])
+            ffn = dict(gate_up=gate_up, down=mlp.down_proj.weight.detach())
+        return cls(layer.input_layernorm.weight.detach(), qkv, attn.o_proj.weight.detach(),
+                   layer.post_attention_layernorm.weight.detach(), **ffn)
+
+
+def capacity_for(length: int) -> int:
+    return max(MIN_CAPACITY, 1 << (length - 1).bit_length())
+
+
+class StaticDecoder:
+    """Decodes `batch` rows of up to `capacity` tokens; called like the model by generate's decode loop."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        config, base = model.config, model.base_model
+        self.model, self.batch, self.capacity = model, batch, capacity
+        weight = model.lm_head.weight
+        device, dtype = weight.device, weight.dtype
+        self.eps, self.act = config.rms_norm_eps, ACT_FNS[config.hidden_act]
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
+        self.scale = self.head_dim**-0.5
+        self.top_k = getattr(config, "num_experts_per_tok", None)
+        self.rotary = base.rotary_emb
+        self.embed, self.final_norm, self.lm_head = base.embed_tokens.weight.detach(), base.norm.weight.detach(), weight.detach()
+        self.layers = [_LayerWeights.of(layer) for layer in base.layers]
+
+        window = config.sliding_window
+        self.window_of = [window if kind == "sliding_attention" else None for kind in config.attention_layer_types]
+        cache_shape = (batch, self.kv_heads, self.head_dim)
+        self.k_cache, self.v_cache = [], []
+        for w in self.window_of:
+            size = capacity if w is None else min(w, capacity)
+            self.k_cache.append(torch.zeros(*cache_shape[:2], size, self.head_dim, device=device, dtype=dtype))
+            self.v_cache.append(torch.zeros_like(self.k_cache[-1]))
+        self.seq_mask = torch.ones(batch, capacity, dtype=torch.int8, device=device)  # 0 for padding tokens
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # sequence index of the token being decoded
+        self.length = 0  # tokens in the cache (host copy of t)
+
+        self.on_cuda = device.type == "cuda"
+        compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if self.on_cuda else (lambda f: f)
+        self.part = {name: compile_(f) for name, f in STEP_PARTS.items()}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> tuple:
+        return tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
+
+    def current(self) -> bool:
+        """Whether the model still has the weights this decoder reads (not moved, cast or replaced since)."""
+        return self._fingerprint() == self.fingerprint
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # ----- the step -----
+    def _step(self) -> torch.Tensor:
+        part, eps = self.part, self.eps
+        x = F.embedding(self.ids, self.embed)
+        cos, sin = self.rotary(x[:, None], self.positions[:, None])
+        for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = part["_project_qkv"](x, w.input_norm, eps, w.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
+            cache_write(k, v, k_cache, v_cache, self.t)
+            attn = decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
+            x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
+            if w.router is None:
+                x = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act)
+            elif h.shape[0] * self.top_k >= w.gate_up.shape[0]:
+                top_weights, top_experts = part["_route"](h, w.router, self.top_k)
+                x = part["_dense_experts"](x, h, w.gate_up, w.down, top_weights, top_experts, self.act)
+            else:
+                top_weights, top_experts = part["_route"](h, w.router, self.top_k)
+                experts = top_experts.flatten()
+                gated = part["_gate"](expert_linear(h, w.gate_up, experts, self.top_k), self.act)
+                x = part["_mix"](x, expert_linear(gated, w.down, experts, 1), top_weights)
+        return part["_head"](x, self.final_norm, eps, self.lm_head)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles and loads every kernel; writes the slot the real step writes, with its values
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    # ----- what generate calls -----
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if self.length == 0:  # the prompt, through the model's own forward
+            out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, **kwargs)
+            self._load(past_key_values, attention_mask)
+            return out
+        self.ids.copy_(input_ids[:, 0])
+        if position_ids is None:
+            self.positions.fill_(self.length)
+        else:
+            self.positions.copy_(position_ids[:, 0])
+        self.t.fill_(self.length)
+        if not self.on_cuda:
+            self.logits = self._step()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.length += 1
+        return CausalLMOutputWithPast(logits=self.logits[:, None].clone())
+
+    def _load(self, cache, attention_mask) -> None:
+        """Move the prompt's keys and values from the model's cache into the static one (slot = index mod size)."""
+        seen = cache.get_seq_length()
+        for layer, k_cache, v_cache in zip(cache.layers, self.k_cache, self.v_cache):
+            slots = torch.arange(seen - layer.kept, seen, device=k_cache.device) % k_cache.shape[2]
+            k_cache.index_copy_(2, slots, layer.keys)
+            v_cache.index_copy_(2, slots, layer.values)
+            layer.keys = layer.values = None
+        self.seq_mask.fill_(1)
+        if attention_mask is not None:
+            self.seq_mask[:, : attention_mask.shape[1]] = attention_mask
+        self.length = seen
+
+    def export(self, cache) -> None:
+        """Give the model's cache back what the static one holds (generate returns it as past_key_values)."""
+        seen = self.length
+        for layer, window, k_cache, v_cache in zip(cache.layers, self.window_of, self.k_cache, self.v_cache):
+            kept = seen if window is None else min(seen, window - 1)
+            slots = torch.arange(seen - kept, seen, device=k_cache.device) % k_cache.shape[2]
+            layer.keys, layer.values, layer.seen = k_cache.index_select(2, slots), v_cache.index_select(2, slots), seen
+
+
+def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
+    """The model's static decoder for this generation, or None where the reference path runs.
+
+    `cache_implementation` picks: "static" always (it runs eagerly off CUDA), "dynamic" never, None (the default)
+    on CUDA whenever the generation allows it.
+    """
+    choice = getattr(run.config, "cache_implementation", None)
+    if choice not in (None, "static", "dynamic"):
+        raise ValueError(f"cache_implementation={choice!r} is not supported; use 'static', 'dynamic' or None")
+    if choice == "dynamic" or (choice is None and model.device.type != "cuda"):
+        return None
+    blockers = {
+        "past_key_values": run.past > 0,
+        "output_attentions": bool(run.config.output_attentions),
+        "output_hidden_states": bool(run.config.output_hidden_states),
+        "training mode": model.training,
+        "a model spread over several devices": len({p.device for p in model.parameters()}) > 1,
+    }
+    found = [name for name, present in blockers.items() if present]
+    if found:
+        if choice == "static":
+            raise ValueError(f"cache_implementation='static' cannot be used with {', '.join(found)}; "
+                             "drop them or use cache_implementation='dynamic'")
+        return None
+    key = (input_ids.shape[0], capacity_for(run.max_length), model.lm_head.weight.dtype)
+    decoder = model.__dict__.get("_static_decoder")
+    if decoder is None or (decoder.batch, decoder.capacity, decoder.lm_head.dtype) != key or not decoder.current():
+        model.__dict__.pop("_static_decoder", None)  # free the old caches and graph first
+        decoder = model.__dict__["_static_decoder"] = StaticDecoder(model, key[0], key[1])
+    decoder.length = 0
+    return decoder

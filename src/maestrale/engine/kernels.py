@@ -1,0 +1,198 @@
+"""Triton kernels of the decode step, each beside the plain-torch function it must equal.
+
+The caches are (batch, kv_heads, capacity, head_dim). Slot s of a cache of capacity C holds, at step t (the sequence
+index of the token being decoded), the token t - ((t - s) mod C): a full-attention cache never wraps (C > t, so slot
+s holds token s), a sliding-window cache of exactly the window's size is a ring. A slot is read when that token exists
+(index >= 0) and the padding mask keeps it. `t` lives on the device, so one captured graph serves every step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch versions below are used
+    triton = None
+
+# Triton's interpreter runs the kernels on CPU tensors (how the kernel tests run without a GPU).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and (x.is_cuda or _INTERPRETED)
+
+
+def slot_tokens(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Sequence index of the token each slot holds at step t; negative for slots not written yet."""
+    slots = torch.arange(capacity, device=t.device)
+    return t - torch.remainder(t - slots, capacity)
+
+
+def cache_write_torch(k, v, k_cache, v_cache, t):
+    slot = torch.remainder(t, k_cache.shape[2]).reshape(1)
+    k_cache.index_copy_(2, slot, k[:, :, None])
+    v_cache.index_copy_(2, slot, v[:, :, None])
+
+
+def decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale):
+    """q (batch, heads, head_dim) attends to the valid slots of the caches; returns (batch, heads, head_dim)."""
+    tokens = slot_tokens(t, k_cache.shape[2])
+    valid = (tokens >= 0) & seq_mask.gather(1, tokens.clamp(min=0).expand(seq_mask.shape[0], -1)).bool()
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=True)
+    return out[:, :, 0]
+
+
+def expert_linear_torch(x, weight, experts, rows_per_x):
+    """out[p] = weight[experts[p]] @ x[p // rows_per_x] for each (token, expert) pair p."""
+    rows = x.repeat_interleave(rows_per_x, dim=0) if rows_per_x > 1 else x
+    return torch.bmm(weight[experts], rows.unsqueeze(-1)).squeeze(-1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cache_write_kernel(K, V, KC, VC, T, C, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)  # batch * kv_heads
+        slot = tl.load(T).to(tl.int32) % C
+        d = tl.arange(0, BLOCK_D)
+        keep = d < D
+        dst = (row * C + slot) * D + d
+        tl.store(KC + dst, tl.load(K + row * D + d, mask=keep), mask=keep)
+        tl.store(VC + dst, tl.load(V + row * D + d, mask=keep), mask=keep)
+
+    @triton.jit
+    def _attention_split_kernel(
+        Q, KC, VC, MASK, T, M, L, ACC, scale, C, mask_stride,
+        KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One (batch, kv head) and one share of the valid slots: running max, sum and weighted values."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        b = row // KV_HEADS
+        t = tl.load(T).to(tl.int32)
+        n = tl.minimum(t + 1, C)
+        share = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+        start = split * share
+        end = tl.minimum(start + share, n)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        keep_d = d < D
+        q = tl.load(Q + (row * GROUPS + g)[:, None] * D + d[None, :],
+                    mask=(g < GROUPS)[:, None] & keep_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        base = row.to(tl.int64) * C * D
+        for s0 in range(start, end, BLOCK_N):
+            s = s0 + tl.arange(0, BLOCK_N)
+            inside = s < end
+            token = t - (t - s) % C
+            valid = inside & (tl.load(MASK + b * mask_stride + token, mask=inside, other=0) != 0)
+            offsets = base + s[:, None] * D + d[None, :]
+            k = tl.load(KC + offsets, mask=inside[:, None] & keep_d[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(VC + offsets, mask=inside[:, None] & keep_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = (row * SPLITS + split) * GROUPS + g
+        tl.store(M + out, m_i, mask=g < GROUPS)
+        tl.store(L + out, l_i, mask=g < GROUPS)
+        tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=(g < GROUPS)[:, None] & keep_d[None, :])
+
+    @triton.jit
+    def _attention_combine_kernel(M, L, ACC, OUT, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+        head = tl.program_id(0)  # batch * heads; query head h of batch b uses kv row (b * heads + h) // GROUPS
+        row, g = head // GROUPS, head % GROUPS
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        at = (row * SPLITS + sp) * GROUPS + g
+        m = tl.load(M + at)
+        l = tl.load(L + at)
+        acc = tl.load(ACC + at[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(top == float("-inf"), 0.0, top)))
+        total = tl.sum(w * l, 0)
+        out = tl.sum(w[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _expert_linear_kernel(X, W, E, OUT, N, K, ROWS_PER_X: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """One (token, expert) pair and BLOCK_N outputs: a matrix-vector product on that expert's weight."""
+        pair = tl.program_id(0)
+        nb = tl.program_id(1)
+        expert = tl.load(E + pair).to(tl.int64)
+        x_row = pair // ROWS_PER_X
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep_n = n < N
+        w_rows = W + expert * N * K + n[:, None].to(tl.int64) * K
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            keep_k = k < K
+            x = tl.load(X + x_row * K + k, mask=keep_k, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], 1)
+        tl.store(OUT + pair * N + n, acc.to(OUT.dtype.element_ty), mask=keep_n)
+
+
+def cache_write(k, v, k_cache, v_cache, t):
+    """Store the new token's keys and values (batch, kv_heads, head_dim) at slot t mod capacity."""
+    if not use_triton(k):
+        return cache_write_torch(k, v, k_cache, v_cache, t)
+    rows, d = k.shape[0] * k.shape[1], k.shape[2]
+    _cache_write_kernel[(rows,)](k.contiguous(), v.contiguous(), k_cache, v_cache, t, k_cache.shape[2],
+                                 D=d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def attention_splits(batch: int, kv_heads: int) -> int:
+    """Key-range shares per (batch, kv head): enough programs to cover the GPU's multiprocessors twice."""
+    programs = torch.cuda.get_device_properties().multi_processor_count * 2 if torch.cuda.is_available() else 264
+    return min(32, triton.next_power_of_2(max(1, -(-programs // (batch * kv_heads)))))
+
+
+def decode_attention(q, k_cache, v_cache, seq_mask, t, scale):
+    """Flash-decoding: SPLITS programs per kv head read disjoint shares of the valid slots, a second kernel merges."""
+    if not use_triton(q):
+        return decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale)
+    batch, heads, d = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    groups, splits = heads // kv_heads, attention_splits(batch, kv_heads)
+    m = q.new_empty(batch * kv_heads, splits, groups, dtype=torch.float32)
+    l, acc = torch.empty_like(m), q.new_empty(batch * kv_heads, splits, groups, d, dtype=torch.float32)
+    block_d = triton.next_power_of_2(d)
+    _attention_split_kernel[(batch * kv_heads, splits)](
+        q.contiguous(), k_cache, v_cache, seq_mask, t, m, l, acc, scale, capacity, seq_mask.stride(0),
+        KV_HEADS=kv_heads, GROUPS=groups, SPLITS=splits, D=d, BLOCK_G=max(16, triton.next_power_of_2(groups)),
+        BLOCK_N=32, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    out = torch.empty_like(q)
+    _attention_combine_kernel[(batch * heads,)](m, l, acc, out, GROUPS=groups, SPLITS=splits, D=d, BLOCK_D=block_d)
+    return out
+
+
+def expert_linear(x, weight, experts, rows_per_x):
+    """Each (token, expert) pair's product with its expert's weight (experts, out, in), read straight from the
+    stacked weight: no gathered copy, no host sync. Pair p uses row p // rows_per_x of x."""
+    if not use_triton(x):
+        return expert_linear_torch(x, weight, experts, rows_per_x)
+    pairs, (n, k) = experts.numel(), weight.shape[1:]
+    out = x.new_empty(pairs, n)
+    block_n = 16 if n <= 8192 else 32
+    _expert_linear_kernel[(pairs, triton.cdiv(n, block_n))](x.contiguous(), weight, experts, out, n, k,
+                                                            ROWS_PER_X=rows_per_x, BLOCK_N=block_n, BLOCK_K=256)
+    return out

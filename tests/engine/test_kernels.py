@@ -1,0 +1,85 @@
+"""Each Triton kernel of the decode step against its plain-torch version, on fresh random inputs.
+
+Runs on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1 with triton installed); skipped otherwise.
+"""
+
+import math
+
+import pytest
+import torch
+
+from maestrale.engine import kernels
+
+if torch.cuda.is_available() and kernels.triton is not None:
+    DEVICE = "cuda"
+elif kernels.use_triton(torch.empty(0)):
+    DEVICE = "cpu"
+else:
+    pytest.skip("the Triton kernels need CUDA, or TRITON_INTERPRET=1 with triton installed", allow_module_level=True)
+
+
+def rel_error(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 2, 96), (8, 8, 32)])
+@pytest.mark.parametrize("capacity,t", [(256, 37), (64, 200), (48, 47)])  # a full cache; a wrapped ring; a full ring
+def test_decode_attention(heads, kv_heads, head_dim, capacity, t, dtype):
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
+    batch = 3
+    q = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype)
+    k_cache = torch.randn(batch, kv_heads, capacity, head_dim, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    seq_mask = torch.ones(batch, 512, dtype=torch.int8, device=DEVICE)
+    seq_mask[1, :5] = 0  # left padding of row 1
+    seq_mask[2, :t // 2] = 0
+    step = torch.tensor(t, device=DEVICE)
+    scale = head_dim**-0.5
+    out = kernels.decode_attention(q, k_cache, v_cache, seq_mask, step, scale)
+    ref = kernels.decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), seq_mask, step, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_attention_reads_only_the_window():
+    """Slots of a ring hold the window; entries outside the valid range (never written) must not be read."""
+    q = torch.randn(1, 4, 64, device=DEVICE)
+    k_cache = torch.randn(1, 2, 256, 64, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    k_cache[:, :, 20:] = float("nan")  # t = 19: slots past it are unwritten
+    v_cache[:, :, 20:] = float("nan")
+    seq_mask = torch.ones(1, 256, dtype=torch.int8, device=DEVICE)
+    out = kernels.decode_attention(q, k_cache, v_cache, seq_mask, torch.tensor(19, device=DEVICE), 0.125)
+    ref = kernels.decode_attention_torch(q, k_cache[:, :, :20], v_cache[:, :, :20], seq_mask,
+                                         torch.tensor(19, device=DEVICE), 0.125)
+    assert not out.isnan().any()
+    assert rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("capacity,t", [(64, 10), (64, 130)])
+def test_cache_write(capacity, t):
+    k = torch.randn(2, 3, 96, device=DEVICE)
+    v = torch.randn_like(k)
+    caches = [torch.randn(2, 3, capacity, 96, device=DEVICE) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    kernels.cache_write(k, v, *caches, torch.tensor(t, device=DEVICE))
+    kernels.cache_write_torch(k, v, *expected, torch.tensor(t, device=DEVICE))
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    assert torch.equal(caches[0][:, :, t % capacity], k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_x,n,k", [(2, 96, 64), (1, 64, 200), (2, 40000, 32)])
+def test_expert_linear(rows_per_x, n, k, dtype):
+    experts, tokens = 4, 3
+    weight = torch.randn(experts, n, k, device=DEVICE, dtype=dtype) / math.sqrt(k)
+    x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+    chosen = torch.randint(0, experts, (tokens * rows_per_x,), device=DEVICE)
+    if rows_per_x == 1:
+        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+        chosen = chosen[:tokens]
+    out = kernels.expert_linear(x, weight, chosen, rows_per_x)
+    ref = kernels.expert_linear_torch(x.double(), weight.double(), chosen, rows_per_x)
+    assert rel_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "do_sample": False,
     "num_beams": 1,
     "use_cache": True,
+    "cache_implementation": None,  # None: the static CUDA decoder on CUDA; "static" anywhere; "dynamic" never
     # logits processing
     "temperature": 1.0,
     "top_k": 50,

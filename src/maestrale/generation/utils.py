@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..cache import Cache, DynamicCache
+from ..engine import decoder_for
 from ..models.outputs import ModelOutput
 from .configuration import GenerationConfig
 from .logits_process import (
@@ -255,7 +256,8 @@ class GenerationMixin:
         replace_finished = run.pad is not None and any(hasattr(c, "eos_token_id") for c in run.criteria)
         record = _Record(config)
 
-        outputs = self._prefill(input_ids, run)
+        forward = decoder_for(self, input_ids, run) or self  # on CUDA, a static cache and CUDA-graph steps
+        outputs = self._prefill(input_ids, run, forward)
         while True:
             logits = outputs.logits[:, -1].float()
             scores = run.processors(tokens[:, :length], logits)
@@ -278,7 +280,7 @@ class GenerationMixin:
                 break
             if position is not None:
                 position = position + 1
-            outputs = self(
+            outputs = forward(
                 next_tokens[:, None],
                 attention_mask=None if mask is None else mask[:, :length],
                 position_ids=position,
@@ -289,6 +291,8 @@ class GenerationMixin:
         sequences = tokens[:, :length]
         if not config.return_dict_in_generate:
             return sequences
+        if forward is not self:
+            forward.export(run.cache)
         return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=run.cache, **record.fields())
 
     # ----- beam search -----

@@ -1,6 +1,7 @@
 """BitsAndBytesConfig takes transformers' fields and values; from_pretrained(quantization_config=...) says, before
 touching the checkpoint, that maestrale does not quantize and what to pass instead."""
 
+import json
 import re
 
 import pytest
@@ -76,3 +77,15 @@ def test_from_pretrained_without_quantization_loads(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=None)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_checkpoint_quantized_in_its_config_is_refused_by_name(tmp_path):
+    model = maestrale.MistralForCausalLM(maestrale.MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                                 num_key_value_heads=2))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotImplementedError, match=r"config\.json describes a checkpoint quantized with awq"):
+        maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)

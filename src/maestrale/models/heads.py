@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generation.utils import GenerationMixin
+from .linear import Linear
 from .mlp import load_balancing_loss
 from .modeling_utils import PreTrainedModel
 from .outputs import (
@@ -53,7 +54,7 @@ class ForCausalLM(GenerationMixin, HeadModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(

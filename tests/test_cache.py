@@ -1,4 +1,4 @@
-"""The KV cache's layers against a plain torch.cat reference: growth past the spare room, rolling windows, crop, reorder."""
+"""KV cache layers against a plain torch.cat reference: growth past the spare room, rolling windows, crop, reorder."""
 
 import pytest
 import torch

@@ -15,6 +15,7 @@ experts a token uses) over the device's measured copy bandwidth; each batch-1 re
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import statistics
 import time
@@ -117,6 +118,23 @@ def measure(model, vocab: int, new_tokens: int, **generate_kwargs) -> dict:
     return result
 
 
+def profile_step(model, vocab: int) -> None:
+    """GPU time of one decode step by kernel (the step run eagerly, as captured), for finding where time goes."""
+    ids = torch.randint(3, vocab, (1, PROMPT), device="cuda")
+    model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    decoder = model._static_decoder
+    decoder._step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decoder._step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events)
+    print(f"  one step: {total / 1e3:.2f} ms of kernels, {sum(e.count for e in events)} launches")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+        print(f"    {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key[:90]}")
+
+
 def long_generation(tokens: int) -> None:
     import maestrale
 
@@ -140,6 +158,7 @@ def main() -> None:
     parser.add_argument("--hf-static", action="store_true", help="also run transformers' static cache + compile")
     parser.add_argument("--skip-hf", action="store_true", help="maestrale alone")
     parser.add_argument("--long-generation", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print one maestrale decode step's kernels")
     args = parser.parse_args()
     transformers = importlib.import_module("transformers")
     bandwidth = copy_bandwidth()
@@ -156,6 +175,8 @@ def main() -> None:
             if args.hf_static:
                 runs["transformers static+compile"] = (hf, {"cache_implementation": "static"})
         weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+        if args.profile:
+            profile_step(ours, vocab)
         for label, (model, extra) in runs.items():
             r = measure(model, vocab, args.new_tokens, **extra)
             rows.append((name, label, r, roofline, weights))
@@ -164,6 +185,7 @@ def main() -> None:
                   f"TTFT4096 {r['ttft_4096'] * 1e3:6.1f} ms  peak {(weights + r['extra_memory_32']) / 2**30:5.1f} GiB",
                   flush=True)
         del hf, ours, runs
+        gc.collect()  # the static decoder and the model refer to each other
         torch.cuda.empty_cache()
     if args.long_generation:
         long_generation(args.long_generation)

@@ -58,16 +58,24 @@ def test_decode_attention_reads_only_the_window():
     assert rel_error(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rot", [(6, 2, 64, 64), (4, 4, 96, 48)])
 @pytest.mark.parametrize("capacity,t", [(64, 10), (64, 130)])
-def test_cache_write(capacity, t):
-    k = torch.randn(2, 3, 96, device=DEVICE)
-    v = torch.randn_like(k)
-    caches = [torch.randn(2, 3, capacity, 96, device=DEVICE) for _ in range(2)]
-    expected = [c.clone() for c in caches]
-    kernels.cache_write(k, v, *caches, torch.tensor(t, device=DEVICE))
-    kernels.cache_write_torch(k, v, *expected, torch.tensor(t, device=DEVICE))
-    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
-    assert torch.equal(caches[0][:, :, t % capacity], k)
+def test_rotary_cache_write(heads, kv_heads, head_dim, rot, capacity, t, dtype):
+    batch = 3
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    angles = torch.rand(batch, rot, device=DEVICE) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    caches = [torch.randn(batch, kv_heads, capacity, head_dim, device=DEVICE, dtype=dtype) for _ in range(2)]
+    expected = [c.double() for c in caches]
+    step = torch.tensor(t, device=DEVICE)
+    q = kernels.rotary_cache_write(qkv, cos, sin, *caches, step, heads)
+    q_ref = kernels.rotary_cache_write_torch(qkv.double(), cos.double(), sin.double(), *expected, step, heads)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_error(q, q_ref) < tolerance
+    assert rel_error(caches[0], expected[0]) < tolerance and torch.equal(caches[1].double(), expected[1])
+    slot = t % capacity  # the other slots are untouched
+    assert torch.equal(caches[0][:, :, slot + 1:].double(), expected[0][:, :, slot + 1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

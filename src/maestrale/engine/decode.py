@@ -1,8 +1,9 @@
 """The decode step beneath generate(): a static KV cache and one CUDA graph per step.
 
 The prompt goes through the model's own forward (SDPA); its keys and values are then copied into preallocated caches,
-a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer a fused q/k/v
-product, the cache write and flash-decoding attention (kernels.py), the output product and the feed-forward. On CUDA
+a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer one q/k/v
+product, rotary with the cache write and flash-decoding attention (kernels.py), the output product and the
+feed-forward, whose residual add carries the next layer's norm. On CUDA
 the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
 token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it).
 """
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
-from ..models.rotary import apply_rotary
-from .kernels import cache_write, decode_attention, expert_linear
+from .kernels import decode_attention, expert_linear, rotary_cache_write
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
@@ -28,25 +29,17 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
-def _project_qkv(x, norm, eps: float, qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """Norm, one q/k/v product and rotary for one token a row: q (batch, heads, head_dim), k and v (batch, kv_heads, head_dim)."""
-    b = x.shape[0]
-    q, k, v = F.linear(_rms_norm(x, norm, eps), qkv).split(
-        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = apply_rotary(q.view(b, heads, 1, head_dim), cos, sin)
-    k = apply_rotary(k.view(b, kv_heads, 1, head_dim), cos, sin)
-    return q[:, :, 0], k[:, :, 0], v.reshape(b, kv_heads, head_dim)
-
-
 def _attention_out(x, attn, o_proj, norm, eps: float):
     """Residual add of the attention output; the normed input of the feed-forward."""
     x = x + F.linear(attn.flatten(1), o_proj)
     return x, _rms_norm(x, norm, eps)
 
 
-def _gated_mlp(x, h, gate_up, down, act):
+def _gated_mlp(x, h, gate_up, down, act, next_norm, eps: float):
+    """The feed-forward and its residual add; the normed input of the next layer (or of the head)."""
     gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
-    return x + F.linear(act(gate) * up, down)
+    x = x + F.linear(act(gate) * up, down)
+    return x, _rms_norm(x, next_norm, eps)
 
 
 def _route(h, router, top_k: int):
@@ -60,42 +53,31 @@ def _gate(gate_up, act):
     return act(gate) * up
 
 
-def _mix(x, expert_out, top_weights):
-    """Weighted sum of each token's k expert outputs, added to the residual."""
+def _mix(x, expert_out, top_weights, next_norm, eps: float):
+    """Weighted sum of each token's k expert outputs, added to the residual; the next layer's normed input."""
     tokens, k = top_weights.shape
     mixed = (expert_out * top_weights.reshape(-1, 1)).view(tokens, k, -1).sum(dim=1)
-    return x + mixed.to(x.dtype)
+    x = x + mixed.to(x.dtype)
+    return x, _rms_norm(x, next_norm, eps)
 
 
-def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act):
+def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm, eps: float):
     """Every expert on every token, weighted by the router (zero where not chosen): once the batch routes to most
     experts, this reads each expert's weight once, the fewest bytes there are."""
     gate, up = torch.matmul(h, gate_up.transpose(1, 2)).chunk(2, dim=-1)
     out = torch.matmul(act(gate) * up, down.transpose(1, 2))  # (experts, tokens, hidden)
     weights = torch.zeros(h.shape[0], gate_up.shape[0], device=h.device).scatter(1, top_experts, top_weights)
-    return x + torch.einsum("eth,te->th", out.float(), weights).to(x.dtype)
+    x = x + torch.einsum("eth,te->th", out.float(), weights).to(x.dtype)
+    return x, _rms_norm(x, next_norm, eps)
 
 
-def _head(x, norm, eps: float, lm_head):
-    return F.linear(_rms_norm(x, norm, eps), lm_head)
+STEP_PARTS = {f.__name__: f for f in (_rms_norm, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts)}
 
 
-STEP_PARTS = {f.__name__: f for f in (_project_qkv, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts, _head)}
-
-
-def _fused(linears) -> torch.Tensor:
-    """One weight for linear layers that share their input. Their weights become row blocks of it, so nothing is
-    stored twice and state_dict names stay; a second call finds them already laid out and copies nothing."""
-    weights = [linear.weight for linear in linears]
-    first, cols = weights[0], weights[0].shape[1]
-    offsets = [sum(w.shape[0] for w in weights[:i]) * cols for i in range(len(weights) + 1)]
-    laid_out = all(w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                   and w.storage_offset() == first.storage_offset() + offset for w, offset in zip(weights, offsets))
-    if not laid_out:
-        fused = torch.cat([w.detach() for w in weights])
-        for w, start, end in zip(weights, offsets, offsets[1:]):
-            w.data = fused.view(-1)[start:end].view(w.shape)
-    return torch.as_strided(first.detach(), (offsets[-1] // cols, cols), (cols, 1))
+def _stacked(linears) -> torch.Tensor:
+    """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy)."""
+    stacked = stacked_weight(linears)
+    return stacked if stacked is not None else torch.cat([linear.weight.detach() for linear in linears])
 
 
 @dataclass
@@ -111,12 +93,12 @@ class _LayerWeights:
     @classmethod
     def of(cls, layer) -> _LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = attn.qkv_proj.weight.detach() if hasattr(attn, "qkv_proj") else _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv = attn.qkv_proj.weight.detach() if hasattr(attn, "qkv_proj") else _stacked((attn.q_proj, attn.k_proj, attn.v_proj))
         if hasattr(mlp, "experts"):
             ffn = dict(gate_up=mlp.experts.gate_up_proj.detach(), down=mlp.experts.down_proj.detach(),
                        router=mlp.gate.weight.detach())
         else:
-            gate_up = mlp.gate_up_proj.weight.detach() if hasattr(mlp, "gate_up_proj") else _fused([mlp.gate_proj, mlp.up_proj])
+            gate_up = mlp.gate_up_proj.weight.detach() if hasattr(mlp, "gate_up_proj") else _stacked((mlp.gate_proj, mlp.up_proj))
             ffn = dict(gate_up=gate_up, down=mlp.down_proj.weight.detach())
         return cls(layer.input_layernorm.weight.detach(), qkv, attn.o_proj.weight.detach(),
                    layer.post_attention_layernorm.weight.detach(), **ffn)
@@ -178,27 +160,29 @@ class StaticDecoder:
         part, eps = self.part, self.eps
         x = F.embedding(self.ids, self.embed)
         cos, sin = self.rotary(x[:, None], self.positions[:, None])
-        for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = part["_project_qkv"](x, w.input_norm, eps, w.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
-            cache_write(k, v, k_cache, v_cache, self.t)
+        h = part["_rms_norm"](x, self.layers[0].input_norm, eps)
+        next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
+        for w, next_norm, k_cache, v_cache in zip(self.layers, next_norms, self.k_cache, self.v_cache):
+            q = rotary_cache_write(F.linear(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)
             attn = decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
             x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
             if w.router is None:
-                x = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act)
-            elif h.shape[0] * self.top_k >= w.gate_up.shape[0]:
-                top_weights, top_experts = part["_route"](h, w.router, self.top_k)
-                x = part["_dense_experts"](x, h, w.gate_up, w.down, top_weights, top_experts, self.act)
+                x, h = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act, next_norm, eps)
+                continue
+            top_weights, top_experts = part["_route"](h, w.router, self.top_k)
+            if h.shape[0] * self.top_k >= w.gate_up.shape[0]:
+                x, h = part["_dense_experts"](x, h, w.gate_up, w.down, top_weights, top_experts, self.act, next_norm, eps)
             else:
-                top_weights, top_experts = part["_route"](h, w.router, self.top_k)
                 experts = top_experts.flatten()
                 gated = part["_gate"](expert_linear(h, w.gate_up, experts, self.top_k), self.act)
-                x = part["_mix"](x, expert_linear(gated, w.down, experts, 1), top_weights)
-        return part["_head"](x, self.final_norm, eps, self.lm_head)
+                x, h = part["_mix"](x, expert_linear(gated, w.down, experts, 1), top_weights, next_norm, eps)
+        return F.linear(h, self.lm_head)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # Each model and batch size compiles its own kernels; a process may hold more than Dynamo's default of 8.
+        with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=64):
             for _ in range(2):  # compiles and loads every kernel; writes the slot the real step writes, with its values
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
@@ -267,6 +251,7 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
         "output_hidden_states": bool(run.config.output_hidden_states),
         "training mode": model.training,
         "a model spread over several devices": len({p.device for p in model.parameters()}) > 1,
+        "forward hooks (the step calls no module)": any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()),
     }
     found = [name for name, present in blockers.items() if present]
     if found:

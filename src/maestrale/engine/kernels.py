@@ -13,6 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..models.rotary import apply_rotary
+
 try:
     import triton
     import triton.language as tl
@@ -33,10 +35,17 @@ def slot_tokens(t: torch.Tensor, capacity: int) -> torch.Tensor:
     return t - torch.remainder(t - slots, capacity)
 
 
-def cache_write_torch(k, v, k_cache, v_cache, t):
+def rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads: int):
+    """Split one token a row of fused q/k/v (batch, (heads + 2 kv_heads) * head_dim), rotate q and k, store k and v
+    at slot t mod capacity; returns the rotated q (batch, heads, head_dim)."""
+    b, kv_heads, _, d = k_cache.shape
+    q, k, v = qkv.view(b, heads + 2 * kv_heads, 1, d).split([heads, kv_heads, kv_heads], dim=1)
+    cos, sin = cos.view(b, 1, -1), sin.view(b, 1, -1)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     slot = torch.remainder(t, k_cache.shape[2]).reshape(1)
-    k_cache.index_copy_(2, slot, k[:, :, None])
-    v_cache.index_copy_(2, slot, v[:, :, None])
+    k_cache.index_copy_(2, slot, k)
+    v_cache.index_copy_(2, slot, v)
+    return q[:, :, 0]
 
 
 def decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale):
@@ -57,14 +66,30 @@ def expert_linear_torch(x, weight, experts, rows_per_x):
 if triton is not None:
 
     @triton.jit
-    def _cache_write_kernel(K, V, KC, VC, T, C, D: tl.constexpr, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)  # batch * kv_heads
-        slot = tl.load(T).to(tl.int32) % C
+    def _rotary_cache_write_kernel(QKV, COS, SIN, Q, KC, VC, T, C, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                                   D: tl.constexpr, ROT: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One row and one head of the fused projection: rotate a q or k head, copy a v head; k and v go to the cache."""
+        b = tl.program_id(0)
+        head = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, BLOCK_D)
         keep = d < D
-        dst = (row * C + slot) * D + d
-        tl.store(KC + dst, tl.load(K + row * D + d, mask=keep), mask=keep)
-        tl.store(VC + dst, tl.load(V + row * D + d, mask=keep), mask=keep)
+        src = QKV + (b * (HEADS + 2 * KV_HEADS) + head) * D
+        x = tl.load(src + d, mask=keep, other=0.0)
+        if head < HEADS + KV_HEADS:
+            in_rot = d < ROT
+            partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
+            other = tl.load(src + partner, mask=in_rot, other=0.0).to(tl.float32)
+            cos = tl.load(COS + b * ROT + d, mask=in_rot, other=1.0).to(tl.float32)
+            sin = tl.load(SIN + b * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
+            rotated = x.to(tl.float32) * cos + tl.where(d < ROT // 2, -other, other) * sin
+            x = tl.where(in_rot, rotated, x.to(tl.float32)).to(x.dtype)
+        slot = tl.load(T).to(tl.int32) % C
+        if head < HEADS:
+            tl.store(Q + (b * HEADS + head) * D + d, x, mask=keep)
+        elif head < HEADS + KV_HEADS:
+            tl.store(KC + ((b * KV_HEADS + head - HEADS) * C + slot) * D + d, x, mask=keep)
+        else:
+            tl.store(VC + ((b * KV_HEADS + head - HEADS - KV_HEADS) * C + slot) * D + d, x, mask=keep)
 
     @triton.jit
     def _attention_split_kernel(
@@ -150,13 +175,16 @@ if triton is not None:
         tl.store(OUT + pair * N + n, acc.to(OUT.dtype.element_ty), mask=keep_n)
 
 
-def cache_write(k, v, k_cache, v_cache, t):
-    """Store the new token's keys and values (batch, kv_heads, head_dim) at slot t mod capacity."""
-    if not use_triton(k):
-        return cache_write_torch(k, v, k_cache, v_cache, t)
-    rows, d = k.shape[0] * k.shape[1], k.shape[2]
-    _cache_write_kernel[(rows,)](k.contiguous(), v.contiguous(), k_cache, v_cache, t, k_cache.shape[2],
-                                 D=d, BLOCK_D=triton.next_power_of_2(d))
+def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int):
+    """rotary_cache_write_torch in one kernel launch."""
+    if not use_triton(qkv):
+        return rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads)
+    b, kv_heads, capacity, d = k_cache.shape
+    q = qkv.new_empty(b, heads, d)
+    _rotary_cache_write_kernel[(b, heads + 2 * kv_heads)](
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, t, capacity,
+        HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1], BLOCK_D=triton.next_power_of_2(d))
+    return q
 
 
 def attention_splits(batch: int, kv_heads: int) -> int:

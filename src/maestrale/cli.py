@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -150,6 +151,9 @@ def cmd_chat(args) -> None:
     model, tokenizer = load(args.model, args.device, args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    # Ctrl-C stops a reply even when started from a shell that ignores SIGINT for background jobs (Python keeps
+    # an inherited SIG_IGN).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     system = args.system
     history: list[dict] = []
     print("Chatting with the model. Commands: /reset, /system TEXT, /exit. Ctrl-C stops a reply.", flush=True)

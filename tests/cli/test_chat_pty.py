@@ -3,6 +3,7 @@
 import os
 import pty
 import select
+import signal
 import sys
 import time
 
@@ -19,6 +20,8 @@ class Terminal:
     def __init__(self, argv: list[str]):
         self.pid, self.master = pty.fork()
         if self.pid == 0:
+            # As a shell leaves it for background jobs (CI): the chat must still answer Ctrl-C.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execv(argv[0], argv)
         self.output = ""
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.decoder import rms_norm
 from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
@@ -23,23 +24,16 @@ from .kernels import decode_attention, expert_linear, rotary_cache_write
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-
-
 def _attention_out(x, attn, o_proj, norm, eps: float):
     """Residual add of the attention output; the normed input of the feed-forward."""
     x = x + F.linear(attn.flatten(1), o_proj)
-    return x, _rms_norm(x, norm, eps)
+    return x, rms_norm(x, norm, eps)
 
 
 def _gated_mlp(x, h, gate_up, down, act, next_norm, eps: float):
     """The feed-forward and its residual add; the normed input of the next layer (or of the head)."""
-    gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
-    x = x + F.linear(act(gate) * up, down)
-    return x, _rms_norm(x, next_norm, eps)
+    x = x + F.linear(_gate(F.linear(h, gate_up), act), down)
+    return x, rms_norm(x, next_norm, eps)
 
 
 def _route(h, router, top_k: int):
@@ -58,7 +52,7 @@ def _mix(x, expert_out, top_weights, next_norm, eps: float):
     tokens, k = top_weights.shape
     mixed = (expert_out * top_weights.reshape(-1, 1)).view(tokens, k, -1).sum(dim=1)
     x = x + mixed.to(x.dtype)
-    return x, _rms_norm(x, next_norm, eps)
+    return x, rms_norm(x, next_norm, eps)
 
 
 def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm, eps: float):
@@ -68,10 +62,10 @@ def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm
     out = torch.matmul(act(gate) * up, down.transpose(1, 2))  # (experts, tokens, hidden)
     weights = torch.zeros(h.shape[0], gate_up.shape[0], device=h.device).scatter(1, top_experts, top_weights)
     x = x + torch.einsum("eth,te->th", out.float(), weights).to(x.dtype)
-    return x, _rms_norm(x, next_norm, eps)
+    return x, rms_norm(x, next_norm, eps)
 
 
-STEP_PARTS = {f.__name__: f for f in (_rms_norm, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts)}
+STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts)}
 
 
 def _stacked(linears) -> torch.Tensor:
@@ -160,7 +154,7 @@ class StaticDecoder:
         part, eps = self.part, self.eps
         x = F.embedding(self.ids, self.embed)
         cos, sin = self.rotary(x[:, None], self.positions[:, None])
-        h = part["_rms_norm"](x, self.layers[0].input_norm, eps)
+        h = part["rms_norm"](x, self.layers[0].input_norm, eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for w, next_norm, k_cache, v_cache in zip(self.layers, next_norms, self.k_cache, self.v_cache):
             q = rotary_cache_write(F.linear(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)

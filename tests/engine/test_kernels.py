@@ -18,6 +18,11 @@ else:
     pytest.skip("the Triton kernels need CUDA, or TRITON_INTERPRET=1 with triton installed", allow_module_level=True)
 
 
+def skip_interpreted_bfloat16(dtype):
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter truncates to bfloat16 instead of rounding")
+
+
 def rel_error(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -79,15 +84,34 @@ def test_rotary_cache_write(heads, kv_heads, head_dim, rot, capacity, t, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows_per_x,n,k", [(2, 96, 64), (1, 64, 200), (2, 40000, 32)])
-def test_expert_linear(rows_per_x, n, k, dtype):
-    experts, tokens = 4, 3
-    weight = torch.randn(experts, n, k, device=DEVICE, dtype=dtype) / math.sqrt(k)
+@pytest.mark.parametrize("n,k", [(96, 64), (40, 200), (9000, 32)])  # k not a multiple of the block; n neither
+@pytest.mark.parametrize("gated", [False, True])
+def test_matvec(n, k, gated, dtype):
+    skip_interpreted_bfloat16(dtype)
+    x = torch.randn(1, k, device=DEVICE, dtype=dtype) * 3
+    weight = torch.randn(2 * n if gated else n, k, device=DEVICE, dtype=dtype) / math.sqrt(k)
+    act = torch.nn.functional.silu if gated else None
+    out = kernels.matvec(x, weight, act)
+    exact = kernels.matvec_torch(x.double(), weight.double(), act)
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert rel_error(out, exact) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the torch version's rounding steps: the outputs differ by the sums' order, a unit or two of the largest
+    units = 1e-6 if dtype == torch.float32 else 2**-7
+    ref = kernels.matvec_torch(x, weight, act)
+    torch.testing.assert_close(out, ref, rtol=units, atol=2 * units * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_per_x,gated,n", [(2, True, 48), (1, False, 96), (2, False, 40000)])
+def test_matvec_experts(rows_per_x, gated, n, dtype):
+    """Each (token, expert) pair's product with its expert's weight, read from the stacked (experts, out, in)."""
+    skip_interpreted_bfloat16(dtype)
+    experts, tokens, k = 4, 3, 200 if n < 1000 else 32
+    weight = torch.randn(experts, 2 * n if gated else n, k, device=DEVICE, dtype=dtype) / math.sqrt(k)
     x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
     chosen = torch.randint(0, experts, (tokens * rows_per_x,), device=DEVICE)
-    if rows_per_x == 1:
-        x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
-        chosen = chosen[:tokens]
-    out = kernels.expert_linear(x, weight, chosen, rows_per_x)
-    ref = kernels.expert_linear_torch(x.double(), weight.double(), chosen, rows_per_x)
+    act = torch.nn.functional.silu if gated else None
+    out = kernels.matvec(x, weight, act, chosen, rows_per_x)
+    ref = kernels.matvec_torch(x.double(), weight.double(), act, chosen, rows_per_x)
+    assert out.shape == (tokens * rows_per_x, n)
     assert rel_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)

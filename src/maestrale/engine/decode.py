@@ -19,7 +19,7 @@ from ..models.decoder import rms_norm
 from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
-from .kernels import decode_attention, expert_linear, rotary_cache_write
+from .kernels import decode_attention, matvec, rotary_cache_write
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
@@ -65,7 +65,7 @@ def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm
     return x, rms_norm(x, next_norm, eps)
 
 
-STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _route, _gate, _mix, _dense_experts)}
+STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _route, _mix, _dense_experts)}
 
 
 def _stacked(linears) -> torch.Tensor:
@@ -168,8 +168,8 @@ class StaticDecoder:
                 x, h = part["_dense_experts"](x, h, w.gate_up, w.down, top_weights, top_experts, self.act, next_norm, eps)
             else:
                 experts = top_experts.flatten()
-                gated = part["_gate"](expert_linear(h, w.gate_up, experts, self.top_k), self.act)
-                x, h = part["_mix"](x, expert_linear(gated, w.down, experts, 1), top_weights, next_norm, eps)
+                gated = matvec(h, w.gate_up, self.act, experts, rows_per_x=self.top_k)
+                x, h = part["_mix"](x, matvec(gated, w.down, experts=experts), top_weights, next_norm, eps)
         return F.linear(h, self.lm_head)
 
     def _capture(self) -> None:

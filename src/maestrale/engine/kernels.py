@@ -57,10 +57,21 @@ def decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale):
     return out[:, :, 0]
 
 
-def expert_linear_torch(x, weight, experts, rows_per_x):
-    """out[p] = weight[experts[p]] @ x[p // rows_per_x] for each (token, expert) pair p."""
-    rows = x.repeat_interleave(rows_per_x, dim=0) if rows_per_x > 1 else x
-    return torch.bmm(weight[experts], rows.unsqueeze(-1)).squeeze(-1)
+def matvec_torch(x, weight, act=None, experts=None, rows_per_x: int = 1):
+    """x @ weight.T, optionally gated and per expert, rounded step by step as the model's own layers round.
+
+    act: gate the product's halves, act(gate) * up, weight holding the gate rows then the up rows. experts: weight
+    is (experts, out, in) and pair p multiplies row p // rows_per_x of x by weight[experts[p]].
+    """
+    if experts is None:
+        y = F.linear(x, weight)
+    else:
+        rows = x.repeat_interleave(rows_per_x, dim=0) if rows_per_x > 1 else x
+        y = torch.bmm(weight[experts], rows.unsqueeze(-1)).squeeze(-1)
+    if act is None:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 if triton is not None:
@@ -155,24 +166,37 @@ if triton is not None:
         tl.store(OUT + head * D + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
     @triton.jit
-    def _expert_linear_kernel(X, W, E, OUT, N, K, ROWS_PER_X: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
-        """One (token, expert) pair and BLOCK_N outputs: a matrix-vector product on that expert's weight."""
-        pair = tl.program_id(0)
-        nb = tl.program_id(1)
-        expert = tl.load(E + pair).to(tl.int64)
-        x_row = pair // ROWS_PER_X
+    def _matvec_kernel(X, W, E, OUT, N, K, GATED: tl.constexpr, EXPERTS: tl.constexpr, ROWS_PER_X: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_N outputs of one row of x (or one (token, expert) pair): streams BLOCK_N weight rows, twice as many
+        with GATED, whose silu(gate) * up is rounded as matvec_torch rounds it."""
+        nb = tl.program_id(0)
+        row = tl.program_id(1)
+        dtype = OUT.dtype.element_ty
+        X += (row // ROWS_PER_X) * K
+        if EXPERTS:
+            if GATED:
+                W += tl.load(E + row).to(tl.int64) * 2 * N * K
+            else:
+                W += tl.load(E + row).to(tl.int64) * N * K
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         keep_n = n < N
-        w_rows = W + expert * N * K + n[:, None].to(tl.int64) * K
+        rows = W + n[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             keep_k = k < K
-            x = tl.load(X + x_row * K + k, mask=keep_k, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + k[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], 1)
-        tl.store(OUT + pair * N + n, acc.to(OUT.dtype.element_ty), mask=keep_n)
+            xk = tl.load(X + k, mask=keep_k, other=0.0).to(tl.float32)[None, :]
+            keep = keep_n[:, None] & keep_k[None, :]
+            acc += tl.sum(tl.load(rows + k[None, :], mask=keep, other=0.0).to(tl.float32) * xk, 1)
+            if GATED:
+                acc_up += tl.sum(tl.load(rows + N * K + k[None, :], mask=keep, other=0.0).to(tl.float32) * xk, 1)
+        y = acc.to(dtype)
+        if GATED:
+            gate = y.to(tl.float32)
+            y = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        tl.store(OUT + row * N + n, y, mask=keep_n)
 
 
 def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int):
@@ -213,14 +237,25 @@ def decode_attention(q, k_cache, v_cache, seq_mask, t, scale):
     return out
 
 
-def expert_linear(x, weight, experts, rows_per_x):
-    """Each (token, expert) pair's product with its expert's weight (experts, out, in), read straight from the
-    stacked weight: no gathered copy, no host sync. Pair p uses row p // rows_per_x of x."""
-    if not use_triton(x):
-        return expert_linear_torch(x, weight, experts, rows_per_x)
-    pairs, (n, k) = experts.numel(), weight.shape[1:]
-    out = x.new_empty(pairs, n)
-    block_n = 16 if n <= 8192 else 32
-    _expert_linear_kernel[(pairs, triton.cdiv(n, block_n))](x.contiguous(), weight, experts, out, n, k,
-                                                            ROWS_PER_X=rows_per_x, BLOCK_N=block_n, BLOCK_K=256)
+def matvec_config(rows: int, k: int, gated: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of matvec's kernel for a weight of rows x k: a program streams 16
+    or 32 weight rows (the figures behind BENCHMARKS.md's Mixtral rows; benchmarks/gpu_kernels.py --sweep times
+    others)."""
+    block_rows = 16 if rows <= 8192 else 32
+    return block_rows // 2 if gated else block_rows, 256, 4, 3
+
+
+def matvec(x, weight, act=None, experts=None, rows_per_x: int = 1,
+           config: tuple[int, int, int, int] | None = None):
+    """matvec_torch in one launch, for few rows: each row streams the weight rows it uses once (with experts,
+    straight from the stacked weight: no gathered copy, no host sync). The kernel gates with silu only."""
+    if not use_triton(x) or act not in (None, F.silu):
+        return matvec_torch(x, weight, act, experts, rows_per_x)
+    rows, k = weight.shape[-2:]
+    n = rows // 2 if act is not None else rows
+    out = x.new_empty(x.shape[0] if experts is None else experts.numel(), n)
+    block_n, block_k, warps, stages = config or matvec_config(rows, k, act is not None)
+    _matvec_kernel[(triton.cdiv(n, block_n), out.shape[0])](
+        x.contiguous(), weight, experts, out, n, k, GATED=act is not None, EXPERTS=experts is not None,
+        ROWS_PER_X=rows_per_x, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out

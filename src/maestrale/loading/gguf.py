@@ -1,5 +1,5 @@
 """GGUF files (llama.cpp): the config from the metadata, tensors dequantized by the `gguf` package under Hugging Face
-names, and the tokenizer fields for maestrale.tokenization.
+names, and the tokenizer fields for maestrale.tokenization. gguf_file.py reads the container.
 
 Architectures: `llama` (read as Mistral without a sliding window; with experts, as Mixtral) and `phi3`.
 llama.cpp's converter interleaves the rotary halves of llama q/k rows; we undo that so the weights match HF layout.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .checkpoint import TensorInfo
+from .gguf_file import GGUFFile, GGUFTensor
 from .layout import deinterleave_rotary
 
 TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -44,24 +45,21 @@ ARCHITECTURES = ("llama", "phi3")
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], "GGUFShard", dict[str, Any]]:
     """(config dict, the tensors as a shard, tokenizer metadata: every `tokenizer.*` field of the file)."""
     config, shard = open_gguf(path)
-    tokenizer = {name: field.contents() for name, field in shard.reader.fields.items() if name.startswith("tokenizer.")}
+    tokenizer = {name: value for name, value in shard.file.fields.items() if name.startswith("tokenizer.")}
     return config, shard, tokenizer
 
 
 def open_gguf(path: str | Path) -> tuple[dict[str, Any], "GGUFShard"]:
-    """(config dict, the tensors as a shard), reading only scalar metadata: parsing the tokenizer's vocabulary
-    arrays costs seconds, and the model does not need them."""
-    from gguf import GGUFValueType
-
+    """(config dict, the tensors as a shard)."""
     path = Path(path)
-    reader = _reader(path)
-    fields = {name: field.contents() for name, field in reader.fields.items() if field.types[0] != GGUFValueType.ARRAY}
+    file = GGUFFile(path)
+    fields = file.fields
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; maestrale reads {list(ARCHITECTURES)}")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    config = _config(path, arch, fields, {t.name: t for t in reader.tensors}, len(tokens.data) if tokens else 0)
-    return config, GGUFShard(path, reader, config)
+    tokens = fields.get("tokenizer.ggml.tokens", [])
+    config = _config(path, arch, fields, {t.name: t for t in file.tensors}, len(tokens))
+    return config, GGUFShard(path, file, config)
 
 
 def read_gguf_config(path: str | Path):
@@ -70,17 +68,6 @@ def read_gguf_config(path: str | Path):
 
     config, _ = open_gguf(path)
     return config_class_for(config["model_type"], str(path)).from_dict(config)
-
-
-def _reader(path: Path):
-    from gguf import GGUFReader
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise OSError(f"{path} is not a readable GGUF file ({e}); download it again") from None
 
 
 def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, Any], num_tokens: int
@@ -126,22 +113,17 @@ def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, An
     return config
 
 
-def _dequantized(tensor) -> np.ndarray:
+def _dequantized(tensor: GGUFTensor) -> np.ndarray:
     from gguf.quants import dequantize
 
-    return dequantize(tensor.data, tensor.tensor_type).reshape(_torch_shape(tensor))
-
-
-def _torch_shape(tensor) -> tuple[int, ...]:
-    # GGUF lists dimensions fastest-first; torch wants them slowest-first.
-    return tuple(int(d) for d in reversed(tensor.shape))
+    return dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
 
 
 class GGUFShard:
     """The tensors of a GGUF file under Hugging Face names, dequantized to float32 one at a time."""
 
-    def __init__(self, path: Path, reader, config: dict[str, Any]):
-        self.path, self.reader = path, reader
+    def __init__(self, path: Path, file: GGUFFile, config: dict[str, Any]):
+        self.path, self.file = path, file
         self._in_layer = PHI3_IN_LAYER if config["model_type"] == "phi3" else IN_LAYER
         # Only llama.cpp's llama converter permutes q/k.
         self._heads = None if config["model_type"] == "phi3" else {
@@ -149,15 +131,14 @@ class GGUFShard:
 
     def infos(self) -> dict[str, TensorInfo]:
         infos = {}
-        for tensor in self.reader.tensors:
-            shape = _torch_shape(tensor)
-            for name, expert in self._names(tensor.name, shape[0]):
-                infos[name] = (shape if expert is None else shape[1:], torch.float32)
+        for tensor in self.file.tensors:
+            for name, expert in self._names(tensor.name, tensor.shape[0]):
+                infos[name] = (tensor.shape if expert is None else tensor.shape[1:], torch.float32)
         return infos
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for tensor in self.reader.tensors:
-            names = self._names(tensor.name, _torch_shape(tensor)[0])
+        for tensor in self.file.tensors:
+            names = self._names(tensor.name, tensor.shape[0])
             if not names:
                 continue
             array = _dequantized(tensor)

@@ -154,17 +154,15 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | dict[str, str]
 
 
 def _from_gguf(folder: Path, gguf_file: str, name_or_path: str) -> PreTrainedTokenizerFast:
-    from gguf import GGUFReader
-
+    from ..loading.gguf_file import GGUFFile
     from .gguf import tokenizer_from_gguf
 
     path = folder / gguf_file
     if not path.is_file():
         raise OSError(f"GGUF file {gguf_file!r} not found in {folder}")
-    reader = GGUFReader(str(path))
-    metadata = {name: f.contents() for name, f in reader.fields.items() if name.startswith("tokenizer.")}
-    architecture = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
-    return tokenizer_from_gguf(metadata, architecture, name_or_path=name_or_path)
+    fields = GGUFFile(path).fields
+    metadata = {name: value for name, value in fields.items() if name.startswith("tokenizer.")}
+    return tokenizer_from_gguf(metadata, fields.get("general.architecture"), name_or_path=name_or_path)
 
 
 def _apply_overrides(tokenizer: PreTrainedTokenizerFast, overrides: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ def write_small(path, alignment=None):
     writer.add_bool("general.flag", True)
     writer.add_uint64("general.big", 2**40)
     writer.add_tensor("w", np.arange(96, dtype=np.float32).reshape(3, 32))
-    writer.add_tensor("h", np.ones((2, 8), dtype=np.float16))
+    writer.add_tensor("h", np.ones((2, 128), dtype=np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -49,9 +49,9 @@ def test_fields_tensors_and_alignment(tmp_path, alignment):
     assert file.fields["tokenizer.ggml.tokens"] == ["a", "", "日本", "<s>"]
     assert file.fields["tokenizer.ggml.scores"] == [0.5, -1.0, 2.25, 0.0]
     w, h = file.tensors
-    assert (w.name, w.shape, w.tensor_type, h.shape, h.tensor_type) == ("w", (3, 32), Q.F32, (2, 8), Q.F16)
+    assert (w.name, w.shape, w.tensor_type, h.shape, h.tensor_type) == ("w", (3, 32), Q.F32, (2, 128), Q.F16)
     assert np.array_equal(w.data.view(np.float32), np.arange(96, dtype=np.float32).reshape(3, 32))
-    assert np.array_equal(h.data.view(np.float16), np.ones((2, 8), dtype=np.float16))
+    assert np.array_equal(h.data.view(np.float16), np.ones((2, 128), dtype=np.float16))
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -59,12 +59,14 @@ def test_fields_tensors_and_alignment(tmp_path, alignment):
     (lambda b: b[:4] + (1).to_bytes(4, "little") + b[8:], "GGUF version 0x1 is not 2 or 3"),
     (lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "is not 2 or 3 \\(or the file is big-endian\\)"),
     (lambda b: b[:100], "truncated|unpack_from requires"),  # cut inside the metadata
-    (lambda b: b[:-16], "tensor 'h' runs past the end of the file: it is truncated"),
+    (lambda b: b[:-100], "tensor 'h' runs past the end of the file: it is truncated"),
     (lambda b: b"", "cannot mmap an empty file"),
+    (lambda b: b.replace(b"general.alignment\x04\x00\x00\x00\x40", b"general.alignment\x04\x00\x00\x00\x00"),
+     "general.alignment is 0, not a positive multiple of 8"),
 ])
 def test_broken_files_name_the_file_and_the_fault(tmp_path, damage, message):
     path = tmp_path / "small.gguf"
-    write_small(path)
+    write_small(path, alignment=64)
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(OSError, match=rf"{path} is not a readable GGUF file \(.*({message})"):
         GGUFFile(path)

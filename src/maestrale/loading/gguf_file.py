@@ -63,7 +63,9 @@ class GGUFFile:
             name = self._string()
             dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
             records.append((name, tuple(reversed(dims)), self._unpack("<I"), self._unpack("<Q")))
-        alignment = int(self.fields.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
+            raise ValueError(f"general.alignment is {alignment!r}, not a positive multiple of 8")
         start = -(-self._pos // alignment) * alignment
         self.tensors: list[GGUFTensor] = []
         for name, shape, type_id, offset in records:

@@ -11,24 +11,36 @@ from torch import nn
 from .sizes import parse_size
 
 DeviceMap = dict[str, torch.device]
+RANDOM_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_")
 
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Build modules whose parameters sit on the meta device: no memory and no random init for weights that the
-    checkpoint overwrites anyway. Buffers (rotary frequencies) are computed for real, since no checkpoint holds them."""
+    checkpoint overwrites anyway. Buffers (rotary frequencies) are computed for real, since no checkpoint holds them.
+
+    torch's layers initialise themselves through torch.nn.init, whose random functions are skipped here: on meta
+    tensors they would do nothing but import torch._dynamo (over a second) on first use."""
     register = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in RANDOM_INITIALISERS}
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None and not param.is_meta:
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    def skip_on_meta(initialise):
+        return lambda tensor, *args, **kwargs: tensor if tensor.is_meta else initialise(tensor, *args, **kwargs)
+
     nn.Module.register_parameter = register_on_meta
+    for name, initialise in initialisers.items():
+        setattr(nn.init, name, skip_on_meta(initialise))
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for name, initialise in initialisers.items():
+            setattr(nn.init, name, initialise)
 
 
 def resolve_device_map(device_map, model: nn.Module, max_memory: dict | None) -> DeviceMap:

@@ -28,8 +28,10 @@ class PreTrainedModel(nn.Module):
         self.config = config
 
     def post_init(self) -> None:
-        """Initialise weights as transformers does, then tie embeddings."""
-        self.apply(self._init_weights)
+        """Initialise weights as transformers does (meta parameters hold no values: loading fills them), then tie
+        embeddings."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
         self.tie_weights()
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ little-endian: magic, version, tensor count, field count; the fields (key, value
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f:
                 self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._pos = 0
             self._parse()
         except (ValueError, struct.error, OverflowError) as e:  # UnicodeDecodeError is a ValueError
             raise OSError(f"{self.path} is not a readable GGUF file ({e}); download it again") from None
@@ -52,7 +52,7 @@ class GGUFFile:
             raise ValueError("it does not start with the GGUF magic bytes")
         version, tensor_count, field_count = struct.unpack_from("<IQQ", self._buffer, 4)
         if version not in (2, 3):
-            raise ValueError(f"GGUF version {version & 0xFFFFFFFF:#x} is not 2 or 3 (or the file is big-endian)")
+            raise ValueError(f"GGUF version {version:#x} is not 2 or 3 (or the file is big-endian)")
         self._pos = 24
         self.fields: dict[str, Any] = {}
         for _ in range(field_count):
@@ -78,7 +78,7 @@ class GGUFFile:
             if shape and shape[-1] % block:
                 raise ValueError(f"tensor {name!r} has rows of {shape[-1]} values, not whole blocks of {block}")
             row_bytes = shape[-1] // block * block_bytes if shape else block_bytes
-            rows = int(np.prod(shape[:-1], dtype=np.int64))
+            rows = math.prod(shape[:-1])
             if start + offset + rows * row_bytes > len(self._buffer):
                 raise ValueError(f"tensor {name!r} runs past the end of the file: it is truncated")
             data = np.frombuffer(self._buffer, np.uint8, rows * row_bytes, start + offset)

@@ -58,6 +58,10 @@ CALLS = {
                    return_token_type_ids=True),
     "no_mask": dict(text=TEXTS, return_attention_mask=False, add_special_tokens=False),
     "words": dict(text=[["Hello", "big", "world"], ["x"]], is_split_into_words=True),
+    "target": dict(text=TEXTS, text_target=PAIRS),
+    "target_only": dict(text_target=TEXTS[0]),
+    "target_pairs_pt": dict(text=TEXTS, text_target=TEXTS, text_pair_target=PAIRS, padding=True, return_tensors="pt"),
+    "target_truncated": dict(text=TEXTS[1], text_target=TEXTS[1], truncation=True, max_length=5),
 }
 
 

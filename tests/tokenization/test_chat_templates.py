@@ -216,3 +216,55 @@ def test_sandbox_has_no_file_access(pairs, attack):
 def test_no_template_is_a_clear_error(folders):
     with pytest.raises(ValueError, match="no chat template"):
         AutoTokenizer.from_pretrained(folders["v1"]).apply_chat_template(TURNS)
+
+
+# Phi-3's and Mistral v0.3's templates with the assistant's text inside {% generation %} blocks, as training
+# templates write them.
+GENERATION_TEMPLATES = {
+    "Phi-3-mini-4k-instruct": (TEMPLATES / "Phi-3-mini-4k-instruct.jinja").read_text().replace(
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+        "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
+    "Mistral-7B-Instruct-v0.3": (TEMPLATES / "Mistral-7B-Instruct-v0.3.jinja").read_text().replace(
+        '{{- " " + message["content"]|trim + eos_token}}',
+        '{{- " " }}{% generation %}{{ message["content"]|trim + eos_token }}{% endgeneration %}'),
+}
+MASK_CASES = {
+    "one": dict(conversation=[SYSTEM, *TURNS, {"role": "assistant", "content": "No."}]),
+    "batch_padded": dict(conversation=[[SYSTEM, *TURNS], TURNS[:2]], padding=True),
+    "tensors": dict(conversation=[TURNS[:2], [*TURNS, {"role": "assistant", "content": "ok"}]], padding=True,
+                    return_tensors="pt"),
+    "truncated": dict(conversation=[SYSTEM, *TURNS, {"role": "assistant", "content": "No."}], truncation=True,
+                      max_length=14),
+    "generation_prompt": dict(conversation=TURNS, add_generation_prompt=True),
+}
+
+
+@pytest.mark.parametrize("name,case", [(name, case) for name in GENERATION_TEMPLATES for case in MASK_CASES
+                                       if name.startswith("Phi-3") or "padding" not in MASK_CASES[case]])
+def test_assistant_tokens_mask_like_transformers(pairs, name, case):  # (the v0.3 folder has no pad token)
+    ours, ref = pairs[name]
+    template = GENERATION_TEMPLATES[name]
+    assert "{% generation %}" in template
+    kwargs = dict(MASK_CASES[case], chat_template=template, return_assistant_tokens_mask=True)
+    mine, theirs = ours.apply_chat_template(**kwargs), ref.apply_chat_template(**kwargs)
+    assert mine.keys() == theirs.keys() and "assistant_masks" in mine
+    for key in mine:
+        value, expected = mine[key], theirs[key]
+        assert (value.tolist() if hasattr(value, "tolist") else value) == \
+            (expected.tolist() if hasattr(expected, "tolist") else expected), key
+    if case == "one":  # the marked tokens decode to the assistant's turns
+        marked = [i for i, m in zip(mine["input_ids"], mine["assistant_masks"]) if m]
+        assert "How can I help?" in ours.decode(marked) and "No." in ours.decode(marked)
+    # Without the mask the blocks render as their body.
+    assert ours.apply_chat_template(MASK_CASES["one"]["conversation"], chat_template=template, tokenize=False) == \
+        ref.apply_chat_template(MASK_CASES["one"]["conversation"], chat_template=template, tokenize=False)
+
+
+def test_assistant_tokens_mask_errors(pairs):
+    ours, _ = pairs["Phi-3-mini-4k-instruct"]
+    template = GENERATION_TEMPLATES["Phi-3-mini-4k-instruct"]
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
+        ours.apply_chat_template(TURNS, chat_template=template, return_assistant_tokens_mask=True, tokenize=False)
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask"):
+        ours.apply_chat_template(TURNS[:2], chat_template=template, return_assistant_tokens_mask=True,
+                                 continue_final_message=True)

@@ -56,3 +56,21 @@ def test_corpus_is_varied(corpus):
 
 def test_mistral_common_data_present():
     assert {p.name for p in mistral_common_data().iterdir()} >= {*MODEL_FILES.values(), *TEKKEN_FILES.values()}
+
+
+@pytest.mark.parametrize("name", list(MODEL_FILES))
+def test_sentencepiece_only_folder_matches_transformers_and_sentencepiece(name, tmp_path, corpus):
+    """A folder with nothing but tokenizer.model (no tokenizer_config.json): transformers encodes as SentencePiece
+    does (runs of spaces, leading spaces, indented code), and matches control tokens written in the text whole."""
+    import shutil
+
+    import sentencepiece
+    from test_saved_json import assert_same, special_token_corpus, specials_of
+
+    shutil.copy(mistral_common_data() / MODEL_FILES[name], tmp_path / "tokenizer.model")
+    ours, ref = AutoTokenizer.from_pretrained(tmp_path), HFAutoTokenizer.from_pretrained(tmp_path)
+    spaces = ["a  b", "    indented", "line\n    code", " leading", "  ", "trailing  ", "a \n b", "\n  x"]
+    assert_same(ours, ref, spaces + corpus[::5] + special_token_corpus(specials_of(ref)))
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    plain = spaces + [line for line in corpus[::5] if "[" not in line and "<" not in line]
+    assert ours(plain, add_special_tokens=False)["input_ids"] == processor.encode(plain)

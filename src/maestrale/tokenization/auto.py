@@ -19,8 +19,9 @@ HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_down
 PASSED_ON = ("add_bos_token", "add_eos_token", "padding_side", "truncation_side", "model_max_length",
              "clean_up_tokenization_spaces", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
              "cls_token", "mask_token")
-# transformers' Llama tokenizer class pads on the left unless told otherwise
-LEFT_PADDING_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+# transformers' Llama tokenizer class pads on the left unless told otherwise, and builds its own pipeline around the
+# vocabulary and merges of a tokenizer.json (see sentencepiece.llama_tokenizer)
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -71,6 +72,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *args: Any, gguf_file: str |
     if (folder / SPECIAL_TOKENS_FILE).is_file():
         for key, value in _read_json(folder / SPECIAL_TOKENS_FILE).items():
             config.setdefault(key, value)
+    if (folder / "tokenizer.json").is_file():  # as in transformers: its post-processor decides, not the config
+        config.pop("add_bos_token", None)
+        config.pop("add_eos_token", None)
     config.update(kwargs)
 
     if gguf_file is not None:
@@ -78,12 +82,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, *args: Any, gguf_file: str |
         _apply_overrides(tokenizer, kwargs)
         return tokenizer
 
-    backend, defaults = _backend(folder, config)
+    tokenizer_class = str(config.get("tokenizer_class", "PreTrainedTokenizerFast"))
+    backend, defaults = _backend(folder, config, llama=tokenizer_class in LLAMA_CLASSES)
     init = {key: config[key] for key in PASSED_ON if key in config}
     for key, value in defaults.items():
         init.setdefault(key, value)
-    tokenizer_class = str(config.get("tokenizer_class", "PreTrainedTokenizerFast"))
-    if tokenizer_class in LEFT_PADDING_CLASSES:
+    if tokenizer_class in LLAMA_CLASSES:
         init.setdefault("padding_side", "left")
     if backend.padding is not None:
         init.setdefault("padding_side", backend.padding["direction"])
@@ -102,9 +106,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *args: Any, gguf_file: str |
                     f"{folder / CONFIG_FILE}: added token {added.content!r} has id {index}, but the next free id is "
                     f"{backend.get_vocab_size(with_added_tokens=True)}; the config does not match the vocabulary"
                 )
-            (backend.add_special_tokens if added.special else backend.add_tokens)([added])
-        elif added.special:
-            backend.add_special_tokens([added])
+        (backend.add_special_tokens if added.special else backend.add_tokens)([added])
 
     extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
     if isinstance(extra, dict):  # transformers 5 also writes them as {name: token}
@@ -115,30 +117,59 @@ def load_tokenizer(name_or_path: str | os.PathLike, *args: Any, gguf_file: str |
     )
 
 
-def _backend(folder: Path, config: dict[str, Any]):
-    """The `tokenizers.Tokenizer` from the first tokenizer file found, and the special tokens that file names."""
+def _backend(folder: Path, config: dict[str, Any], llama: bool):
+    """The `tokenizers.Tokenizer` from the first tokenizer file found, and the special tokens that file names.
+    `llama`: the config names transformers' Llama tokenizer class, which rebuilds a tokenizer.json's pipeline."""
     from tokenizers import Tokenizer
 
+    from .sentencepiece import tokenizer_from_sentencepiece
+
+    legacy = config.get("legacy")
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
     if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(folder / "tokenizer.json")), {}
+        path = folder / "tokenizer.json"
+        tokenizer = Tokenizer.from_file(str(path))
+        if llama:
+            tokenizer = _rebuilt_as_llama(path, tokenizer, bool(legacy), add_prefix_space,
+                                          keep_added="added_tokens_decoder" not in config)
+        return tokenizer, {}
     tekken = sorted(p for p in folder.glob("*tekken*.json") if p.is_file())
     if tekken:
         from .tekken import tokenizer_from_tekken
 
         return tokenizer_from_tekken(tekken[0])
     if (folder / "tokenizer.model").is_file():
-        from .sentencepiece import tokenizer_from_sentencepiece
-
-        add_prefix_space = config.get("add_prefix_space")
-        return tokenizer_from_sentencepiece(
-            folder / "tokenizer.model", legacy=bool(config.get("legacy", False)),
-            add_prefix_space=True if add_prefix_space is None else bool(add_prefix_space),
-        )
+        return tokenizer_from_sentencepiece(folder / "tokenizer.model", llama, None if legacy is None else bool(legacy),
+                                            add_prefix_space)
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise OSError(
         f"No tokenizer file in {folder}: looked for {', '.join(MODEL_FILES)} (or *tekken*.json), and for a GGUF "
         f"pass gguf_file=. The folder holds: {present or 'nothing'}."
     )
+
+
+def _rebuilt_as_llama(path: Path, loaded, legacy: bool, add_prefix_space: bool, keep_added: bool):
+    """What transformers' LlamaTokenizer makes of a tokenizer.json: its vocabulary, merges, post-processor, padding
+    and truncation in a new Llama pipeline; its added tokens only when the config lists none of its own."""
+    from .sentencepiece import llama_tokenizer
+
+    model = _read_json(path).get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: tokenizer_class LlamaTokenizer needs a BPE model, but the file holds a "
+                         f"{model.get('type')} model; set tokenizer_class to PreTrainedTokenizerFast in "
+                         f"{CONFIG_FILE} to use the file as it is")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    tokenizer = llama_tokenizer(model["vocab"], merges, legacy, add_prefix_space)
+    tokenizer.post_processor = loaded.post_processor
+    if loaded.padding is not None:
+        tokenizer.enable_padding(**loaded.padding)
+    if loaded.truncation is not None:
+        tokenizer.enable_truncation(**loaded.truncation)
+    if keep_added:
+        for _, token in sorted(loaded.get_added_tokens_decoder().items()):  # one by one: new ones get the next id
+            (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+    return tokenizer
 
 
 def _chat_template(folder: Path, config: dict[str, Any]) -> str | dict[str, str] | None:

@@ -9,12 +9,14 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Appended to the final message when continuing it, so that its end can be found in the rendered text.
@@ -55,10 +57,38 @@ class SafeNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"Chat templates may not set the attribute {name!r} on a namespace")
 
 
+# While a conversation renders for an assistant mask: the text emitted so far, and the (start, end) character span of
+# each {% generation %} block.
+_generation = ContextVar("generation_spans", default=None)
+
+
+class GenerationBlocks(Extension):
+    """`{% generation %}...{% endgeneration %}` around the assistant's text: rendered as its body, and recorded when
+    an assistant mask is asked for."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_record"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _record(caller: Callable[[], str]) -> str:
+        text = caller()
+        recording = _generation.get()
+        if recording is not None:
+            emitted, spans = recording
+            start = sum(map(len, emitted))
+            spans.append((start, start + len(text)))
+        return text
+
+
 @lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
     # trim_blocks/lstrip_blocks and loop controls: the settings transformers renders templates with.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, GenerationBlocks])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=SafeNamespace)
     return env.from_string(source)
@@ -109,12 +139,16 @@ def plain(value: Any) -> Any:
 
 def render_conversations(template: str, conversations: list[list[dict[str, Any]]], tools: list | None = None,
                          documents: list[dict[str, str]] | None = None, add_generation_prompt: bool = False,
-                         continue_final_message: bool = False,
-                         template_kwargs: dict[str, Any] | None = None) -> list[str]:
-    """Render each conversation; with `continue_final_message` the text stops at the end of the last message."""
+                         continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                         generation_spans: list | None = None) -> list[str]:
+    """Render each conversation; with `continue_final_message` the text stops at the end of the last message.
+    `generation_spans`, a list, receives per conversation the character spans of its {% generation %} blocks."""
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot be used together: the first "
                          "continues the last message, the second starts a new assistant turn")
+    if continue_final_message and generation_spans is not None:
+        raise ValueError("continue_final_message cannot be used with return_assistant_tokens_mask: the mask needs "
+                         "the assistant's turns whole")
     if not conversations or any(len(c) == 0 for c in conversations):
         raise ValueError("Cannot apply a chat template to an empty conversation: give at least one message")
     compiled = compile_template(template)
@@ -142,8 +176,20 @@ def render_conversations(template: str, conversations: list[list[dict[str, Any]]
                 chat[-1]["content"] = final + CONTINUE_TAG
             else:
                 raise ValueError('continue_final_message is set but the final message has no "content" to continue')
-        text = compiled.render(messages=chat, tools=schemas, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **extra)
+        variables = dict(messages=chat, tools=schemas, documents=documents,
+                         add_generation_prompt=add_generation_prompt, **extra)
+        if generation_spans is None:
+            text = compiled.render(**variables)
+        else:
+            # Rendered piece by piece, so that a generation block knows how much text came before it.
+            emitted, spans = [], []
+            recording = _generation.set((emitted, spans))
+            try:
+                emitted.extend(compiled.generate(**variables))
+            finally:
+                _generation.reset(recording)
+            text = "".join(emitted)
+            generation_spans.append(spans)
         if final is not None:
             if final.strip() not in text or CONTINUE_TAG.strip() not in text:
                 raise ValueError("continue_final_message is set but the chat template dropped part of the final "

@@ -127,8 +127,10 @@ class PreTrainedTokenizerFast:
             specials.append(added)
             if added.content not in self._extra_special:
                 self._extra_special.append(added.content)
-        # Tokens already in the vocabulary keep their ids; the Rust side only marks them special.
-        self._tokenizer.add_special_tokens(specials)
+        # As in transformers, a token that is already an added token keeps its flags (a non-special added token named
+        # as an extra special token stays non-special); one of the vocabulary keeps its id and becomes special.
+        added = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+        self._tokenizer.add_special_tokens([t for t in specials if t.content not in added])
 
         # As in transformers: an explicit add_bos_token/add_eos_token (or no post-processor at all) means the
         # post-processor is rebuilt from them; otherwise the one in tokenizer.json decides.
@@ -325,10 +327,23 @@ class PreTrainedTokenizerFast:
         return_offsets_mapping: bool = False,
         return_length: bool = False,
         verbose: bool = True,
+        text_target: str | Sequence[str] | None = None,
+        text_pair_target: str | Sequence[str] | None = None,
     ) -> BatchEncoding:
-        """Tokenize a string, a list of strings, or pairs of them, into model inputs."""
+        """Tokenize a string, a list of strings, or pairs of them, into model inputs; `text_target` is encoded the
+        same way into `labels` (or returned alone when there is no `text`)."""
+        if text_target is not None:
+            options = {k: v for k, v in locals().items()
+                       if k not in ("self", "text", "text_pair", "text_target", "text_pair_target")}
+            targets = self(text_target, text_pair_target, **options)
+            if text is None:
+                return targets
+            encodings = self(text, text_pair, **options)
+            encodings["labels"] = targets["input_ids"]
+            return encodings
         if text is None:
-            raise ValueError("The tokenizer needs text: a string, a list of strings, or (with text_pair) pairs")
+            raise ValueError("The tokenizer needs text (or text_target): a string, a list of strings, or (with "
+                             "text_pair) pairs")
         batched = (isinstance(text, (list, tuple)) and not is_split_into_words) or (
             is_split_into_words and isinstance(text, (list, tuple)) and text and isinstance(text[0], (list, tuple)))
         if batched:
@@ -491,25 +506,40 @@ class PreTrainedTokenizerFast:
         max_length: int | None = None,
         return_tensors: str | None = None,
         return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
         tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | BatchEncoding:
         """Render a conversation (or a batch of them) with the chat template; tokenized into a BatchEncoding by
-        default, as in transformers 5."""
+        default, as in transformers 5. `return_assistant_tokens_mask` adds `assistant_masks`: 1 for each token of
+        the text the template wraps in {% generation %} blocks."""
         from .chat_template import render_conversations
 
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True: the mask "
+                             "is returned beside input_ids in the BatchEncoding")
         template = self.get_chat_template(chat_template, tools)
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        spans = [] if return_assistant_tokens_mask else None
         rendered = render_conversations(
             template, conversation if batched else [conversation], tools=tools, documents=documents,
             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            template_kwargs={**self.special_tokens_map, **kwargs},
+            template_kwargs={**self.special_tokens_map, **kwargs}, generation_spans=spans,
         )
         rendered = rendered if batched else rendered[0]
         if not tokenize:
             return rendered
-        out = self(rendered, padding=padding, truncation=truncation, max_length=max_length,
-                   add_special_tokens=False, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        options = dict(tokenizer_kwargs or {})
+        offsets_asked = options.pop("return_offsets_mapping", False)
+        out = self(rendered, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
+                   return_tensors=return_tensors, return_offsets_mapping=offsets_asked or spans is not None, **options)
+        if spans is not None:
+            if not offsets_asked:
+                del out["offset_mapping"]
+            masks = [_span_mask(encoding.offsets, row) for encoding, row in zip(out.encodings, spans)]
+            out["assistant_masks"] = masks if batched or return_tensors else masks[0]
+            if return_tensors:
+                out.convert_to_tensors(return_tensors)
         return out if return_dict else out["input_ids"]
 
     # ----- files -------------------------------------------------------------------------------------------
@@ -570,6 +600,11 @@ class PreTrainedTokenizerFast:
         return (f"{type(self).__name__}(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
                 f"model_max_length={self.model_max_length}, padding_side={self.padding_side!r}, "
                 f"special_tokens={self.special_tokens_map})")
+
+
+def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap one of `spans` (so a span cut by truncation keeps the rest)."""
+    return [int(any(start < stop and end > first for first, stop in spans)) for start, end in offsets]
 
 
 def pad_encodings(encoded_inputs: Any, pad_token_id: int | None, padding_side: str, padding: bool | str = True,

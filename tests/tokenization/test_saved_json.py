@@ -1,0 +1,114 @@
+"""tokenizer.json files written by transformers' save_pretrained, loaded back with each tokenizer_config.json
+combination transformers honours for them: ids, offsets and decoded text equal transformers' on text placed right
+before and after every special and control token, and on the mixed corpus."""
+
+import itertools
+import json
+import shutil
+
+import pytest
+from conftest import MODEL_FILES, TEKKEN_FILES, llama_folder, mistral_common_data
+from transformers import AutoTokenizer as HFAutoTokenizer
+
+from maestrale.tokenization import AutoTokenizer
+
+# What stands between a special token and the text around it.
+GLUES = ["", " ", "   ", "\n", "\n\n ", "\t"]
+WORDS = ["aaaa", "Hi", "x", "▁", "’s", "12", "的", "🙂", "[INST", "</"]
+
+
+def special_token_corpus(tokens: list[str]) -> list[str]:
+    """Text right before and after each token, glued by nothing, spaces, newlines or another special token."""
+    lines = []
+    for i, token in enumerate(tokens):
+        other = tokens[(i * 7 + 3) % len(tokens)]
+        for j, (left, right) in enumerate(itertools.product(GLUES, GLUES)):
+            word = WORDS[(i + j) % len(WORDS)]
+            lines.append(f"{word}{left}{token}{right}{WORDS[(i + 2 * j + 1) % len(WORDS)]}")
+        lines += [f"{token}{other}", f"{token} {other} {token}", f"{token}", f" {token}", f"{token} ",
+                  f"{token}{token}x", f"a {token}\n{other}b"]
+    return lines
+
+
+def saved(tmp_path, name: str, source_config: dict, tokenizer_config: dict | None) -> "Path":
+    """transformers loads the mistral-common file `name` with `source_config` and saves it (tokenizer.json, no
+    tokenizer.model); then `tokenizer_config` (when given) replaces the fields it names in the saved config."""
+    if name in MODEL_FILES:
+        source = llama_folder(tmp_path / "source", MODEL_FILES[name], **source_config)
+    else:
+        source = tmp_path / "source"
+        source.mkdir()
+        shutil.copy(mistral_common_data() / TEKKEN_FILES[name], source / "tekken.json")
+    folder = tmp_path / "saved"
+    HFAutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    assert (folder / "tokenizer.json").is_file()
+    if tokenizer_config is not None:
+        path = folder / "tokenizer_config.json"
+        config = json.loads(path.read_text())
+        for key, value in tokenizer_config.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        path.write_text(json.dumps(config))
+    return folder
+
+
+def assert_same(ours, ref, lines: list[str]) -> None:
+    mine = ours(lines, return_offsets_mapping=True)
+    theirs = ref(lines, return_offsets_mapping=True)
+    for i, line in enumerate(lines):
+        assert mine["input_ids"][i] == theirs["input_ids"][i], (line, ours.convert_ids_to_tokens(mine["input_ids"][i]),
+                                                                ref.convert_ids_to_tokens(theirs["input_ids"][i]))
+        assert [tuple(o) for o in mine["offset_mapping"][i]] == [tuple(o) for o in theirs["offset_mapping"][i]], line
+    ids = theirs["input_ids"]
+    assert ours.batch_decode(ids) == ref.batch_decode(ids)
+    assert ours.batch_decode(ids, skip_special_tokens=True) == ref.batch_decode(ids, skip_special_tokens=True)
+
+
+def specials_of(ref) -> list[str]:
+    """Every added (special or control) token of the tokenizer, by id, with a few from the end of a large set."""
+    tokens = [t.content for _, t in sorted(ref.added_tokens_decoder.items())]
+    return tokens[:40] + tokens[-8:] if len(tokens) > 48 else tokens
+
+
+# (config of the folder transformers loads, then fields written into the saved config; None: field removed).
+LLAMA_CASES = [({"legacy": legacy}, None) for legacy in (True, False)] + [
+    ({"legacy": True}, {"legacy": legacy, "add_prefix_space": prefix})
+    for legacy, prefix in itertools.product((True, False), (True, False, None))
+] + [({"legacy": False}, {"add_bos_token": bos, "add_eos_token": eos})
+     for bos, eos in ((False, False), (True, True), (False, True))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODEL_FILES))
+@pytest.mark.parametrize("case", range(len(LLAMA_CASES)))
+def test_saved_sentencepiece_json_matches_transformers(name, case, tmp_path, corpus):
+    source_config, tokenizer_config = LLAMA_CASES[case]
+    folder = saved(tmp_path, name, source_config, tokenizer_config)
+    ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
+    assert ours.get_vocab() == ref.get_vocab()
+    assert_same(ours, ref, special_token_corpus(specials_of(ref)))
+    assert_same(ours, ref, corpus[:: 10 if case else 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TEKKEN_FILES))
+@pytest.mark.parametrize("tokenizer_config", [None, {"legacy": True, "add_prefix_space": True},
+                                              {"add_prefix_space": False, "add_bos_token": True, "add_eos_token": True}])
+def test_saved_tekken_json_matches_transformers(name, tokenizer_config, tmp_path, corpus):
+    folder = saved(tmp_path, name, {}, tokenizer_config)
+    ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
+    assert ours.get_vocab() == ref.get_vocab()
+    assert_same(ours, ref, special_token_corpus(specials_of(ref)))
+    assert_same(ours, ref, corpus[::10])
+
+
+def test_text_after_a_control_token_gets_no_prefix_piece(tmp_path):
+    """The case of the report: v3 saved as tokenizer.json, text glued to [/INST]."""
+    folder = saved(tmp_path, "v3", {"legacy": True, "add_bos_token": True}, None)
+    text = "[INST] not a control token [/INST]aaaa"
+    ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
+    assert ours.tokenize(text) == ref.tokenize(text)
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]

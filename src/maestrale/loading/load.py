@@ -203,7 +203,7 @@ def _plan(layout: Layout, checkpoint: Checkpoint, ignore_mismatched_sizes: bool)
         lines = "\n".join(f"  {name}: checkpoint {list(got)}, model {list(want)}" for name, got, want in mismatched)
         raise RuntimeError(  # transformers' error class for this case
             f"{checkpoint.origin}: {len(mismatched)} tensors do not fit the model its config describes:\n{lines}\n"
-            "Fix the config (hidden_size, vocab_size, heads, ...) to match the weights, or pass "
+            "Fix the config (hidden_size, vocab_size, heads, num_labels, ...) to match the weights, or pass "
             "ignore_mismatched_sizes=True to initialise these weights anew"
         )
     mismatched_params = {name for name, _, _ in mismatched}

@@ -44,6 +44,7 @@ class AutoConfig:
         """The family config of a folder or hub repo (config.json, or a GGUF file's metadata with gguf_file=)."""
         refuse_remote_code(kwargs)
         data, source = pretrained_config_dict(pretrained_model_name_or_path, kwargs)
+        # AutoConfig records where the config came from; the family classes' from_pretrained do not (transformers).
         return config_class_for(data.get("model_type"), source).from_dict(
             data, name_or_path=str(pretrained_model_name_or_path), **kwargs)
 

@@ -299,7 +299,7 @@ class PretrainedConfig:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Read config.json (or a GGUF file's metadata with gguf_file=) of a folder or hub repo."""
         data, _ = pretrained_config_dict(pretrained_model_name_or_path, kwargs)
-        return cls.from_dict(data, name_or_path=str(pretrained_model_name_or_path), **kwargs)
+        return cls.from_dict(data, **kwargs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()

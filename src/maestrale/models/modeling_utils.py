@@ -187,6 +187,8 @@ class PreTrainedModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.base_model.gradient_checkpointing = True
         self.base_model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        # As transformers does: with reentrant checkpointing, frozen embeddings would otherwise stop all gradients.
+        self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing = False

@@ -15,7 +15,7 @@ CALLS = {
     "batch_of_prompts": ([["a b", "c d e"]], dict(max_new_tokens=4, do_sample=False, return_full_text=False)),
     "batch_of_chats": ([[CHAT, CHAT[1:]]], dict(max_new_tokens=3, do_sample=False)),
     "beams": ([CHAT], dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)),
-    "default_length_greedy_config": (["Hi"], dict(do_sample=False, max_new_tokens=None, max_length=8)),
+    "max_length_instead_of_the_default_256_new_tokens": (["Hi"], dict(do_sample=False, max_length=8)),
 }
 
 
@@ -28,7 +28,6 @@ def pipes(chat_folder):
 @pytest.mark.parametrize("call", CALLS)
 def test_records_equal_transformers(pipes, call):
     args, kwargs = CALLS[call]
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     ref, ours = pipes
     assert ours(*args, **kwargs) == ref(*args, **kwargs)
 
@@ -54,6 +53,13 @@ def test_sampling_defaults_and_num_return_sequences(pipes):
     torch.manual_seed(3)
     got = ours("Once upon", max_new_tokens=5, num_return_sequences=3)
     assert len(got) == 3 and got == expected
+
+
+def test_device_minus_one_is_the_cpu(pipes, chat_folder):
+    ref, _ = pipes
+    pipe = maestrale.pipeline("text-generation", model=str(chat_folder), device=-1)
+    assert pipe.model.device.type == "cpu"
+    assert pipe("Hi", max_new_tokens=3, do_sample=False) == ref("Hi", max_new_tokens=3, do_sample=False)
 
 
 def test_unsupported_task_lists_the_supported_ones():

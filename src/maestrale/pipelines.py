@@ -36,7 +36,9 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, *, device: int
                 options[key] = value
         model = AutoModelForCausalLM.from_pretrained(model, **options)
     if device is not None:
-        model.to(device if not isinstance(device, int) or device < 0 else torch.device("cuda", device))
+        if isinstance(device, int):  # transformers' convention: -1 is the CPU, n >= 0 the n-th GPU
+            device = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+        model.to(device)
     if tokenizer is None:
         if not model.name_or_path:
             raise ValueError("pipeline cannot tell which tokenizer goes with a model not loaded by from_pretrained; "

@@ -1,7 +1,8 @@
 """Everyday transformers code, run unchanged with transformers and with maestrale on the same weights and compared.
 
 Each snippet is a function `snippet(lib, env)`: `lib` is the `transformers` or the `maestrale` module, `env` holds the
-shared local folders and a scratch folder of its own. It returns plain values (text, numbers, tensors, lists, dicts),
+shared local folders (a model with SmolLM2's tokenizer, a 3-label classifier, one causal LM per family) and a scratch
+folder of its own. It returns plain values (text, numbers, tensors, lists, dicts),
 which must agree. To cover another piece of everyday code, write it once as a snippet below, against `lib`.
 """
 
@@ -196,6 +197,18 @@ def adapter_style_grads_with_reentrant_checkpointing(lib, env):
     return model.get_decoder().layers[0].self_attn.v_proj.weight.grad
 
 
+@snippet
+def every_family_logits_and_greedy(lib, env):
+    out = {}
+    ids = torch.tensor([[5, 17, 3, 88, 41, 9]])
+    for family, folder in env.families.items():
+        model = lib.AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            logits = model(ids).logits
+        out[family] = [type(model).__name__, logits, model.generate(ids, max_new_tokens=4, do_sample=False)]
+    return out
+
+
 # ----- save and load -----
 @snippet
 def save_and_reload(lib, env):
@@ -261,13 +274,28 @@ def assert_same(got, expected, where="output"):
         assert got == expected, (where, got, expected)
 
 
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """A small random causal LM of each family, saved by transformers."""
+    overrides = {"mistral": dict(sliding_window=4), "mixtral": dict(num_local_experts=4),
+                 "ministral": dict(sliding_window=3,
+                                   layer_types=["full_attention", "sliding_attention", "full_attention"]),
+                 "phi3": dict(pad_token_id=0, eos_token_id=2)}
+    folders = {}
+    for family, fields in overrides.items():
+        ref, _ = model_pair(family, **fields)
+        folders[family] = tmp_path_factory.mktemp(family)
+        ref.save_pretrained(folders[family])
+    return folders
+
+
 @pytest.mark.parametrize("name", SNIPPETS)
-def test_snippet_matches_transformers(name, chat_folder, classifier, tmp_path):
+def test_snippet_matches_transformers(name, chat_folder, classifier, families, tmp_path):
     results = []
     for lib in (transformers, maestrale):
         scratch = tmp_path / lib.__name__
         scratch.mkdir()
         torch.manual_seed(0)
-        env = SimpleNamespace(folder=Path(chat_folder), classifier=classifier, scratch=scratch)
+        env = SimpleNamespace(folder=Path(chat_folder), classifier=classifier, families=families, scratch=scratch)
         results.append(SNIPPETS[name](lib, env))
     assert_same(results[1], results[0])

@@ -49,7 +49,7 @@ def test_config_disagreeing_with_weights(saved):
     config = json.loads((saved / "config.json").read_text())
     config["vocab_size"] = 120
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model.embed_tokens.weight: checkpoint \[97, 32\], model \[120, 32\]"):
+    with pytest.raises(RuntimeError, match=r"model.embed_tokens.weight: checkpoint \[97, 32\], model \[120, 32\]"):
         maestrale.AutoModelForCausalLM.from_pretrained(saved)
     model, info = maestrale.AutoModelForCausalLM.from_pretrained(saved, ignore_mismatched_sizes=True,
                                                                  output_loading_info=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import CONFIG_NAME, HUB_KWARGS, PretrainedConfig, read_config_dict
+from .base import CONFIG_NAME, PretrainedConfig, pretrained_config_dict
 from .families import CONFIG_MAPPING, MinistralConfig, MistralConfig, MixtralConfig, Phi3Config
 
 PreTrainedConfig = PretrainedConfig  # transformers 5 spelling
@@ -40,16 +40,13 @@ class AutoConfig:
         return config_class_for(model_type, "for_model")(**kwargs)
 
     @staticmethod
-    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        from ..loading.hub import resolve_file
-
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """The family config of a folder or hub repo (config.json, or a GGUF file's metadata with gguf_file=)."""
         refuse_remote_code(kwargs)
-        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        data = read_config_dict(path)
-        config = config_class_for(data.get("model_type"), str(path)).from_dict(data, **kwargs)
-        config.name_or_path = str(pretrained_model_name_or_path)
-        return config
+        data, source = pretrained_config_dict(pretrained_model_name_or_path, kwargs)
+        # AutoConfig records where the config came from; the family classes' from_pretrained do not (transformers).
+        return config_class_for(data.get("model_type"), source).from_dict(
+            data, name_or_path=str(pretrained_model_name_or_path), **kwargs)
 
 
 __all__ = [

@@ -6,7 +6,10 @@ import copy
 import inspect
 import json
 import os
+import warnings
 from typing import Any
+
+import torch
 
 CONFIG_NAME = "config.json"
 
@@ -37,6 +40,11 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "architectures": None,
     "problem_type": None,
 }
+# Keys __init__ reads besides the declared fields.
+INIT_KEYS = {"name_or_path", "_name_or_path", "attn_implementation", "rope_theta", "rope_scaling", "num_labels",
+             "id2label", "label2id", "torch_dtype"}
+# What to_diff_dict leaves out: the values of a bare transformers config.
+BASE_DEFAULTS = {**COMMON_DEFAULTS, "id2label": {0: "LABEL_0", 1: "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
 
 
 class PretrainedConfig:
@@ -74,7 +82,8 @@ class PretrainedConfig:
             kwargs.pop(legacy, None)
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-        self.name_or_path = kwargs.pop("_name_or_path", kwargs.pop("name_or_path", ""))
+        legacy_name = kwargs.pop("_name_or_path", "")  # written by older transformers; an explicit name wins
+        self.name_or_path = kwargs.pop("name_or_path", legacy_name)
         self._attn_implementation = kwargs.pop("attn_implementation", None)
         rope_theta = kwargs.pop("rope_theta", None)
         rope_scaling = kwargs.pop("rope_scaling", None)
@@ -92,6 +101,8 @@ class PretrainedConfig:
         for name, value in kwargs.items():
             setattr(self, name, value)
 
+        if isinstance(self.dtype, str):
+            self.dtype = _torch_dtype(self.dtype)
         if hasattr(self, "rope_parameters"):
             self.rope_parameters = self._standardize_rope(self.rope_parameters, rope_scaling, rope_theta)
         self.__post_init__()
@@ -107,7 +118,8 @@ class PretrainedConfig:
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:
-        self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+        if value != self.num_labels:  # an id2label of the right size keeps its names
+            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -118,6 +130,19 @@ class PretrainedConfig:
         return self.return_dict
 
     # ----- rope -----
+    @property
+    def rope_scaling(self) -> dict:
+        """The legacy name of `rope_parameters`, which transformers 5 still exposes."""
+        return self.rope_parameters
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict | None) -> None:
+        warnings.warn("`rope_scaling` is deprecated: set `rope_parameters` (with `rope_type` and `rope_theta`) "
+                      "instead", FutureWarning, stacklevel=2)
+        theta = self.rope_parameters.get("rope_theta")
+        self.rope_parameters = self._standardize_rope(None, value, theta)
+        self.validate()
+
     def _standardize_rope(self, rope_parameters: dict | None, rope_scaling: dict | None, rope_theta) -> dict:
         """Merge the legacy `rope_theta`/`rope_scaling` keys into one `rope_parameters` dict."""
         params = dict(rope_scaling or rope_parameters or {})
@@ -221,23 +246,44 @@ class PretrainedConfig:
         out["model_type"] = self.model_type
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """to_dict without the entries that equal a bare config's (transformers' diff: family fields all stay)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BASE_DEFAULTS or BASE_DEFAULTS[k] != v}
+
     def to_json_string(self, use_diff: bool = False) -> str:
-        data = self.to_dict()
-        if use_diff:
-            defaults = type(self)().to_dict()
-            data = {k: v for k, v in data.items() if k == "model_type" or defaults.get(k) != v}
+        data = self.to_diff_dict() if use_diff else self.to_dict()
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set each key of `config_dict` as an attribute, then validate."""
+        for key, value in config_dict.items():
+            setattr(self, key, value)
+        self.validate()
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "PretrainedConfig":
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """A config from a dict and overrides; with return_unused_kwargs=True, also the overrides it did not use
+        (those that are neither fields nor attributes), as transformers returns them."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         model_type = config_dict.get("model_type")
         if cls.model_type and model_type not in (None, cls.model_type):
             raise ValueError(f"{cls.__name__} cannot read a config of model_type {model_type!r}")
-        return cls(**{**config_dict, **kwargs})
+        known = set(cls._field_defaults()) | set(COMMON_DEFAULTS) | INIT_KEYS
+        config = cls(**{**config_dict, **{k: v for k, v in kwargs.items() if k in known}})
+        if "num_labels" in kwargs:  # an explicit num_labels replaces the file's id2label, as in transformers
+            config.num_labels = kwargs["num_labels"]
+        unused = {}
+        for key, value in kwargs.items():
+            if key not in known:
+                if hasattr(config, key):
+                    setattr(config, key, value)
+                else:
+                    unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PretrainedConfig":
@@ -250,14 +296,10 @@ class PretrainedConfig:
         self.to_json_file(os.path.join(save_directory, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
-        from ..loading.hub import resolve_file
-
-        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
-        config = cls.from_dict(read_config_dict(path), **kwargs)
-        config.name_or_path = str(pretrained_model_name_or_path)
-        return config
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Read config.json (or a GGUF file's metadata with gguf_file=) of a folder or hub repo."""
+        data, _ = pretrained_config_dict(pretrained_model_name_or_path, kwargs)
+        return cls.from_dict(data, **kwargs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
@@ -270,6 +312,30 @@ class PretrainedConfig:
 
 
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "subfolder")
+
+
+def pretrained_config_dict(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(config dict, the file it came from) of a folder or hub repo: its config.json, or with `gguf_file` in
+    `kwargs` the metadata of that GGUF file. Pops the hub and gguf options from `kwargs`."""
+    from ..loading.hub import resolve_file
+
+    hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    gguf_file = kwargs.pop("gguf_file", None)
+    if gguf_file is not None:
+        from ..loading.gguf import open_gguf
+
+        path = resolve_file(name_or_path, gguf_file, **hub_kwargs)
+        return open_gguf(path)[0], str(path)
+    path = resolve_file(name_or_path, CONFIG_NAME, **hub_kwargs)
+    return read_config_dict(path), str(path)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"config field dtype {name!r} is not a torch dtype; use a name such as 'bfloat16' or "
+                         "'float32'")
+    return dtype
 
 
 def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class MixtralConfig(MistralConfig):
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
 
+    def __post_init__(self) -> None:
+        DecoderConfig.__post_init__(self)  # transformers leaves Mixtral's head_dim None: the layers derive it
+
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.num_local_experts, int) or self.num_local_experts < 1:

@@ -35,9 +35,14 @@ class Shard(Protocol):
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
-def find_weight_files(name_or_path: str | os.PathLike, hub_kwargs: dict) -> list[Path]:
-    """The weight files of an HF checkpoint, safetensors first; [] when it has none."""
-    for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
+def find_weight_files(name_or_path: str | os.PathLike, hub_kwargs: dict, use_safetensors: bool | None = None
+                      ) -> list[Path]:
+    """The weight files of an HF checkpoint, safetensors first; [] when it has none. use_safetensors=True looks for
+    safetensors only, False for torch .bin files only."""
+    formats = [(SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)]
+    if use_safetensors is not None:
+        formats = formats[:1] if use_safetensors else formats[1:]
+    for index_name, single_name in formats:
         single = resolve_file(name_or_path, single_name, required=False, **hub_kwargs)
         if single is not None:
             return [single]

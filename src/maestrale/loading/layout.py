@@ -76,10 +76,13 @@ def is_moe(config) -> bool:
     return getattr(config, "num_local_experts", None) is not None
 
 
-def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under the names transformers saves (Mixtral experts one by one), tied copies left out."""
+def checkpoint_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights (or the tensors of `state_dict`, named as the model's) under the names transformers
+    saves (Mixtral experts one by one), tied copies left out."""
     inter, moe = model.config.intermediate_size, is_moe(model.config)
-    for name, param in model.named_parameters():
+    named = model.named_parameters() if state_dict is None else _untied(state_dict)
+    for name, param in named:
         tensor = param.detach()
         if moe and (m := MODEL_EXPERTS.match(name)):
             hub = f"{m['layer']}.block_sparse_moe.experts"
@@ -92,6 +95,16 @@ def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         elif moe and (m := MODEL_ROUTER.match(name)):
             yield f"{m['layer']}.block_sparse_moe.gate.weight", tensor
         else:
+            yield name, tensor
+
+
+def _untied(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A state dict names tied weights twice over one storage; the first name is the one saved."""
+    seen = set()
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
             yield name, tensor
 
 

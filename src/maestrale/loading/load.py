@@ -45,7 +45,8 @@ class Checkpoint:
     generation_config: Path | None = None
 
 
-def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_kwargs: dict) -> Checkpoint:
+def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_kwargs: dict,
+                    use_safetensors: bool | None = None) -> Checkpoint:
     """A .gguf file, a Hugging Face folder or hub repo, or a Mistral native folder (params.json)."""
     text = os.fspath(name_or_path)
     if gguf_file is not None or (text.endswith(".gguf") and os.path.isfile(text)):
@@ -55,7 +56,14 @@ def open_checkpoint(name_or_path: str | os.PathLike, gguf_file: str | None, hub_
 
     config_path = resolve_file(name_or_path, CONFIG_NAME, required=False, **hub_kwargs)
     if config_path is not None:
-        files = find_weight_files(name_or_path, hub_kwargs)
+        files = find_weight_files(name_or_path, hub_kwargs, use_safetensors)
+        if not files and use_safetensors is not None:
+            wanted, other = ("model.safetensors (or its index)", "False") if use_safetensors else \
+                ("pytorch_model.bin (or its index)", "True")
+            raise FileNotFoundError(
+                f"{name_or_path} has no {wanted}, which use_safetensors={use_safetensors} asks for; pass "
+                f"use_safetensors={other} or leave it out to load the weights it has"
+            )
         if not files:
             raise FileNotFoundError(
                 f"{name_or_path} has a config.json but no weights: expected model.safetensors, "
@@ -99,6 +107,7 @@ def load_pretrained(
     force_download: bool = False,
     subfolder: str = "",
     low_cpu_mem_usage: bool | None = None,  # accepted for compatibility: loading is always lean
+    use_safetensors: bool | None = None,
     **kwargs: Any,
 ):
     """Load a model class (or an Auto class, which has `model_class(config)`) from a checkpoint."""
@@ -106,7 +115,7 @@ def load_pretrained(
     refuse_quantization(quantization_config)  # before any download
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                       force_download=force_download, subfolder=subfolder)
-    checkpoint = open_checkpoint(pretrained_model_name_or_path, gguf_file, hub_kwargs)
+    checkpoint = open_checkpoint(pretrained_model_name_or_path, gguf_file, hub_kwargs, use_safetensors)
     config = _build_config(cls, checkpoint, config, kwargs)
     config.name_or_path = os.fspath(pretrained_model_name_or_path)
 
@@ -192,9 +201,9 @@ def _plan(layout: Layout, checkpoint: Checkpoint, ignore_mismatched_sizes: bool)
             covered[slot.param] += math.prod(shape)
     if mismatched and not ignore_mismatched_sizes:
         lines = "\n".join(f"  {name}: checkpoint {list(got)}, model {list(want)}" for name, got, want in mismatched)
-        raise ValueError(
+        raise RuntimeError(  # transformers' error class for this case
             f"{checkpoint.origin}: {len(mismatched)} tensors do not fit the model its config describes:\n{lines}\n"
-            "Fix the config (hidden_size, vocab_size, heads, ...) to match the weights, or pass "
+            "Fix the config (hidden_size, vocab_size, heads, num_labels, ...) to match the weights, or pass "
             "ignore_mismatched_sizes=True to initialise these weights anew"
         )
     mismatched_params = {name for name, _, _ in mismatched}
@@ -223,11 +232,14 @@ def _fill(model: nn.Module, shards: list[Shard], slots: dict[str, Slot]) -> None
 
 
 def _warn(model: nn.Module, origin: str, report: dict) -> None:
-    fresh = report["missing_keys"] + [name for name, _, _ in report["mismatched_keys"]]
-    if fresh:
-        logger.warning(
-            f"Some weights of {type(model).__name__} were not in {origin} and are newly initialised: {fresh}. "
-            "Train the model on a downstream task before using it for predictions."
-        )
+    advice = "Train the model on a downstream task before using it for predictions."
+    if report["missing_keys"]:
+        logger.warning(f"Some weights of {type(model).__name__} were not in {origin} and are newly initialised: "
+                       f"{report['missing_keys']}. {advice}")
+    if report["mismatched_keys"]:
+        shapes = ", ".join(f"{name} (checkpoint {list(got)}, model {list(want)})"
+                           for name, got, want in report["mismatched_keys"])
+        logger.warning(f"Some weights of {type(model).__name__} have other shapes in {origin} and are newly "
+                       f"initialised (ignore_mismatched_sizes=True): {shapes}. {advice}")
     if report["unexpected_keys"]:
         logger.warning(f"Some weights of {origin} were not used by {type(model).__name__}: {report['unexpected_keys']}")

@@ -18,8 +18,9 @@ from .layout import checkpoint_tensors
 from .sizes import parse_size
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, *, max_shard_size: int | str = "50GB",
-                    safe_serialization: bool = True, is_main_process: bool = True) -> None:
+def save_pretrained(model, save_directory: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None,
+                    max_shard_size: int | str = "50GB", safe_serialization: bool = True,
+                    is_main_process: bool = True) -> None:
     if not safe_serialization:
         raise ValueError("maestrale saves safetensors only (safe_serialization=True): pickled .bin files can carry "
                          "code, so we do not write them")
@@ -37,7 +38,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, max_shard_size:
         model.config.save_pretrained(staging)
         if hasattr(model, "generation_config"):
             model.generation_config.save_pretrained(staging)
-        write_shards(checkpoint_tensors(model), staging, parse_size(max_shard_size))
+        write_shards(checkpoint_tensors(model, state_dict), staging, parse_size(max_shard_size))
         for file in staging.iterdir():
             _use_default_permissions(file)
         _publish(staging, target)

@@ -6,6 +6,7 @@ from ..configs import MinistralConfig, MistralConfig, MixtralConfig, Phi3Config
 from ..configs.base import PretrainedConfig
 from .decoder import DecoderModel
 from .heads import ForCausalLM, ForQuestionAnswering, ForSequenceClassification, ForTokenClassification
+from .modeling_utils import PreTrainedModel
 
 HEADS = {
     "ForCausalLM": ForCausalLM,
@@ -17,17 +18,22 @@ HEADS = {
 
 # model_type -> {"Model" or a head's task name -> class}, for the Auto classes and the loaders.
 MODEL_MAPPING: dict[str, dict[str, type]] = {}
+# model_type -> XPreTrainedModel, the family's common base class (isinstance checks as in transformers).
+PRETRAINED_CLASSES: dict[str, type] = {}
 
 
 def _family(prefix: str, config_class: type[PretrainedConfig], **head_attributes: dict) -> tuple[type, ...]:
     """XModel and its four heads, in the order of HEADS; `head_attributes` maps a task to class attributes."""
-    base = type(f"{prefix}Model", (DecoderModel,), {"config_class": config_class, "__module__": __name__})
+    family = type(f"{prefix}PreTrainedModel", (PreTrainedModel,), {"config_class": config_class,
+                                                                   "__module__": __name__})
+    base = type(f"{prefix}Model", (DecoderModel, family), {"config_class": config_class, "__module__": __name__})
     heads = tuple(
-        type(f"{prefix}{task}", (head,), {"config_class": config_class, "base_class": base, "__module__": __name__,
-                                          **head_attributes.get(task, {})})
+        type(f"{prefix}{task}", (head, family), {"config_class": config_class, "base_class": base,
+                                                 "__module__": __name__, **head_attributes.get(task, {})})
         for task, head in HEADS.items()
     )
     MODEL_MAPPING[config_class.model_type] = {"Model": base, **dict(zip(HEADS, heads))}
+    PRETRAINED_CLASSES[config_class.model_type] = family
     return (base, *heads)
 
 
@@ -44,4 +50,8 @@ def _family(prefix: str, config_class: type[PretrainedConfig], **head_attributes
 (Phi3Model, Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification,
  Phi3ForQuestionAnswering) = _family("Phi3", Phi3Config)
 
-__all__ = [cls.__name__ for classes in MODEL_MAPPING.values() for cls in classes.values()]
+MistralPreTrainedModel, MinistralPreTrainedModel, MixtralPreTrainedModel, Phi3PreTrainedModel = (
+    PRETRAINED_CLASSES[name] for name in ("mistral", "ministral", "mixtral", "phi3"))
+
+__all__ = [cls.__name__ for classes in MODEL_MAPPING.values() for cls in classes.values()] + [
+    cls.__name__ for cls in PRETRAINED_CLASSES.values()]

@@ -146,6 +146,7 @@ class ForSequenceClassification(HeadModel):
                 problem = "single_label_classification"
             else:
                 problem = "multi_label_classification"
+            self.config.problem_type = problem  # transformers records the inferred kind, and saves it
         if problem == "regression":
             if self.num_labels == 1:
                 return F.mse_loss(pooled.squeeze(), labels.squeeze())

@@ -16,6 +16,7 @@ from .linear import Linear
 class PreTrainedModel(nn.Module):
     config_class: type[PretrainedConfig] = PretrainedConfig
     base_model_prefix = "model"
+    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     # Output-embedding parameter name -> input-embedding parameter name, tied when config.tie_word_embeddings.
     _tied_weights_keys: dict[str, str] = {}
@@ -26,6 +27,7 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         config._attn_implementation = check_attn_implementation(config._attn_implementation)
         self.config = config
+        self.name_or_path = config.name_or_path  # from_pretrained sets it on the config before building the model
 
     def post_init(self) -> None:
         """Initialise weights as transformers does (meta parameters hold no values: loading fills them), then tie
@@ -79,7 +81,8 @@ class PreTrainedModel(nn.Module):
         return load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write config.json, generation_config.json and safetensors shards that transformers can open."""
+        """Write config.json, generation_config.json and safetensors shards that transformers can open (of
+        `state_dict=` instead of the model's weights when given)."""
         from ..loading import save_pretrained
 
         save_pretrained(self, save_directory, **kwargs)
@@ -112,6 +115,28 @@ class PreTrainedModel(nn.Module):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.base_model.embed_tokens = value
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad, so gradients reach adapters (peft) through reentrant
+        checkpointing even when the embedding weights are frozen."""
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, output: output.requires_grad_(True))
+
+    def disable_input_require_grads(self) -> None:
+        hook = self.__dict__.pop("_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+
+    def get_decoder(self) -> nn.Module:
+        """The decoder stack: the base model of a task model, the model itself when it is the bare decoder."""
+        return self.base_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        if self.base_model is self:
+            raise ValueError(f"{type(self).__name__} is the decoder itself; call set_decoder on a task model that "
+                             "holds it (e.g. the ForCausalLM class)")
+        setattr(self, self.base_model_prefix, decoder)
 
     def get_output_embeddings(self) -> nn.Linear | None:
         return getattr(self, "lm_head", None)
@@ -162,6 +187,8 @@ class PreTrainedModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.base_model.gradient_checkpointing = True
         self.base_model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        # As transformers does: with reentrant checkpointing, frozen embeddings would otherwise stop all gradients.
+        self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing = False

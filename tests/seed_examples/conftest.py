@@ -2,6 +2,7 @@
 family's real tokenizer (from mistral-common's files) and chat template, as the hub folders hold them."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def _tokenizer(source: Path, file: str, template: str):
         pytest.skip("mistral-common is not installed (test extra): its tokenizer files stand in for the hub's")
     name = "tekken.json" if file.endswith(".json") else "tokenizer.model"
     shutil.copy(Path(spec.submodule_search_locations[0]) / "data" / file, source / name)
+    if name == "tokenizer.model":  # as the hub's folders of these models name it (Phi-3 adds no BOS)
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": "phi3" not in source.name}
+        (source / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = maestrale.AutoTokenizer.from_pretrained(source)
     tokenizer.chat_template = (TEMPLATES / template).read_text()
     return tokenizer

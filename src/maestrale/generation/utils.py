@@ -184,7 +184,7 @@ class GenerationMixin:
         if positions is None and past:
             positions = torch.arange(prompt_len, device=input_ids.device)[None]
 
-        processors = self._logits_processors(config, prompt_len - start, max_length - start, mask, eos,
+        processors = self._logits_processors(config, prompt_len, max_length, start, mask, eos,
                                              prefix_allowed_tokens_fn, logits_processor)
         criteria = StoppingCriteriaList()
         if config.max_time is not None:
@@ -235,12 +235,13 @@ class GenerationMixin:
                 raise ValueError(f"assistant_model has vocab_size {assistant_model.config.vocab_size}, the model "
                                  f"{self.config.vocab_size}: the assistant must share the tokenizer")
 
-    def _logits_processors(self, config, prompt_len, max_length, mask, eos, prefix_allowed_tokens_fn,
+    def _logits_processors(self, config, prompt_len, max_length, start, mask, eos, prefix_allowed_tokens_fn,
                            user) -> LogitsProcessorList:
         """The processors the config asks for, in transformers' order, with the user's merged in before the warpers.
 
-        `prompt_len` and `max_length` count token ids, as the processors see them (no embeddings-only prompt).
+        Processors see token ids only, so lengths lose the `start` positions of an embeddings-only prompt.
         """
+        prompt_len, max_length = prompt_len - start, max_length - start
         processors = LogitsProcessorList()
         if config.sequence_bias is not None:
             processors.append(SequenceBiasLogitsProcessor(config.sequence_bias))
@@ -252,7 +253,7 @@ class GenerationMixin:
             processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
         if config.bad_words_ids is not None:
             processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
-        min_length = config.min_length or 0
+        min_length = max((config.min_length or 0) - start, 0)
         if config.min_new_tokens:
             min_length = prompt_len + config.min_new_tokens
         if eos is not None and min_length > 0:

@@ -133,7 +133,7 @@ def test_inert_fields_change_nothing_in_either_library(pair):
     ref, ours = pair
     ids = torch.randint(3, 97, (1, 4))
     inert = dict(decoder_start_token_id=5, num_assistant_tokens_schedule="heuristic", assistant_confidence_threshold=0.1,
-                 assistant_lookbehind=3, target_lookbehind=3, disable_compile=True, low_memory=True)
+                 assistant_lookbehind=3, target_lookbehind=3, disable_compile=True)
     plain = ref.generate(ids, max_new_tokens=6, eos_token_id=None)
     assert torch.equal(ref.generate(ids, max_new_tokens=6, eos_token_id=None, **inert), plain)
     assert torch.equal(ours.generate(ids, max_new_tokens=6, eos_token_id=None, max_cache_len=64, is_assistant=True,

@@ -72,7 +72,6 @@ INERT: dict[str, str] = {
     "max_cache_len": "sizes transformers' static cache; maestrale sizes its own to max_length",
     "compile_config": "compilation settings: speed only",
     "disable_compile": "compilation settings: speed only",
-    "low_memory": "beam search one beam at a time: memory only",
     "continuous_batching_config": "settings of transformers' generate_batch server loop, not of generate()",
 }
 # transformers fields maestrale does not implement: a value other than these neutral ones makes generate() raise.
@@ -92,8 +91,9 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "dola_layers": ((None,), "DoLa decoding is not implemented; remove it"),
     "diversity_penalty": ((None, 0.0), "group beam search is not implemented; remove it"),
     "num_beam_groups": ((None, 1), "group beam search is not implemented; remove it"),
-    "constraints": ((None,), "constrained beam search is not implemented; use bad_words_ids or prefix_allowed_tokens_fn"),
-    "force_words_ids": ((None,), "constrained beam search is not implemented; use bad_words_ids or prefix_allowed_tokens_fn"),
+    "constraints": ((None,), "constrained beam search is not implemented; try prefix_allowed_tokens_fn"),
+    "force_words_ids": ((None,), "constrained beam search is not implemented; try prefix_allowed_tokens_fn"),
+    "low_memory": ((None, False), "low-memory beam search is not implemented (transformers 5 refuses it too)"),
 }
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -176,8 +176,8 @@ class GenerationConfig:
         for name, (neutral, why) in REFUSED.items():
             value = getattr(self, name, None)
             if value is not None and value not in neutral:
-                raise ValueError(f"GenerationConfig: {name}={value!r} is not supported by maestrale: {why}. If it "
-                                 "comes from a generation_config.json, set it to None on model.generation_config")
+                raise ValueError(f"GenerationConfig: {name}={value!r} is not supported by maestrale: {why}. Pass "
+                                 f"{name}=None to generate() or drop it from generation_config.json")
 
     def validate(self) -> None:
         """Raise on settings that cannot work together; each message names the field and the fix."""

@@ -334,8 +334,8 @@ class SequenceBiasLogitsProcessor(LogitsProcessor):
             and all(isinstance(t, int) and t >= 0 for t in pair[0]) and isinstance(pair[1], (int, float))
             for pair in pairs
         ):
-            raise ValueError("sequence_bias must be a non-empty {(token ids...): bias} dict or [[token ids, bias], ...] "
-                             f"list, got {sequence_bias!r}")
+            raise ValueError("sequence_bias must be a non-empty {(token ids...): bias} dict or "
+                             f"[[token ids, bias], ...] list, got {sequence_bias!r}")
         self.sequence_bias = {tuple(ids): float(bias) for ids, bias in pairs}
         self._tensors: dict[torch.device, tuple] = {}
 
@@ -435,7 +435,7 @@ class InfNanRemoveLogitsProcessor(LogitsProcessor):
 
 
 class ExponentialDecayLengthPenalty(LogitsProcessor):
-    """Raise the eos scores by |score| * (factor ** n - 1), n tokens after `start` new tokens (a (start, factor) pair)."""
+    """Raise the eos scores by |score| * (factor ** n - 1), n tokens past `start` new tokens; takes (start, factor)."""
 
     def __init__(self, exponential_decay_length_penalty: tuple[int, float],
                  eos_token_id: int | list[int] | torch.Tensor, input_ids_seq_length: int):

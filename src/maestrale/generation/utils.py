@@ -474,7 +474,8 @@ class GenerationMixin:
         )
 
     # ----- assisted (speculative) decoding -----
-    def _assisted_decode(self, input_ids: torch.Tensor, run: _Run, drafter) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    def _assisted_decode(self, input_ids: torch.Tensor, run: _Run,
+                         drafter) -> GenerateDecoderOnlyOutput | torch.LongTensor:
         """Greedy decoding where a drafter (a small assistant, or n-grams of the prompt) proposes tokens and the model
         checks them all in one forward.
 

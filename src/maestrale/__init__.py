@@ -1,6 +1,6 @@
 """maestrale: Mistral, Mixtral, Ministral and Phi-3 with the transformers API."""
 
-from .cache import Cache, DynamicCache
+from .cache import Cache, DynamicCache, StaticCache
 from .configs import (
     AutoConfig,
     MinistralConfig,

@@ -39,6 +39,22 @@ PROCESSORS = [
     ("NoBadWordsLogitsProcessor", ([[4], [7, 8], [1, 2, 3], [9]],), {"eos_token_id": 9}),
     ("MinLengthLogitsProcessor", (12, [3, 4]), {}),
     ("MinNewTokensLengthLogitsProcessor", (5, 3, 6), {}),
+    ("EpsilonLogitsWarper", (0.02,), {}),
+    ("EpsilonLogitsWarper", (0.3,), {"min_tokens_to_keep": 3}),
+    ("EtaLogitsWarper", (0.05,), {}),
+    ("EtaLogitsWarper", (0.5,), {"min_tokens_to_keep": 2}),
+    ("TopHLogitsWarper", (0.4,), {}),
+    ("SequenceBiasLogitsProcessor", ({(4,): -2.0, (11,): 3.5, (1, 2, 6): 5.0, (7, 9): -4.0, (3, 3): 1.0},), {}),
+    ("SequenceBiasLogitsProcessor", ([[[1, 2, 8], 2.0], [[5], -1.0]],), {}),
+    ("SuppressTokensLogitsProcessor", ([1, 5, 9, 40],), {}),
+    ("SuppressTokensAtBeginLogitsProcessor", ([1, 5, 9], 9), {}),
+    ("SuppressTokensAtBeginLogitsProcessor", ([1, 5, 9], 4), {}),
+    ("ForcedEOSTokenLogitsProcessor", (10, [3, 4]), {}),
+    ("ForcedEOSTokenLogitsProcessor", (12, 3), {}),
+    ("InfNanRemoveLogitsProcessor", (), {}),
+    ("ExponentialDecayLengthPenalty", ((2, 1.5), [3, 4, 0], 3), {}),
+    ("ExponentialDecayLengthPenalty", ((8, 1.5), 3, 3), {}),
+    ("LogitNormalization", (), {}),
 ]
 
 
@@ -46,12 +62,20 @@ PROCESSORS = [
 def test_processor_matches_transformers(name, args, kwargs):
     import transformers
     scores, ids = scores_and_ids()
-    if name == "NoBadWordsLogitsProcessor":
+    if name in ("NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor"):
         ids[2, -2:] = torch.tensor([1, 2])  # completes the prefix of [1, 2, 3]
         ids[3, -1] = 7
     expected = getattr(transformers, name)(*args, **kwargs)(ids, scores.clone())
     got = getattr(ours, name)(*args, **kwargs)(ids, scores.clone())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_forced_bos_processor_matches_transformers():
+    import transformers
+    scores, ids = scores_and_ids()
+    for length in (1, 2):
+        expected = transformers.ForcedBOSTokenLogitsProcessor(6)(ids[:, :length], scores.clone())
+        torch.testing.assert_close(ours.ForcedBOSTokenLogitsProcessor(6)(ids[:, :length], scores.clone()), expected)
 
 
 def test_prefix_constrained_matches_transformers():

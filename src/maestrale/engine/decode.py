@@ -241,6 +241,7 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
         return None
     blockers = {
         "past_key_values": run.past > 0,
+        "inputs_embeds": run.embeds is not None,
         "output_attentions": bool(run.config.output_attentions),
         "output_hidden_states": bool(run.config.output_hidden_states),
         "training mode": model.training,

@@ -2,6 +2,13 @@
 
 from .configuration import GenerationConfig
 from .logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessor,
     LogitsProcessorList,
     LogitsWarper,
@@ -12,7 +19,11 @@ from .logits_process import (
     NoRepeatNGramLogitsProcessor,
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -25,15 +36,18 @@ from .stopping_criteria import (
     StoppingCriteriaList,
     StopStringCriteria,
 )
-from .streamers import BaseStreamer, TextIteratorStreamer, TextStreamer
+from .streamers import AsyncTextIteratorStreamer, BaseStreamer, TextIteratorStreamer, TextStreamer
 from .utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput, GenerationMixin
 
 __all__ = [
-    "BaseStreamer", "EosTokenCriteria", "GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput",
-    "GenerationConfig", "GenerationMixin", "LogitsProcessor", "LogitsProcessorList", "LogitsWarper",
+    "AsyncTextIteratorStreamer", "BaseStreamer", "EosTokenCriteria", "EpsilonLogitsWarper", "EtaLogitsWarper",
+    "ExponentialDecayLengthPenalty", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
+    "GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "GenerationConfig", "GenerationMixin",
+    "InfNanRemoveLogitsProcessor", "LogitNormalization", "LogitsProcessor", "LogitsProcessorList", "LogitsWarper",
     "MaxLengthCriteria", "MaxTimeCriteria", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
-    "MinPLogitsWarper", "NoBadWordsLogitsProcessor", "NoRepeatNGramLogitsProcessor", "PrefixConstrainedLogitsProcessor",
-    "RepetitionPenaltyLogitsProcessor", "StopStringCriteria", "StoppingCriteria", "StoppingCriteriaList",
-    "TemperatureLogitsWarper", "TextIteratorStreamer", "TextStreamer", "TopKLogitsWarper", "TopPLogitsWarper",
-    "TypicalLogitsWarper",
+    "MinPLogitsWarper", "NoBadWordsLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+    "PrefixConstrainedLogitsProcessor", "RepetitionPenaltyLogitsProcessor", "SequenceBiasLogitsProcessor",
+    "StopStringCriteria", "StoppingCriteria", "StoppingCriteriaList", "SuppressTokensAtBeginLogitsProcessor",
+    "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TextIteratorStreamer", "TextStreamer",
+    "TopHLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "TypicalLogitsWarper",
 ]

@@ -30,9 +30,20 @@ DEFAULTS: dict[str, Any] = {
     "top_p": 1.0,
     "min_p": None,
     "typical_p": 1.0,
+    "top_h": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
     "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
     "length_penalty": 1.0,
     # outputs
     "num_return_sequences": 1,
@@ -47,12 +58,52 @@ DEFAULTS: dict[str, Any] = {
     "eos_token_id": None,
     # assisted decoding
     "num_assistant_tokens": 20,
+    "prompt_lookup_num_tokens": None,
+    "max_matching_ngram_size": None,  # None: 2, as in transformers
+}
+# transformers fields that cannot change what generate() returns here, so they are accepted and have no effect.
+INERT: dict[str, str] = {
+    "decoder_start_token_id": "encoder-decoder models only (transformers ignores it for decoder-only models too)",
+    "is_assistant": "set by transformers on an assistant's own config",
+    "num_assistant_tokens_schedule": "only how many tokens the assistant drafts per round; greedy output is the same",
+    "assistant_confidence_threshold": "only how many tokens the assistant drafts per round; greedy output is the same",
+    "assistant_lookbehind": "assistants with another tokenizer only, which maestrale refuses",
+    "target_lookbehind": "assistants with another tokenizer only, which maestrale refuses",
+    "max_cache_len": "sizes transformers' static cache; maestrale sizes its own to max_length",
+    "compile_config": "compilation settings: speed only",
+    "disable_compile": "compilation settings: speed only",
+    "continuous_batching_config": "settings of transformers' generate_batch server loop, not of generate()",
+}
+# transformers fields maestrale does not implement: a value other than these neutral ones makes generate() raise.
+REFUSED: dict[str, tuple[tuple, str]] = {
+    "use_mtp": ((None, False), "these models have no multi-token-prediction heads"),
+    "cache_config": ((None, {}), "maestrale has no quantized or offloaded caches; remove it"),
+    "encoder_repetition_penalty": ((None, 1.0), "it applies to encoder-decoder models only; remove it"),
+    "encoder_no_repeat_ngram_size": ((None, 0), "it applies to encoder-decoder models only; remove it"),
+    "token_healing": ((None, False), "token healing is not implemented; remove it"),
+    "guidance_scale": ((None, 1.0), "classifier-free guidance is not implemented; remove it"),
+    "watermarking_config": ((None,), "watermarking is not implemented; remove it"),
+    "assistant_early_exit": ((None,), "early-exit self-speculation is not implemented; pass assistant_model instead"),
+    "assistant_ensemble_weight": ((None,), "ensembling the assistant's probabilities is not implemented; remove it"),
+    "speculation_type": ((None,), "only assistant_model and prompt_lookup_num_tokens speculate here; remove it"),
+    "prefill_chunk_size": ((None,), "chunked prefill is not implemented; remove it (the prompt runs in one forward)"),
+    "penalty_alpha": ((None,), "contrastive search is not implemented; use greedy, sampling or beam search"),
+    "dola_layers": ((None,), "DoLa decoding is not implemented; remove it"),
+    "diversity_penalty": ((None, 0.0), "group beam search is not implemented; remove it"),
+    "num_beam_groups": ((None, 1), "group beam search is not implemented; remove it"),
+    "constraints": ((None,), "constrained beam search is not implemented; try prefix_allowed_tokens_fn"),
+    "force_words_ids": ((None,), "constrained beam search is not implemented; try prefix_allowed_tokens_fn"),
+    "low_memory": ((None, False), "low-memory beam search is not implemented (transformers 5 refuses it too)"),
 }
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class GenerationConfig:
-    """Settings of one `generate()` call. Unknown keys are kept (as transformers keeps them) but unused."""
+    """Settings of one `generate()` call.
+
+    Unknown keys are kept but unused, as transformers keeps them; transformers' fields that maestrale does not
+    implement (REFUSED) load too, and make `generate()` raise unless they hold a neutral value.
+    """
 
     def __init__(self, **kwargs: Any):
         kwargs.pop("transformers_version", None)
@@ -112,7 +163,7 @@ class GenerationConfig:
         """Set the known fields among `kwargs`, validate, and return the others (model inputs, to the caller)."""
         unused = {}
         for name, value in kwargs.items():
-            if name in DEFAULTS or hasattr(self, name):
+            if name in DEFAULTS or name in INERT or name in REFUSED or hasattr(self, name):
                 setattr(self, name, value)
             else:
                 unused[name] = value
@@ -120,6 +171,14 @@ class GenerationConfig:
         return unused
 
     # ----- checks -----
+    def check_supported(self) -> None:
+        """Raise on a transformers field set to something maestrale does not implement (it would be ignored)."""
+        for name, (neutral, why) in REFUSED.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in neutral:
+                raise ValueError(f"GenerationConfig: {name}={value!r} is not supported by maestrale: {why}. Pass "
+                                 f"{name}=None to generate() or drop it from generation_config.json")
+
     def validate(self) -> None:
         """Raise on settings that cannot work together; each message names the field and the fix."""
         def fail(message: str) -> None:
@@ -162,5 +221,24 @@ class GenerationConfig:
             fail(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {self.bad_words_ids!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                fail(f"{name} must be in [0, 1) (0 disables it), got {value!r}")
+        if self.top_h is not None and not 0.0 < self.top_h <= 1.0:
+            fail(f"top_h must be in (0, 1], got {self.top_h!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple))
+                                          and all(isinstance(t, int) and t >= 0 for t in value)):
+                fail(f"{name} must be a list of token ids, got {value!r}")
+        penalty = self.exponential_decay_length_penalty
+        if penalty is not None and not (isinstance(penalty, (list, tuple)) and len(penalty) == 2
+                                        and isinstance(penalty[0], int) and isinstance(penalty[1], (int, float))):
+            fail(f"exponential_decay_length_penalty must be (start_index, decay_factor), got {penalty!r}")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                fail(f"{name} must be a positive integer, got {value!r}")
         if self.num_assistant_tokens is None or self.num_assistant_tokens < 1:
             fail(f"num_assistant_tokens must be a positive integer, got {self.num_assistant_tokens!r}")

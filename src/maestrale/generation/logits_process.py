@@ -264,3 +264,203 @@ class PrefixConstrainedLogitsProcessor(LogitsProcessor):
         # A prompt whose every beam has only forbidden continuations falls back to the bare mask (as transformers).
         stuck = constrained.amax(-1).isneginf().view(-1, self.num_beams).all(-1)
         return torch.where(stuck.repeat_interleave(self.num_beams)[:, None], mask, constrained)
+
+
+class EpsilonLogitsWarper(LogitsProcessor):
+    """Epsilon sampling: drop tokens whose probability is below `epsilon` (the best min_tokens_to_keep stay)."""
+
+    def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
+        epsilon = float(epsilon)
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"epsilon_cutoff must be in (0, 1), got {epsilon!r}")
+        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be a positive integer, got {min_tokens_to_keep!r}")
+        self.epsilon, self.filter_value, self.min_tokens_to_keep = epsilon, filter_value, min_tokens_to_keep
+
+    def _threshold(self, scores: torch.Tensor) -> torch.Tensor | float:
+        return self.epsilon
+
+    def __call__(self, input_ids, scores):
+        drop = scores.softmax(-1) < self._threshold(scores)
+        kth = torch.topk(scores, min(self.min_tokens_to_keep, scores.shape[-1])).values[..., -1:]
+        return scores.masked_fill(drop & (scores < kth), self.filter_value)
+
+
+class EtaLogitsWarper(EpsilonLogitsWarper):
+    """Eta sampling: as epsilon sampling with the cutoff min(eta, sqrt(eta) * exp(-entropy)) per row."""
+
+    def __init__(self, epsilon: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1,
+                 device: str = "cpu"):
+        if not 0.0 < float(epsilon) < 1.0:
+            raise ValueError(f"eta_cutoff must be in (0, 1), got {epsilon!r}")
+        super().__init__(epsilon, filter_value, min_tokens_to_keep)
+
+    def _threshold(self, scores):
+        entropy = torch.distributions.Categorical(logits=scores).entropy()
+        eta = torch.tensor(self.epsilon, device=scores.device)
+        return torch.minimum(eta, eta.sqrt() * torch.exp(-entropy))[..., None]
+
+
+class TopHLogitsWarper(LogitsProcessor):
+    """Top-H: among the 100 best tokens, keep the most likely ones while their entropy stays within top_h * H."""
+
+    top_n = 100  # the candidates considered, as in transformers
+
+    def __init__(self, top_h: float, filter_value: float = NEG_INF):
+        if not 0.0 < top_h <= 1.0:
+            raise ValueError(f"top_h must be in (0, 1], got {top_h!r}")
+        self.top_h, self.filter_value = top_h, filter_value
+
+    def __call__(self, input_ids, scores):
+        best, index = torch.topk(scores, min(self.top_n, scores.shape[-1]))
+        dist = torch.distributions.Categorical(logits=best)
+        probs = dist.probs
+        within = torch.cumsum(-probs * probs.log(), -1) <= (dist.entropy() * self.top_h)[:, None]
+        within[:, 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, within)
+        return scores.masked_fill(~keep, self.filter_value)
+
+
+class SequenceBiasLogitsProcessor(LogitsProcessor):
+    """Add a bias to a token wherever it would complete a given token sequence (a one-token sequence: always).
+
+    `sequence_bias` is {(ids...): bias} or [[ids, bias], ...] (the JSON form).
+    """
+
+    def __init__(self, sequence_bias: dict[tuple[int, ...], float] | list):
+        pairs = sequence_bias.items() if isinstance(sequence_bias, dict) else sequence_bias
+        if not pairs or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (list, tuple)) and pair[0]
+            and all(isinstance(t, int) and t >= 0 for t in pair[0]) and isinstance(pair[1], (int, float))
+            for pair in pairs
+        ):
+            raise ValueError("sequence_bias must be a non-empty {(token ids...): bias} dict or "
+                             f"[[token ids, bias], ...] list, got {sequence_bias!r}")
+        self.sequence_bias = {tuple(ids): float(bias) for ids, bias in pairs}
+        self._tensors: dict[torch.device, tuple] = {}
+
+    def _prepared(self, scores: torch.Tensor) -> tuple:
+        device, vocab = scores.device, scores.shape[-1]
+        if device not in self._tensors:
+            outside = sorted({t for ids in self.sequence_bias for t in ids if t >= vocab})
+            if outside:
+                raise ValueError(f"sequence_bias holds ids {outside} outside the vocabulary (size {vocab})")
+            single = torch.zeros(vocab, device=device)
+            by_prefix_length: dict[int, list] = {}
+            for ids, bias in self.sequence_bias.items():
+                if len(ids) == 1:
+                    single[ids[0]] = bias
+                else:
+                    by_prefix_length.setdefault(len(ids) - 1, []).append((ids, bias))
+            groups = [(torch.tensor([ids[:-1] for ids, _ in group], device=device),
+                       torch.tensor([ids[-1] for ids, _ in group], device=device),
+                       torch.tensor([bias for _, bias in group], device=device))
+                      for group in by_prefix_length.values()]
+            self._tensors[device] = (single, groups)
+        return self._tensors[device]
+
+    def __call__(self, input_ids, scores):
+        single, groups = self._prepared(scores)
+        bias = single.expand_as(scores).clone()
+        for prefixes, last_tokens, biases in groups:
+            if prefixes.shape[1] > input_ids.shape[1]:
+                continue
+            completes = (input_ids[:, None, -prefixes.shape[1]:] == prefixes).all(-1)  # (batch, sequences)
+            bias.index_add_(1, last_tokens, torch.where(completes, biases, 0.0))
+        return scores + bias
+
+
+class SuppressTokensLogitsProcessor(LogitsProcessor):
+    """Forbid the given tokens at every step."""
+
+    def __init__(self, suppress_tokens: list[int], device: str = "cpu"):
+        self.suppress_tokens = _as_id_tensor(list(suppress_tokens), device)
+
+    def __call__(self, input_ids, scores):
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        return scores.masked_fill(torch.isin(vocab, self.suppress_tokens.to(scores.device)), NEG_INF)
+
+
+class SuppressTokensAtBeginLogitsProcessor(SuppressTokensLogitsProcessor):
+    """Forbid the given tokens at the step where the sequence holds `begin_index` tokens (the first new one)."""
+
+    def __init__(self, begin_suppress_tokens: list[int], begin_index: int, device: str = "cpu"):
+        super().__init__(begin_suppress_tokens, device)
+        self.begin_index = begin_index
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids, scores):
+        return super().__call__(input_ids, scores) if input_ids.shape[-1] == self.begin_index else scores
+
+
+class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
+    """Force `bos_token_id` as the token that follows a one-token sequence."""
+
+    def __init__(self, bos_token_id: int):
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != 1:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, self.bos_token_id] = 0
+        return forced
+
+
+class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
+    """Force an eos token as the last token before max_length."""
+
+    def __init__(self, max_length: int, eos_token_id: int | list[int] | torch.Tensor, device: str = "cpu"):
+        self.max_length = max_length
+        self.eos_token_id = _as_id_tensor(eos_token_id, device)
+        if self.eos_token_id.is_floating_point() or bool((self.eos_token_id < 0).any()):
+            raise ValueError(f"forced_eos_token_id must be non-negative token ids, got {eos_token_id!r}")
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != self.max_length - 1:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, self.eos_token_id.to(scores.device)] = 0
+        return forced
+
+
+class InfNanRemoveLogitsProcessor(LogitsProcessor):
+    """Replace NaN by 0 and +-inf by the largest finite values of the dtype, so sampling cannot fail on them."""
+
+    def __call__(self, input_ids, scores):
+        finfo = torch.finfo(scores.dtype)
+        return torch.nan_to_num(scores, nan=0.0, posinf=finfo.max, neginf=finfo.min)
+
+
+class ExponentialDecayLengthPenalty(LogitsProcessor):
+    """Raise the eos scores by |score| * (factor ** n - 1), n tokens past `start` new tokens; takes (start, factor)."""
+
+    def __init__(self, exponential_decay_length_penalty: tuple[int, float],
+                 eos_token_id: int | list[int] | torch.Tensor, input_ids_seq_length: int):
+        start, factor = exponential_decay_length_penalty
+        self.regulation_start = start + input_ids_seq_length
+        self.regulation_factor = factor
+        self.eos_token_id = _as_id_tensor(eos_token_id)
+        if self.eos_token_id.is_floating_point() or bool((self.eos_token_id < 0).any()):
+            raise ValueError(f"eos_token_id must be non-negative token ids, got {eos_token_id!r}")
+
+    def __call__(self, input_ids, scores):
+        past_start = input_ids.shape[-1] - self.regulation_start
+        if past_start <= 0:
+            return scores
+        eos = self.eos_token_id.to(scores.device)
+        eos_scores = scores[:, eos]
+        # |score| makes the push point upwards for negative scores too; -inf (a forbidden eos) stays forbidden.
+        boost = (eos_scores.abs() * (self.regulation_factor ** past_start - 1)).masked_fill(~eos_scores.isfinite(), 0.0)
+        penalties = torch.zeros_like(scores)
+        penalties[:, eos] = boost
+        return scores + penalties
+
+
+class LogitNormalization(LogitsProcessor):
+    """log-softmax of the scores (after the other processors, so that beam scores stay log-probabilities)."""
+
+    def __call__(self, input_ids, scores):
+        return scores.log_softmax(-1)

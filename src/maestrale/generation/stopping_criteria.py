@@ -68,8 +68,9 @@ class StopStringCriteria(StoppingCriteria):
     """Done when the decoded text contains a stop string that the last token helped complete.
 
     Only the tail of each row is decoded: enough tokens to hold the longest stop string, since every token that can
-    take part in a match spells at least one character. A string already present without the last token does not
-    count (as in transformers: a match must overlap the final token). This reads tokens on the host each step.
+    take part in a match spells at least one character. A match must end in the last token's text (as in transformers:
+    it must overlap the final token), so an earlier occurrence neither stops generation again nor hides a new one.
+    This reads tokens on the host each step.
     """
 
     def __init__(self, tokenizer, stop_strings: str | list[str]):
@@ -79,12 +80,18 @@ class StopStringCriteria(StoppingCriteria):
         self.tokenizer = tokenizer
         self.tail = max(len(s) for s in self.stop_strings) + 1
 
-    def _has_stop(self, text: str) -> bool:
-        return any(s in text for s in self.stop_strings)
+    def _ends_in_last_token(self, text: str, before: int) -> bool:
+        """Does an occurrence of a stop string end after the first `before` characters (in the last token)?"""
+        for stop in self.stop_strings:
+            # The occurrence starting last is the one ending last.
+            at = text.rfind(stop)
+            if at >= 0 and at + len(stop) > before:
+                return True
+        return False
 
     def __call__(self, input_ids, scores, **kwargs):
         done = []
         for row in input_ids[:, -self.tail:].tolist():
-            with_last = self.tokenizer.decode(row)
-            done.append(self._has_stop(with_last) and not self._has_stop(self.tokenizer.decode(row[:-1])))
+            text = self.tokenizer.decode(row)
+            done.append(self._ends_in_last_token(text, len(self.tokenizer.decode(row[:-1]))))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

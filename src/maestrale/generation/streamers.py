@@ -7,6 +7,7 @@ trailing spaces wait for what follows them, since decoding may still drop a spac
 
 from __future__ import annotations
 
+import asyncio
 from queue import Queue
 from typing import Any
 
@@ -92,4 +93,33 @@ class TextIteratorStreamer(TextStreamer):
         value = self.text_queue.get(timeout=self.timeout)
         if value is self.stop_signal:
             raise StopIteration
+        return value
+
+
+class AsyncTextIteratorStreamer(TextStreamer):
+    """Yields text pieces to asyncio code: create it inside the event loop, run `generate` in a thread, `async for`.
+
+    `timeout` (seconds) bounds each wait for the next piece; TimeoutError is raised when it passes.
+    """
+
+    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        self.text_queue: asyncio.Queue = asyncio.Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()  # generate() runs in another thread: pieces cross over through it
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, self.stop_signal)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        value = await asyncio.wait_for(self.text_queue.get(), self.timeout)
+        if value is self.stop_signal:
+            raise StopAsyncIteration
         return value

@@ -21,6 +21,13 @@ from ..engine import decoder_for
 from ..models.outputs import ModelOutput
 from .configuration import GenerationConfig
 from .logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
     MinPLogitsWarper,
@@ -28,7 +35,11 @@ from .logits_process import (
     NoRepeatNGramLogitsProcessor,
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -43,7 +54,8 @@ from .streamers import BaseStreamer
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "past_key_values")
+# `cache` is transformers' newer name of `past_key_values`.
+MODEL_INPUTS = ("input_ids", "attention_mask", "past_key_values", "cache", "inputs_embeds")
 
 
 @dataclass(repr=False, eq=False)
@@ -83,6 +95,8 @@ class _Run:
     eos: torch.Tensor | None
     pad: torch.Tensor | None
     streamer: BaseStreamer | None
+    embeds: torch.Tensor | None = None  # the prompt as inputs_embeds, fed instead of its token ids
+    start: int = 0  # leading sequence positions with no token id (the embeddings-only prompt); outputs skip them
 
     def forward_kwargs(self) -> dict[str, Any]:
         """Model inputs that stay the same at every step."""
@@ -129,26 +143,33 @@ class GenerationMixin:
         """
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         model_inputs = config.update(**kwargs)
+        config.check_supported()
         unknown = set(model_inputs) - set(MODEL_INPUTS)
         if unknown:
             raise TypeError(f"generate() got unknown arguments {sorted(unknown)}: they are neither GenerationConfig "
                             f"fields nor the model inputs {list(MODEL_INPUTS)}")
-        input_ids, mask = _input_ids_and_mask(inputs, model_inputs, config, self.device)
+        if "cache" in model_inputs:
+            if model_inputs.get("past_key_values") is not None:
+                raise ValueError("pass the cache once: as cache= (transformers' new name) or as past_key_values=")
+            model_inputs["past_key_values"] = model_inputs.pop("cache")
+        embeds = model_inputs.get("inputs_embeds")
+        input_ids, mask, start = _input_ids_and_mask(inputs, model_inputs, config, self.device)
         cache = model_inputs.get("past_key_values")
 
         eos = None if config.eos_token_id is None else torch.tensor(config.eos_token_id, device=input_ids.device).reshape(-1)
         pad_id = config.pad_token_id if config.pad_token_id is not None else (None if eos is None else int(eos[0]))
         pad = None if pad_id is None else torch.tensor(pad_id, device=input_ids.device)
         if mask is None:
-            mask = _infer_mask(input_ids, pad_id, eos)
+            mask = _infer_mask(input_ids, pad_id, eos) if embeds is None else torch.ones_like(input_ids)
         _warn_right_padding(input_ids, mask, pad_id)
-        self._check_generate_args(config, input_ids, assistant_model, streamer, tokenizer)
+        self._check_generate_args(config, input_ids, assistant_model, streamer, tokenizer, embeds, cache)
 
         prompt_len = input_ids.shape[1]
         max_length = _max_length(config, prompt_len, getattr(self.config, "max_position_embeddings", None))
         expand = max(config.num_beams, config.num_return_sequences)
         if expand > 1:
             input_ids, mask = input_ids.repeat_interleave(expand, 0), mask.repeat_interleave(expand, 0)
+            embeds = None if embeds is None else embeds.repeat_interleave(expand, 0)
         positions = None
         if not bool(mask.all()):  # one sync, once: padding needs its mask and shifted positions at every step
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -157,12 +178,14 @@ class GenerationMixin:
         if cache is None:
             # Assisted decoding rolls back rejected drafts; a rolling window cannot give back what it dropped,
             # so there every layer keeps all its tokens (masks still apply the window, so results are the same).
-            cache = DynamicCache() if assistant_model is not None else DynamicCache(self.config)
+            assisted = assistant_model is not None or config.prompt_lookup_num_tokens is not None
+            cache = DynamicCache() if assisted else DynamicCache(self.config)
         past = cache.get_seq_length()
         if positions is None and past:
             positions = torch.arange(prompt_len, device=input_ids.device)[None]
 
-        processors = self._logits_processors(config, prompt_len, mask, eos, prefix_allowed_tokens_fn, logits_processor)
+        processors = self._logits_processors(config, prompt_len, max_length, start, mask, eos,
+                                             prefix_allowed_tokens_fn, logits_processor)
         criteria = StoppingCriteriaList()
         if config.max_time is not None:
             criteria.append(MaxTimeCriteria(config.max_time))
@@ -172,35 +195,56 @@ class GenerationMixin:
             criteria.append(EosTokenCriteria(eos))
         criteria = _merge(criteria, stopping_criteria or [])
 
-        run = _Run(config, processors, criteria, cache, mask, positions, past, max_length, eos, pad, streamer)
+        run = _Run(config, processors, criteria, cache, mask, positions, past, max_length, eos, pad, streamer,
+                   None if embeds is None else embeds.to(self.device), start)
         if streamer is not None:
-            streamer.put(input_ids.cpu())
+            streamer.put(input_ids[:, start:].cpu())
         if assistant_model is not None:
-            return self._assisted_decode(input_ids, run, assistant_model)
+            return self._assisted_decode(input_ids, run, _AssistantDrafts(assistant_model, config.num_assistant_tokens))
+        if config.prompt_lookup_num_tokens is not None:
+            drafts = _PromptLookupDrafts(config.prompt_lookup_num_tokens, config.max_matching_ngram_size or 2)
+            return self._assisted_decode(input_ids, run, drafts)
         if config.num_beams > 1:
             return self._beam_search(input_ids, run)
         return self._decode(input_ids, run)
 
     # ----- preparation -----
-    def _check_generate_args(self, config, input_ids, assistant_model, streamer, tokenizer) -> None:
+    def _check_generate_args(self, config, input_ids, assistant_model, streamer, tokenizer, embeds, cache) -> None:
         if streamer is not None and config.num_beams > 1:
             raise ValueError("a streamer cannot follow beam search (beams change their past); set num_beams=1 or drop streamer")
         if config.stop_strings is not None and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer: pass generate(..., stop_strings=..., tokenizer=tokenizer)")
         if not config.use_cache:
             raise ValueError("maestrale always decodes with a KV cache; use_cache=False is not supported in generate()")
-        if assistant_model is not None:
+        if embeds is not None and cache is not None and cache.get_seq_length():
+            raise ValueError("inputs_embeds cannot continue a filled past_key_values: pass the new tokens as input_ids")
+        if assistant_model is not None or config.prompt_lookup_num_tokens is not None:
+            how = "assistant_model" if assistant_model is not None else "prompt_lookup_num_tokens"
+            if assistant_model is not None and config.prompt_lookup_num_tokens is not None:
+                raise ValueError("pass either assistant_model or prompt_lookup_num_tokens, not both")
             if config.num_beams > 1 or config.do_sample:
-                raise ValueError("assisted generation in maestrale is greedy only: set num_beams=1 and do_sample=False")
+                raise ValueError(f"assisted generation ({how}) in maestrale is greedy only: set num_beams=1 and "
+                                 "do_sample=False")
             if input_ids.shape[0] > 1:
-                raise ValueError(f"assisted generation takes one prompt at a time, got a batch of {input_ids.shape[0]}")
+                raise ValueError(f"assisted generation ({how}) takes one prompt at a time, got a batch of "
+                                 f"{input_ids.shape[0]}")
+            if embeds is not None:
+                raise ValueError(f"assisted generation ({how}) needs the prompt as input_ids, not inputs_embeds")
+        if assistant_model is not None:
             if assistant_model.config.vocab_size != self.config.vocab_size:
                 raise ValueError(f"assistant_model has vocab_size {assistant_model.config.vocab_size}, the model "
                                  f"{self.config.vocab_size}: the assistant must share the tokenizer")
 
-    def _logits_processors(self, config, prompt_len, mask, eos, prefix_allowed_tokens_fn, user) -> LogitsProcessorList:
-        """The processors the config asks for, in transformers' order, with the user's merged in before the warpers."""
+    def _logits_processors(self, config, prompt_len, max_length, start, mask, eos, prefix_allowed_tokens_fn,
+                           user) -> LogitsProcessorList:
+        """The processors the config asks for, in transformers' order, with the user's merged in before the warpers.
+
+        Processors see token ids only, so lengths lose the `start` positions of an embeddings-only prompt.
+        """
+        prompt_len, max_length = prompt_len - start, max_length - start
         processors = LogitsProcessorList()
+        if config.sequence_bias is not None:
+            processors.append(SequenceBiasLogitsProcessor(config.sequence_bias))
         if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
             # Left padding is not part of the text: skip it.
             skip = None if mask is None else (mask != 0).int().argmax(1)
@@ -209,19 +253,37 @@ class GenerationMixin:
             processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
         if config.bad_words_ids is not None:
             processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
-        min_length = config.min_length or 0
+        min_length = max((config.min_length or 0) - start, 0)
         if config.min_new_tokens:
             min_length = prompt_len + config.min_new_tokens
         if eos is not None and min_length > 0:
             processors.append(MinLengthLogitsProcessor(min_length, eos))
         if prefix_allowed_tokens_fn is not None:
             processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, config.num_beams))
+        if config.forced_bos_token_id is not None:
+            processors.append(ForcedBOSTokenLogitsProcessor(config.forced_bos_token_id))
+        if config.forced_eos_token_id is not None:
+            processors.append(ForcedEOSTokenLogitsProcessor(max_length, config.forced_eos_token_id))
+        if config.remove_invalid_values:
+            processors.append(InfNanRemoveLogitsProcessor())
+        if config.exponential_decay_length_penalty is not None:
+            if eos is None:
+                raise ValueError("exponential_decay_length_penalty pushes eos up: set eos_token_id too")
+            processors.append(ExponentialDecayLengthPenalty(config.exponential_decay_length_penalty, eos, prompt_len))
+        if config.suppress_tokens is not None:
+            processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens))
+        if config.begin_suppress_tokens is not None:
+            # With a one-token prompt and a forced bos, the first free token is the one after it.
+            begin = prompt_len + (prompt_len <= 1 and config.forced_bos_token_id is not None)
+            processors.append(SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, begin))
         processors = _merge(processors, user or [])
         if config.do_sample:
             # Beam sampling must keep enough candidates for every beam to survive an eos.
             keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
             if config.temperature is not None and config.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(float(config.temperature)))
+            if config.top_h is not None:
+                processors.append(TopHLogitsWarper(config.top_h))
             if config.top_k:
                 processors.append(TopKLogitsWarper(config.top_k, min_tokens_to_keep=keep))
             if config.top_p is not None and config.top_p < 1.0:
@@ -230,6 +292,12 @@ class GenerationMixin:
                 processors.append(MinPLogitsWarper(config.min_p, min_tokens_to_keep=keep))
             if config.typical_p is not None and config.typical_p < 1.0:
                 processors.append(TypicalLogitsWarper(config.typical_p, min_tokens_to_keep=keep))
+            if config.epsilon_cutoff:
+                processors.append(EpsilonLogitsWarper(config.epsilon_cutoff, min_tokens_to_keep=keep))
+            if config.eta_cutoff:
+                processors.append(EtaLogitsWarper(config.eta_cutoff, min_tokens_to_keep=keep))
+        if config.renormalize_logits:
+            processors.append(LogitNormalization())  # last, so beam scores stay log-probabilities
         return processors
 
     def _prefill(self, input_ids: torch.Tensor, run: _Run, model=None):
@@ -237,7 +305,8 @@ class GenerationMixin:
         model = model or self
         past = run.past
         return model(
-            input_ids[:, past:],
+            None if run.embeds is not None else input_ids[:, past:],
+            inputs_embeds=run.embeds,
             attention_mask=run.mask,
             position_ids=None if run.positions is None else run.positions[:, past:],
             logits_to_keep=1,
@@ -260,7 +329,7 @@ class GenerationMixin:
         outputs = self._prefill(input_ids, run, forward)
         while True:
             logits = outputs.logits[:, -1].float()
-            scores = run.processors(tokens[:, :length], logits)
+            scores = run.processors(tokens[:, run.start:length], logits)
             if config.do_sample:
                 next_tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
             else:
@@ -273,7 +342,7 @@ class GenerationMixin:
             if run.streamer is not None:
                 run.streamer.put(next_tokens.cpu())
             if run.criteria:
-                unfinished &= ~run.criteria(tokens[:, :length], record.scores)
+                unfinished &= ~run.criteria(tokens[:, run.start:length], record.scores)
                 if not unfinished.any():  # the one host sync of a step
                     break
             if length == run.max_length:
@@ -288,7 +357,7 @@ class GenerationMixin:
             )
         if run.streamer is not None:
             run.streamer.end()
-        sequences = tokens[:, :length]
+        sequences = tokens[:, run.start:length]
         if not config.return_dict_in_generate:
             return sequences
         if forward is not self:
@@ -337,7 +406,8 @@ class GenerationMixin:
         length = prompt_len
         while True:
             logits = outputs.logits[:, -1].float()
-            log_probs = run.processors(running[:, :, :length].reshape(batch * beams, length), logits.log_softmax(-1))
+            seen = running[:, :, run.start:length].reshape(batch * beams, length - run.start)
+            log_probs = run.processors(seen, logits.log_softmax(-1))
             record.add(log_probs, logits, outputs)
             vocab = log_probs.shape[-1]
             totals = (log_probs.view(batch, beams, vocab) + running_scores[..., None]).view(batch, beams * vocab)
@@ -351,7 +421,8 @@ class GenerationMixin:
             cand[:, :, length] = flat_index % vocab
             cand_origin = pick(running_origin, source)
             cand_origin[:, :, length - prompt_len] = (source + row_offset).int()
-            stops = run.criteria(cand[:, :, : length + 1].reshape(batch * candidates, length + 1), record.scores)
+            stops = run.criteria(cand[:, :, run.start : length + 1].reshape(batch * candidates, length + 1 - run.start),
+                                 record.scores)
             stops = stops.view(batch, candidates) | (length + 1 >= max_length)
 
             # Running beams: the best continuations that did not stop.
@@ -394,7 +465,7 @@ class GenerationMixin:
         sequences, scores = done[:, :keep].reshape(batch * keep, -1), done_scores[:, :keep].reshape(-1)
         origin = done_origin[:, :keep].reshape(batch * keep, -1)
         generated = int((origin >= 0).sum(1).max())
-        sequences, origin = sequences[:, : prompt_len + generated], origin[:, :generated]
+        sequences, origin = sequences[:, run.start : prompt_len + generated], origin[:, :generated]
         if not config.return_dict_in_generate:
             return sequences
         return GenerateBeamDecoderOnlyOutput(
@@ -403,11 +474,13 @@ class GenerationMixin:
         )
 
     # ----- assisted (speculative) decoding -----
-    def _assisted_decode(self, input_ids: torch.Tensor, run: _Run, assistant) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-        """Greedy decoding where a small assistant drafts tokens and the model checks them all in one forward.
+    def _assisted_decode(self, input_ids: torch.Tensor, run: _Run,
+                         drafter) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        """Greedy decoding where a drafter (a small assistant, or n-grams of the prompt) proposes tokens and the model
+        checks them all in one forward.
 
         The model keeps its own pick at every position, so the result is exactly greedy decoding; each round costs
-        one model forward and yields the accepted drafts plus one token. Rejected drafts are cropped from both caches.
+        one model forward and yields the accepted drafts plus one token. Rejected drafts are cropped from the cache.
         """
         config = run.config
         if run.mask is not None or run.past:
@@ -415,17 +488,10 @@ class GenerationMixin:
         length = input_ids.shape[1]
         tokens = input_ids.new_empty(1, run.max_length)
         tokens[:, :length] = input_ids
-        draft_count = config.num_assistant_tokens
-        assistant_cache = DynamicCache()
         record = _Record(config)
         finished = False
         while not finished:
-            drafts = min(draft_count, run.max_length - length - 1)
-            for i in range(drafts):  # the assistant drafts greedily, feeding whatever it has not seen yet
-                seen = assistant_cache.get_seq_length()
-                out = assistant(tokens[:, seen:length + i], past_key_values=assistant_cache, use_cache=True,
-                                logits_to_keep=1, return_dict=True)
-                tokens[:, length + i] = out.logits[:, -1].argmax(-1)
+            drafts = drafter(tokens, length, run.max_length - length - 1)
             seen = run.cache.get_seq_length()
             out = self(tokens[:, seen:length + drafts], logits_to_keep=drafts + 1, **run.forward_kwargs())
             new = 0
@@ -446,16 +512,83 @@ class GenerationMixin:
                 if not agrees:
                     break
             length += new
-            # Keep in both caches only tokens that are now part of the sequence (the newest is fed next round).
+            # Keep in the caches only tokens that are now part of the sequence (the newest is fed next round).
             run.cache.crop(length - 1)
-            assistant_cache.crop(length - 1)
-            draft_count = draft_count + 2 if new == drafts + 1 else max(1, draft_count - 1)
+            drafter.keep(length - 1, all_accepted=new == drafts + 1)
         if run.streamer is not None:
             run.streamer.end()
         sequences = tokens[:, :length]
         if not config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=run.cache, **record.fields())
+
+    def compute_transition_scores(
+        self,
+        sequences: torch.Tensor,
+        scores: tuple[torch.Tensor, ...],
+        beam_indices: torch.Tensor | None = None,
+        normalize_logits: bool = False,
+    ) -> torch.Tensor:
+        """The score of each generated token, (rows, generated): from generate()'s `scores` (or `logits`).
+
+        With beam search pass the output's `beam_indices`, which tell the beam each step's token came from; steps past
+        a row's end (index -1) score 0. `normalize_logits=True` log-softmaxes each step's scores first.
+        """
+        if beam_indices is None:
+            beam_indices = torch.arange(scores[0].shape[0], device=scores[0].device)[:, None].expand(-1, len(scores))
+        stacked = torch.stack(scores, 1)  # (rows of the step tensors, steps, vocab)
+        if normalize_logits:
+            stacked = stacked.log_softmax(-1)
+        ended = beam_indices < 0
+        steps = int((~ended).sum(-1).max())
+        ended, rows = ended[:, :steps], beam_indices[:, :steps].clamp(min=0)
+        chosen = sequences[:, sequences.shape[-1] - steps:].to(stacked.device)
+        picked = stacked[rows, torch.arange(steps, device=stacked.device), chosen]
+        return picked.masked_fill(ended, 0.0)
+
+
+class _AssistantDrafts:
+    """Drafts from a small model of the same vocabulary, run greedily; it drafts more after a round all accepted."""
+
+    def __init__(self, assistant: torch.nn.Module, count: int):
+        self.assistant, self.count, self.cache = assistant, count, DynamicCache()
+
+    def __call__(self, tokens: torch.Tensor, length: int, room: int) -> int:
+        """Write up to `room` drafts after tokens[:, :length]; return how many."""
+        drafts = min(self.count, room)
+        for i in range(drafts):  # feed whatever the assistant has not seen yet
+            seen = self.cache.get_seq_length()
+            out = self.assistant(tokens[:, seen:length + i], past_key_values=self.cache, use_cache=True,
+                                 logits_to_keep=1, return_dict=True)
+            tokens[:, length + i] = out.logits[:, -1].argmax(-1)
+        return drafts
+
+    def keep(self, length: int, all_accepted: bool) -> None:
+        self.cache.crop(length)
+        self.count = self.count + 2 if all_accepted else max(1, self.count - 1)
+
+
+class _PromptLookupDrafts:
+    """Prompt lookup: the tokens that followed the earliest earlier occurrence of the sequence's last n-gram
+    (n from max_ngram down to 1), up to `count` of them."""
+
+    def __init__(self, count: int, max_ngram: int):
+        self.count, self.max_ngram = count, max_ngram
+
+    def __call__(self, tokens: torch.Tensor, length: int, room: int) -> int:
+        sequence = tokens[0, :length]
+        for n in range(min(self.max_ngram, length - 1), 0, -1):
+            hits = (sequence.unfold(0, n, 1) == sequence[-n:]).all(-1).nonzero().flatten().tolist()
+            for at in hits:
+                start = at + n
+                end = min(start + self.count, length, start + room)
+                if start < end:
+                    tokens[0, length:length + end - start] = sequence[start:end].clone()
+                    return end - start
+        return 0
+
+    def keep(self, length: int, all_accepted: bool) -> None:
+        pass
 
 
 class _Record:
@@ -485,7 +618,11 @@ class _Record:
 
 # ----- helpers -----
 def _input_ids_and_mask(inputs, model_inputs: dict, config: GenerationConfig, device: torch.device):
-    """input_ids (batch, seq) and the attention mask if given, from a tensor, a mapping (BatchEncoding) or kwargs."""
+    """input_ids (batch, seq), the attention mask if given, and how many leading positions have no token id.
+
+    They come from a tensor, a mapping (BatchEncoding) or keyword arguments. A prompt given only as inputs_embeds
+    gets placeholder ids, which nothing but the cache positions sees (as transformers, outputs hold new tokens only).
+    """
     mask = model_inputs.get("attention_mask")
     if isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
@@ -495,6 +632,21 @@ def _input_ids_and_mask(inputs, model_inputs: dict, config: GenerationConfig, de
     if inputs is not None and model_inputs.get("input_ids") is not None:
         raise ValueError("pass the prompt once: either as the first argument of generate() or as input_ids=")
     input_ids = inputs if inputs is not None else model_inputs.get("input_ids")
+    embeds = model_inputs.get("inputs_embeds")
+    if embeds is not None:
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+            raise ValueError("inputs_embeds must be a (batch, sequence, hidden_size) tensor, got "
+                             f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(f"attention_mask must have the shape of inputs_embeds' first two dimensions "
+                             f"{tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
+        if input_ids is not None and tuple(input_ids.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} must be the ids of inputs_embeds "
+                             f"{tuple(embeds.shape[:2])}, or left out")
+        start = 0 if input_ids is not None else embeds.shape[1]
+        if input_ids is None:
+            input_ids = torch.zeros(embeds.shape[:2], dtype=torch.long)
+        return input_ids.to(device), None if mask is None else mask.to(device), start
     if input_ids is None:
         if config.bos_token_id is None:
             raise ValueError("generate() needs input_ids, or a bos_token_id in the generation config to start from")
@@ -508,7 +660,7 @@ def _input_ids_and_mask(inputs, model_inputs: dict, config: GenerationConfig, de
     if mask is not None and mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
     input_ids = input_ids.to(device)
-    return input_ids, None if mask is None else mask.to(device)
+    return input_ids, None if mask is None else mask.to(device), 0
 
 
 def _infer_mask(input_ids: torch.Tensor, pad_id: int | None, eos: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..cache import Cache, DynamicCache
+from ..cache import Cache, DynamicCache, cache_argument
 from .attention import Attention, build_mask
 from .mlp import GatedMLP, SparseMoeBlock
 from .modeling_utils import PreTrainedModel
@@ -156,8 +156,10 @@ class DecoderModel(PreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,  # accepted for transformers compatibility; unused
+        cache: Cache | None = None,  # transformers' newer name of past_key_values
     ) -> BaseModelOutputWithPast | MoeModelOutputWithPast | tuple:
         config = self.config
+        past_key_values = cache_argument(past_key_values, cache)
         _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states

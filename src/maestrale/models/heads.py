@@ -73,13 +73,14 @@ class ForCausalLM(GenerationMixin, HeadModel):
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch=None,
         cache_position=None,
+        cache=None,  # transformers' newer name of past_key_values
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast | tuple:
         moe = self.base_model.is_moe
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
         extra = {"output_router_logits": output_router_logits} if moe else {}
         out = self._run_base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states, **extra)
+                             output_attentions, output_hidden_states, cache=cache, **extra)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -114,9 +115,9 @@ class ForSequenceClassification(HeadModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, cache_position=None) -> SequenceClassifierOutputWithPast | tuple:
+                return_dict=None, cache_position=None, cache=None) -> SequenceClassifierOutputWithPast | tuple:
         out = self._run_base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states)
+                             output_attentions, output_hidden_states, cache=cache)
         logits = self.score(out.last_hidden_state)
         batch = logits.shape[0]
         pad = self.config.pad_token_id
@@ -174,9 +175,9 @@ class ForTokenClassification(HeadModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, cache_position=None) -> TokenClassifierOutput | tuple:
+                return_dict=None, cache_position=None, cache=None) -> TokenClassifierOutput | tuple:
         out = self._run_base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states)
+                             output_attentions, output_hidden_states, cache=cache)
         logits = self.score(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
@@ -198,9 +199,9 @@ class ForQuestionAnswering(HeadModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None,
-                cache_position=None) -> QuestionAnsweringModelOutput | tuple:
+                cache_position=None, cache=None) -> QuestionAnsweringModelOutput | tuple:
         out = self._run_base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states)
+                             output_attentions, output_hidden_states, cache=cache)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state).split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:

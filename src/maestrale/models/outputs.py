@@ -9,6 +9,10 @@ from typing import Any
 import torch
 
 
+# transformers 5 renamed the past_key_values output to cache; both names read the same field here.
+NEW_NAMES = {"cache": "past_key_values"}
+
+
 class ModelOutput(OrderedDict):
     """Holds the non-None fields in declaration order, like transformers' ModelOutput."""
 
@@ -20,8 +24,19 @@ class ModelOutput(OrderedDict):
 
     def __getitem__(self, key: str | int | slice) -> Any:
         if isinstance(key, str):
-            return super().__getitem__(key)
+            return super().__getitem__(NEW_NAMES.get(key, key))
         return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(NEW_NAMES.get(key, key) if isinstance(key, str) else key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(NEW_NAMES.get(key, key), default)
+
+    @property
+    def cache(self) -> Any:
+        """transformers' newer name of `past_key_values`."""
+        return self.past_key_values
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.keys() and value is not None:

@@ -244,3 +244,20 @@ def test_assisted_generation_stops_on_eos_like_greedy():
     plain = target.generate(ids, max_new_tokens=20, eos_token_id=eos)
     assisted = target.generate(ids, max_new_tokens=20, eos_token_id=eos, assistant_model=copy.deepcopy(target))
     assert torch.equal(assisted, plain) and plain[0, -1] == eos
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "left-padded-batch"])
+def test_beam_sampling_matches_transformers(batched):
+    """num_beams > 1 with do_sample: the same seeded draws give the same beams (candidates kept best first)."""
+    ref, ours = model_pair("mistral", sliding_window=None)
+    ids, mask = prompts(batched)
+    eos = eos_that_fires(ref, ids, mask)
+    results = []
+    for model in (ref, ours):
+        torch.manual_seed(7)
+        results.append(model.generate(ids, attention_mask=mask, pad_token_id=PAD, eos_token_id=eos, do_sample=True,
+                                      num_beams=3, num_return_sequences=2, max_new_tokens=9, temperature=1.3,
+                                      top_k=20, return_dict_in_generate=True, output_scores=True, output_logits=True))
+    a, b = results
+    assert_same(a, b)
+    torch.testing.assert_close(b.sequences_scores, a.sequences_scores)

@@ -413,7 +413,9 @@ class GenerationMixin:
             totals = (log_probs.view(batch, beams, vocab) + running_scores[..., None]).view(batch, beams * vocab)
             if config.do_sample:
                 flat_index = torch.multinomial(totals.softmax(-1), num_samples=candidates)
-                top_scores = totals.gather(1, flat_index)
+                # best first, as topk gives them: the order decides which continuations survive
+                top_scores, order = totals.gather(1, flat_index).sort(-1, descending=True)
+                flat_index = flat_index.gather(1, order)
             else:
                 top_scores, flat_index = torch.topk(totals, candidates)
             source = flat_index // vocab

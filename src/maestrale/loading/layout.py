@@ -78,10 +78,15 @@ def is_moe(config) -> bool:
 
 def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the names transformers saves (Mixtral experts one by one), tied copies left out."""
+    from ..quantization.bnb import quantized_linears, weight_tensors
+
     inter, moe = model.config.intermediate_size, is_moe(model.config)
+    quantized = {f"{name}.weight": module for name, module in quantized_linears(model).items()}
     for name, param in model.named_parameters():
         tensor = param.detach()
-        if moe and (m := MODEL_EXPERTS.match(name)):
+        if name in quantized:  # packed, with its quant-state tensors
+            yield from weight_tensors(quantized[name], name)
+        elif moe and (m := MODEL_EXPERTS.match(name)):
             hub = f"{m['layer']}.block_sparse_moe.experts"
             for e in range(tensor.shape[0]):
                 if m["kind"] == "down_proj":

@@ -127,7 +127,7 @@ def load_pretrained(
     _initialise(model, report["missing_keys"] + [name for name, _, _ in report["mismatched_keys"]])
     _fill(model, checkpoint.shards, slots)
     if quantized is not None:
-        quantized.finish(checkpoint.origin)
+        report["missing_keys"] += quantized.finish(checkpoint.origin)
     model.tie_weights()
     add_device_hooks(model, placement)
     model.eval()

@@ -150,7 +150,9 @@ class QuantizedLoad:
         for name, module in list(model.named_modules()):
             if type(module) in LINEARS and not skipped(name, keep):
                 new = _bnb_linear(self.bnb, module, config)
-                del new._parameters["weight"]
+                # Held out until the checkpoint's tensor arrives; a meta stand-in (not a parameter) meanwhile, which
+                # the loader neither allocates nor plans, and on which a fresh init of the layer's bias is a no-op.
+                new.weight = new._parameters.pop("weight").as_subclass(torch.Tensor)
                 model.set_submodule(name, new)
                 self.linears[f"{name}.weight"] = new
         self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -188,8 +190,9 @@ class QuantizedLoad:
                                          quant_storage=self.config.bnb_4bit_quant_storage, module=module)
         module.weight = new.to(device)
 
-    def finish(self, origin: str) -> None:
-        """Build the pre-quantized weights from their pieces; check that every quantized layer got its weight."""
+    def finish(self, origin: str) -> list[str]:
+        """Build the pre-quantized weights from their pieces; draw (then quantize) the weights a float checkpoint
+        lacks, as a new model would, and return their names."""
         for param, pieces in self.pieces.items():
             module, device = self.linears[param], device_for(self.placement, param)
             data = pieces.pop("")
@@ -200,10 +203,15 @@ class QuantizedLoad:
                 module.weight = self.bnb.nn.Params4bit.from_prequantized(data, pieces, requires_grad=False,
                                                                          device=device, module=module)
         missing = [name for name, module in self.linears.items() if "weight" not in module._parameters]
-        if missing:
+        if missing and self.pre_quantized:
             raise ValueError(f"{origin} has no tensor for {len(missing)} quantized weights, e.g. {missing[:3]}; "
                              "the checkpoint does not fit the model its config describes")
+        for name in missing:
+            module = self.linears[name]
+            fresh = torch.empty(module.out_features, module.in_features, dtype=self.model.config.dtype)
+            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
         self.model.config.quantization_config = self.config
+        return missing
 
 
 class _Intercepted:

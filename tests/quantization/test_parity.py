@@ -67,3 +67,14 @@ def test_int8_options(family_folder):
     assert_same_state(ref, ours)
     with torch.no_grad():
         torch.testing.assert_close(ours(PROMPT).logits, ref(PROMPT).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fp32_cpu_offload_keeps_cpu_modules_unquantized(offload, family_folder):
+    """With llm_int8_enable_fp32_cpu_offload, the modules a device_map dict puts on the CPU stay unquantized (here:
+    all of them, as in transformers); without it they are quantized."""
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    options = dict(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
+    ref, ours = load_both(family_folder("mistral"), options, device_map=device_map)
+    assert quantized_layers(ours) == quantized_layers(ref)
+    assert (quantized_layers(ours) == {}) == offload

@@ -152,8 +152,7 @@ class StaticDecoder:
         self.length = 0  # tokens in the cache (host copy of t)
 
         self.on_cuda = device.type == "cuda"
-        self.quantized = bool(quantized_linears(model))
-        compiled = self.on_cuda and not self.quantized
+        compiled = self.on_cuda and not quantized_linears(model)
         compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
         self.part = {name: compile_(f) for name, f in STEP_PARTS.items()}
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -18,7 +18,7 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
-from ..quantization.config import BitsAndBytesConfig, check_quantization, quantization_method
+from ..quantization.config import BitsAndBytesConfig, bitsandbytes_config, check_quantization
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import open_gguf
 from .hub import resolve_file
@@ -173,7 +173,7 @@ def _quantize_linears(model: nn.Module, requested: BitsAndBytesConfig | None, pl
     says how) or `requested` asks for it; their tensors then go to the returned loader instead of the plan."""
     saved = getattr(model.config, "quantization_config", None)
     if saved is not None:
-        config = quantization_method(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
+        config = bitsandbytes_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
         if requested is not None:
             logger.warning(f"{checkpoint.config_source} is already quantized; its quantization_config is used and "
                            "the one passed to from_pretrained is ignored")

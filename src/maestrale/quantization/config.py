@@ -104,14 +104,14 @@ def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | None:
     if quantization_config is None or isinstance(quantization_config, BitsAndBytesConfig):
         return quantization_config
     if isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
-        return quantization_method(quantization_config, "quantization_config")
+        return bitsandbytes_config(quantization_config, "quantization_config")
     raise ValueError(
         f"quantization_config={quantization_config!r} is not a quantization config: pass the config object "
         "itself, e.g. quantization_config=BitsAndBytesConfig(load_in_4bit=True)"
     )
 
 
-def quantization_method(data: dict[str, Any], source: str) -> BitsAndBytesConfig:
+def bitsandbytes_config(data: dict[str, Any], source: str) -> BitsAndBytesConfig:
     """The BitsAndBytesConfig a quantization_config dict describes; other methods are refused by name."""
     method = data.get("quant_method", "an unknown method")
     if method != BitsAndBytesConfig.quant_method:

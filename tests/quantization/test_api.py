@@ -89,14 +89,23 @@ def test_generate_strategies_and_streamer(option, family_folder):
     assert streamer.ended and torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks]), out[0])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("family, option", [("mistral", "nf4-double"), ("phi3", "fp4"), ("mixtral", "nf4"),
                                             ("ministral", "int8")])
-def test_static_decoder_runs_quantized_layers(family, option, family_folder):
-    """The engine's step (eager on CPU) asks each quantized layer for its product: same tokens as the reference."""
-    _, ours = load_both(family_folder(family), OPTIONS[option])
+def test_static_decoder_runs_quantized_layers(family, option, device, family_folder):
+    """The engine's step (eager on CPU, a CUDA graph on CUDA) asks each quantized layer for its product: the same
+    tokens as the reference path. On CUDA, 8-bit models keep the reference path."""
+    _, ours = load_both(family_folder(family), OPTIONS[option], device_map=device)
+    prompt = PROMPT.to(device)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-    ref = ours.generate(PROMPT, cache_implementation="dynamic", **kwargs)
-    fast = ours.generate(PROMPT, cache_implementation="static", **kwargs)
+    ref = ours.generate(prompt, cache_implementation="dynamic", **kwargs)
+    if device == "cuda" and option == "int8":
+        assert torch.equal(ours.generate(prompt, **kwargs).sequences, ref.sequences)
+        assert "_static_decoder" not in ours.__dict__
+        with pytest.raises(ValueError, match="8-bit bitsandbytes layers on CUDA"):
+            ours.generate(prompt, cache_implementation="static", **kwargs)
+        return
+    fast = ours.generate(prompt, cache_implementation="static", **kwargs)
     assert "_static_decoder" in ours.__dict__
     assert torch.equal(ref.sequences, fast.sequences)
     for a, b in zip(ref.logits, fast.logits):

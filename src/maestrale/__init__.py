@@ -12,8 +12,8 @@ from .configs import (
 )
 from .models import *  # noqa: F401,F403
 from .generation import *  # noqa: F401,F403  after models, whose heads import generation
-from .loading import BitsAndBytesConfig
 from .pipelines import TextGenerationPipeline, pipeline
+from .quantization import BitsAndBytesConfig
 from .tokenization import *  # noqa: F401,F403
 from .models import (
     AutoModel,

@@ -41,7 +41,19 @@ def pick_device(name: str | None) -> str:
     return name
 
 
-def load(model: str | None, device: str | None, dtype: str):
+def quantization_for(args):
+    """The BitsAndBytesConfig of --load-in-4bit (NF4, computing in --dtype when given) or --load-in-8bit; or None."""
+    from . import BitsAndBytesConfig
+
+    if getattr(args, "load_in_4bit", False):
+        compute = None if args.dtype == "auto" else args.dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    if getattr(args, "load_in_8bit", False):
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load(model: str | None, device: str | None, dtype: str, quantization_config=None):
     """(model, tokenizer) for a hub id, a local folder or a .gguf file."""
     from . import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,8 +70,9 @@ def load(model: str | None, device: str | None, dtype: str):
         folder = source
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device), **kwargs)
-    except (OSError, ValueError) as e:
+        llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device),
+                                                   quantization_config=quantization_config, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
         raise CliError(f"cannot load {source}: {e}") from None
     return llm.eval(), tokenizer
 
@@ -132,7 +145,7 @@ def cmd_generate(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args))
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.chat:
@@ -148,7 +161,7 @@ def cmd_chat(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args))
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # Ctrl-C stops a reply even when started from a shell that ignores SIGINT for background jobs (Python keeps
@@ -273,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the checkpoint's)")
         if generation:
+            bits = p.add_mutually_exclusive_group()
+            bits.add_argument("--load-in-4bit", action="store_true",
+                              help="quantize the linear layers to 4-bit NF4 with bitsandbytes while loading")
+            bits.add_argument("--load-in-8bit", action="store_true",
+                              help="quantize the linear layers to 8-bit (LLM.int8) with bitsandbytes while loading")
             p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
             p.add_argument("--temperature", type=float,
                            help="sample at this temperature; 0 decodes greedily (default: the model's generation "

@@ -1,5 +1,5 @@
-"""BitsAndBytesConfig takes transformers' fields and values; from_pretrained(quantization_config=...) says, before
-touching the checkpoint, that maestrale does not quantize and what to pass instead."""
+"""BitsAndBytesConfig takes transformers' fields and values; from_pretrained(quantization_config=...) refuses what is
+not a config, and methods other than bitsandbytes, before touching the checkpoint (quantizing: tests/quantization)."""
 
 import json
 import re
@@ -62,12 +62,17 @@ def test_from_pretrained_refuses_quantization_first(source):
     with pytest.raises(ValueError, match=r"quantization_config=True is not a quantization config: pass the config "
                                          r"object itself, e\.g\. quantization_config=BitsAndBytesConfig"):
         maestrale.AutoModelForCausalLM.from_pretrained(source, quantization_config=True)
-    with pytest.raises(NotImplementedError, match=r"quantization_config asks for bitsandbytes quantization, which "
-                                                  r"maestrale does not implement; drop quantization_config and pass "
-                                                  r"dtype=torch\.bfloat16 \(or torch\.float16\)"):
-        maestrale.MixtralForCausalLM.from_pretrained(source, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     with pytest.raises(NotImplementedError, match="quantization_config asks for gptq quantization"):
         maestrale.AutoModel.from_pretrained(source, quantization_config={"quant_method": "gptq", "bits": 4})
+
+
+def test_config_json_round_trip():
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype="torch.float16", llm_int8_skip_modules=["x"])
+    assert BitsAndBytesConfig.from_dict(config.to_dict()) == config
+    assert BitsAndBytesConfig.from_dict(transformers.BitsAndBytesConfig(**OPTIONS[2]).to_dict()) == \
+        BitsAndBytesConfig(**OPTIONS[2])
+    with pytest.raises(ValueError, match=r"quantization_config has keys BitsAndBytesConfig does not know: \['bits'\]"):
+        BitsAndBytesConfig.from_dict({"load_in_4bit": True, "bits": 4})
 
 
 def test_from_pretrained_without_quantization_loads(tmp_path):

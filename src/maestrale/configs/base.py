@@ -238,7 +238,8 @@ class PretrainedConfig:
 
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
-        out = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_") and k != "name_or_path"}
+        out = {k: v.to_dict() if hasattr(v, "to_dict") else copy.deepcopy(v)  # quantization_config
+               for k, v in vars(self).items() if not k.startswith("_") and k != "name_or_path"}
         out["id2label"] = dict(self.id2label)
         out["label2id"] = self.label2id
         if out.get("dtype") is not None:

@@ -6,6 +6,12 @@ product, rotary with the cache write and flash-decoding attention (kernels.py), 
 feed-forward, whose residual add carries the next layer's norm. On CUDA
 the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
 token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it).
+
+Quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
+own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
+would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
+layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
+reference path.
 """
 
 from __future__ import annotations
@@ -19,20 +25,28 @@ from ..models.decoder import rms_norm
 from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
+from ..quantization.bnb import quantized_linears
 from .kernels import decode_attention, matvec, rotary_cache_write
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
 
+def _product(x, weights):
+    """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
+    if isinstance(weights, torch.Tensor):
+        return F.linear(x, weights)
+    return torch.cat([layer(x) for layer in weights], dim=-1)
+
+
 def _attention_out(x, attn, o_proj, norm, eps: float):
     """Residual add of the attention output; the normed input of the feed-forward."""
-    x = x + F.linear(attn.flatten(1), o_proj)
+    x = x + _product(attn.flatten(1), o_proj)
     return x, rms_norm(x, norm, eps)
 
 
 def _gated_mlp(x, h, gate_up, down, act, next_norm, eps: float):
     """The feed-forward and its residual add; the normed input of the next layer (or of the head)."""
-    x = x + F.linear(_gate(F.linear(h, gate_up), act), down)
+    x = x + _product(_gate(_product(h, gate_up), act), down)
     return x, rms_norm(x, next_norm, eps)
 
 
@@ -68,8 +82,13 @@ def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm
 STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _route, _mix, _dense_experts)}
 
 
-def _stacked(linears) -> torch.Tensor:
-    """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy)."""
+def _weights(*linears) -> torch.Tensor | tuple:
+    """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy); the layers
+    themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product."""
+    if any(type(linear.weight) is not torch.nn.Parameter for linear in linears):
+        return linears
+    if len(linears) == 1:
+        return linears[0].weight.detach()
     stacked = stacked_weight(linears)
     return stacked if stacked is not None else torch.cat([linear.weight.detach() for linear in linears])
 
@@ -77,24 +96,24 @@ def _stacked(linears) -> torch.Tensor:
 @dataclass
 class _LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    o_proj: torch.Tensor
+    qkv: torch.Tensor | tuple  # a matrix, or quantized layers (see _weights)
+    o_proj: torch.Tensor | tuple
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # (2 * inter, hidden), or (experts, 2 * inter, hidden) for Mixtral
-    down: torch.Tensor
+    gate_up: torch.Tensor | tuple  # (2 * inter, hidden), or (experts, 2 * inter, hidden) for Mixtral
+    down: torch.Tensor | tuple
     router: torch.Tensor | None = None
 
     @classmethod
     def of(cls, layer) -> _LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = attn.qkv_proj.weight.detach() if hasattr(attn, "qkv_proj") else _stacked((attn.q_proj, attn.k_proj, attn.v_proj))
+        qkv = _weights(attn.qkv_proj) if hasattr(attn, "qkv_proj") else _weights(attn.q_proj, attn.k_proj, attn.v_proj)
         if hasattr(mlp, "experts"):
             ffn = dict(gate_up=mlp.experts.gate_up_proj.detach(), down=mlp.experts.down_proj.detach(),
                        router=mlp.gate.weight.detach())
         else:
-            gate_up = mlp.gate_up_proj.weight.detach() if hasattr(mlp, "gate_up_proj") else _stacked((mlp.gate_proj, mlp.up_proj))
-            ffn = dict(gate_up=gate_up, down=mlp.down_proj.weight.detach())
-        return cls(layer.input_layernorm.weight.detach(), qkv, attn.o_proj.weight.detach(),
+            gate_up = _weights(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else _weights(mlp.gate_proj, mlp.up_proj)
+            ffn = dict(gate_up=gate_up, down=_weights(mlp.down_proj))
+        return cls(layer.input_layernorm.weight.detach(), qkv, _weights(attn.o_proj),
                    layer.post_attention_layernorm.weight.detach(), **ffn)
 
 
@@ -108,14 +127,14 @@ class StaticDecoder:
     def __init__(self, model, batch: int, capacity: int):
         config, base = model.config, model.base_model
         self.model, self.batch, self.capacity = model, batch, capacity
-        weight = model.lm_head.weight
-        device, dtype = weight.device, weight.dtype
+        embed = base.embed_tokens.weight
+        device, dtype = embed.device, embed.dtype
         self.eps, self.act = config.rms_norm_eps, ACT_FNS[config.hidden_act]
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
         self.scale = self.head_dim**-0.5
         self.top_k = getattr(config, "num_experts_per_tok", None)
         self.rotary = base.rotary_emb
-        self.embed, self.final_norm, self.lm_head = base.embed_tokens.weight.detach(), base.norm.weight.detach(), weight.detach()
+        self.embed, self.final_norm, self.lm_head = embed.detach(), base.norm.weight.detach(), _weights(model.lm_head)
         self.layers = [_LayerWeights.of(layer) for layer in base.layers]
 
         window = config.sliding_window
@@ -133,7 +152,8 @@ class StaticDecoder:
         self.length = 0  # tokens in the cache (host copy of t)
 
         self.on_cuda = device.type == "cuda"
-        compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if self.on_cuda else (lambda f: f)
+        compiled = self.on_cuda and not quantized_linears(model)
+        compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
         self.part = {name: compile_(f) for name, f in STEP_PARTS.items()}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -157,7 +177,7 @@ class StaticDecoder:
         h = part["rms_norm"](x, self.layers[0].input_norm, eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for w, next_norm, k_cache, v_cache in zip(self.layers, next_norms, self.k_cache, self.v_cache):
-            q = rotary_cache_write(F.linear(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)
+            q = rotary_cache_write(_product(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)
             attn = decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
             x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
             if w.router is None:
@@ -170,7 +190,7 @@ class StaticDecoder:
                 experts = top_experts.flatten()
                 gated = matvec(h, w.gate_up, self.act, experts, rows_per_x=self.top_k)
                 x, h = part["_mix"](x, matvec(gated, w.down, experts=experts), top_weights, next_norm, eps)
-        return F.linear(h, self.lm_head)
+        return _product(h, self.lm_head)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -247,6 +267,7 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
         "training mode": model.training,
         "a model spread over several devices": len({p.device for p in model.parameters()}) > 1,
         "forward hooks (the step calls no module)": any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()),
+        "8-bit bitsandbytes layers on CUDA (not capturable)": model.is_loaded_in_8bit and model.device.type == "cuda",
     }
     found = [name for name, present in blockers.items() if present]
     if found:
@@ -254,9 +275,9 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
             raise ValueError(f"cache_implementation='static' cannot be used with {', '.join(found)}; "
                              "drop them or use cache_implementation='dynamic'")
         return None
-    key = (input_ids.shape[0], capacity_for(run.max_length), model.lm_head.weight.dtype)
+    key = (input_ids.shape[0], capacity_for(run.max_length), model.base_model.embed_tokens.weight.dtype)
     decoder = model.__dict__.get("_static_decoder")
-    if decoder is None or (decoder.batch, decoder.capacity, decoder.lm_head.dtype) != key or not decoder.current():
+    if decoder is None or (decoder.batch, decoder.capacity, decoder.embed.dtype) != key or not decoder.current():
         model.__dict__.pop("_static_decoder", None)  # free the old caches and graph first
         decoder = model.__dict__["_static_decoder"] = StaticDecoder(model, key[0], key[1])
     decoder.length = 0

@@ -80,11 +80,16 @@ def checkpoint_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights (or the tensors of `state_dict`, named as the model's) under the names transformers
     saves (Mixtral experts one by one), tied copies left out."""
+    from ..quantization.bnb import quantized_linears, weight_tensors
+
     inter, moe = model.config.intermediate_size, is_moe(model.config)
     named = model.named_parameters() if state_dict is None else _untied(state_dict)
+    quantized = {} if state_dict is not None else {f"{name}.weight": m for name, m in quantized_linears(model).items()}
     for name, param in named:
         tensor = param.detach()
-        if moe and (m := MODEL_EXPERTS.match(name)):
+        if name in quantized:  # packed, with its quant-state tensors
+            yield from weight_tensors(quantized[name], name)
+        elif moe and (m := MODEL_EXPERTS.match(name)):
             hub = f"{m['layer']}.block_sparse_moe.experts"
             for e in range(tensor.shape[0]):
                 if m["kind"] == "down_proj":

@@ -18,6 +18,7 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
+from ..quantization.config import BitsAndBytesConfig, bitsandbytes_config, check_quantization
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import open_gguf
 from .hub import resolve_file
@@ -26,7 +27,6 @@ from .mistral_native import PARAMS_NAME, open_mistral_native
 from .mistral_native import WEIGHT_FILES as NATIVE_WEIGHT_FILES
 from .placement import add_device_hooks, materialize, parameters_on_meta, resolve_device_map
 from .progress import progress
-from .quantization import BitsAndBytesConfig, refuse_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def load_pretrained(
 ):
     """Load a model class (or an Auto class, which has `model_class(config)`) from a checkpoint."""
     refuse_remote_code(kwargs)
-    refuse_quantization(quantization_config)  # before any download
+    quantization_config = check_quantization(quantization_config)  # before any download
     hub_kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                       force_download=force_download, subfolder=subfolder)
     checkpoint = open_checkpoint(pretrained_model_name_or_path, gguf_file, hub_kwargs, use_safetensors)
@@ -128,12 +128,15 @@ def load_pretrained(
     with parameters_on_meta():
         model = model_class.from_config(config, attn_implementation=attn_implementation, dtype=config.dtype)
     placement = resolve_device_map(device_map, model, max_memory)
+    quantized = _quantize_linears(model, quantization_config, placement, device_map, checkpoint)
 
     layout = Layout(model)
     slots, report = _plan(layout, checkpoint, ignore_mismatched_sizes)
     materialize(model, placement)
     _initialise(model, report["missing_keys"] + [name for name, _, _ in report["mismatched_keys"]])
     _fill(model, checkpoint.shards, slots)
+    if quantized is not None:
+        report["missing_keys"] += quantized.finish(checkpoint.origin)
     model.tie_weights()
     add_device_hooks(model, placement)
     model.eval()
@@ -151,8 +154,8 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
         config.validate()
     else:
         data = checkpoint.config_dict
-        if "quantization_config" in data:
-            method = data["quantization_config"].get("quant_method", "an unknown")
+        method = data.get("quantization_config", {}).get("quant_method", "an unknown")
+        if "quantization_config" in data and method != BitsAndBytesConfig.quant_method:
             raise NotImplementedError(
                 f"{checkpoint.config_source} describes a checkpoint quantized with {method} (its quantization_config), "
                 "which maestrale cannot load; use the unquantized checkpoint, or a GGUF file (dequantized on load)"
@@ -171,6 +174,27 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
             f"{config.model_type} classes or an Auto class (e.g. AutoModelForCausalLM)"
         )
     return config
+
+
+def _quantize_linears(model: nn.Module, requested: BitsAndBytesConfig | None, placement, device_map,
+                      checkpoint: Checkpoint):
+    """Swap the model's linear layers for bitsandbytes ones when the checkpoint was saved quantized (its config
+    says how) or `requested` asks for it; their tensors then go to the returned loader instead of the plan."""
+    saved = getattr(model.config, "quantization_config", None)
+    if saved is not None:
+        config = bitsandbytes_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
+        if requested is not None:
+            logger.warning(f"{checkpoint.config_source} is already quantized; its quantization_config is used and "
+                           "the one passed to from_pretrained is ignored")
+    elif requested is not None:
+        config = requested
+    else:
+        return None
+    from ..quantization.bnb import QuantizedLoad
+
+    load = QuantizedLoad(model, config, saved is not None, placement, device_map)
+    checkpoint.shards = load.intercept(checkpoint.shards)
+    return load
 
 
 def _first_float_dtype(shards: list[Shard]) -> torch.dtype | None:

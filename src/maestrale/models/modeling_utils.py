@@ -100,6 +100,48 @@ class PreTrainedModel(nn.Module):
     def base_model(self) -> nn.Module:
         return getattr(self, self.base_model_prefix, self)
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (quantized ones as packed) and, by default, the buffers."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    # ----- quantization (bitsandbytes, set up by from_pretrained) -----
+    @property
+    def is_quantized(self) -> bool:
+        return getattr(self.config, "quantization_config", None) is not None
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return getattr(getattr(self.config, "quantization_config", None), "load_in_4bit", False)
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return getattr(getattr(self.config, "quantization_config", None), "load_in_8bit", False)
+
+    def dequantize(self, dtype: torch.dtype | str | None = None) -> "PreTrainedModel":
+        """Replace the quantized layers by plain ones holding their dequantized weights (in `dtype`, by default the
+        dtype the model was loaded in); the model is then no longer quantized."""
+        if not self.is_quantized:
+            raise ValueError(f"{type(self).__name__}.dequantize(): the model is not quantized; load it with "
+                             "quantization_config=BitsAndBytesConfig(...) first")
+        from ..quantization.bnb import dequantize
+
+        dequantize(self, resolve_dtype(dtype) or self.config.dtype)
+        del self.config.quantization_config
+        return self
+
+    def to(self, *args: Any, **kwargs: Any):
+        if self.is_quantized and ("dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args)):
+            raise ValueError(f"{type(self).__name__}.to(dtype): a quantized model cannot change its dtype; load it "
+                             "again with from_pretrained(..., dtype=...) in the dtype you want")
+        return super().to(*args, **kwargs)
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def float(self):
+        return self.to(torch.float32)
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         return sum(

@@ -1,8 +1,4 @@
-"""BitsAndBytesConfig as transformers takes it, and from_pretrained's answer to `quantization_config`.
-
-maestrale does not quantize with bitsandbytes: the config is accepted and checked, so that code written for
-transformers runs up to from_pretrained, which then says what to do instead.
-"""
+"""BitsAndBytesConfig as transformers takes and writes it, and from_pretrained's check of `quantization_config`."""
 
 from __future__ import annotations
 
@@ -18,7 +14,8 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
                   "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8}
 FLAGS = ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight",
          "bnb_4bit_use_double_quant")
-HALF_PRECISION = "dtype=torch.bfloat16 (or torch.float16), which takes 2 bytes per parameter"
+# Keys transformers writes into config.json besides the fields (the flags again, under private names).
+WRITTEN_ONLY = ("quant_method", "_load_in_8bit", "_load_in_4bit")
 
 
 @dataclass
@@ -59,11 +56,21 @@ class BitsAndBytesConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as transformers writes them in config.json, dtypes by name."""
-        out: dict[str, Any] = {"quant_method": self.quant_method}
+        out: dict[str, Any] = {"quant_method": self.quant_method, "_load_in_8bit": self.load_in_8bit,
+                               "_load_in_4bit": self.load_in_4bit}
         for field in fields(self):
             value = getattr(self, field.name)
             out[field.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BitsAndBytesConfig:
+        """The config from a config.json's quantization_config (as transformers or maestrale wrote it)."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - known - set(WRITTEN_ONLY))
+        if unknown:
+            raise ValueError(f"quantization_config has keys BitsAndBytesConfig does not know: {unknown}; remove them")
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def _compute_dtype(value: torch.dtype | str | None) -> torch.dtype:
@@ -91,21 +98,25 @@ def _storage_dtype(value: torch.dtype | str | None) -> torch.dtype:
                      f"{sorted(STORAGE_DTYPES)}")
 
 
-def refuse_quantization(quantization_config: Any) -> None:
-    """from_pretrained(quantization_config=...): maestrale loads unquantized weights only; say what to pass."""
-    if quantization_config is None:
-        return
-    if isinstance(quantization_config, BitsAndBytesConfig):
-        method = quantization_config.quant_method
-    elif isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
-        method = quantization_config["quant_method"]
-    else:
-        raise ValueError(
-            f"quantization_config={quantization_config!r} is not a quantization config: pass the config object "
-            "itself, e.g. quantization_config=BitsAndBytesConfig(load_in_4bit=True). Note that maestrale does not "
-            f"quantize with bitsandbytes; to save memory, drop quantization_config and pass {HALF_PRECISION}"
-        )
-    raise NotImplementedError(
-        f"quantization_config asks for {method} quantization, which maestrale does not implement; drop "
-        f"quantization_config and pass {HALF_PRECISION}"
+def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | None:
+    """from_pretrained(quantization_config=...): a BitsAndBytesConfig (or its dict), or None; other methods and
+    values are refused, naming them."""
+    if quantization_config is None or isinstance(quantization_config, BitsAndBytesConfig):
+        return quantization_config
+    if isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
+        return bitsandbytes_config(quantization_config, "quantization_config")
+    raise ValueError(
+        f"quantization_config={quantization_config!r} is not a quantization config: pass the config object "
+        "itself, e.g. quantization_config=BitsAndBytesConfig(load_in_4bit=True)"
     )
+
+
+def bitsandbytes_config(data: dict[str, Any], source: str) -> BitsAndBytesConfig:
+    """The BitsAndBytesConfig a quantization_config dict describes; other methods are refused by name."""
+    method = data.get("quant_method", "an unknown method")
+    if method != BitsAndBytesConfig.quant_method:
+        raise NotImplementedError(
+            f"{source} asks for {method} quantization, which maestrale does not implement; use an unquantized "
+            "checkpoint (optionally with quantization_config=BitsAndBytesConfig(...)), or a GGUF file"
+        )
+    return BitsAndBytesConfig.from_dict(data)

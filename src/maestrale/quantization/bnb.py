@@ -1,0 +1,232 @@
+"""bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8) linear layers, swapped in for nn.Linear while loading.
+
+The layers, their packed weights and quant states are bitsandbytes' own (Linear4bit/Params4bit, Linear8bitLt/
+Int8Params), built the way transformers builds them, so both libraries hold and save the same bytes. A float
+checkpoint is quantized tensor by tensor as it streams in; a pre-quantized one (config.json with a bitsandbytes
+quantization_config) is read as it was saved. bitsandbytes is imported here only, when a model is quantized.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..loading.checkpoint import Shard
+from ..loading.layout import Layout
+from ..loading.placement import DeviceMap, device_for
+from ..models.linear import Linear
+from .config import BitsAndBytesConfig
+
+INSTALL = "pip install 'maestrale[bnb]'"
+LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
+# The quant-state tensors saved beside a 4-bit `weight` (as `weight.<piece>`) and beside an 8-bit layer's weight.
+PIECES_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+               "quant_state.bitsandbytes__fp4")
+PIECES_8BIT = ("SCB", "weight_format")
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(f"quantization_config=BitsAndBytesConfig(...) needs the bitsandbytes package, which is not "
+                          f"installed: {INSTALL}") from None
+    return bitsandbytes
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: layer} of the model's bitsandbytes layers; {} (and no import) when bitsandbytes was never
+    loaded, since then no layer can be one."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return {}
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
+    """A bitsandbytes layer's weight and quant-state tensors under the names transformers saves (`name` is the
+    weight's). state_dict() also turns bitsandbytes' CPU-packed layout (AVX512-BF16 machines) back into the
+    portable one."""
+    prefix = name.removesuffix("weight")
+    return [(key, tensor.detach().as_subclass(torch.Tensor)) for key, tensor in module.state_dict(prefix=prefix).items()
+            if key != prefix + "bias"]
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    bnb = sys.modules["bitsandbytes"]
+    weight_tensors(module, "weight")  # the portable layout, which dequantize_4bit reads
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    scale = weight.SCB if weight.SCB is not None else module.state.SCB  # the first forward moves it to the state
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace each bitsandbytes layer by a Linear holding its dequantized weight in `dtype`."""
+    for name, module in quantized_linears(model).items():
+        weight = dequantized_weight(module).to(dtype)
+        linear = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight)
+        linear.bias = module.bias
+        model.set_submodule(name, linear)
+
+
+def skipped(name: str, patterns: list[str]) -> bool:
+    """Whether a module name matches a pattern as transformers matches llm_int8_skip_modules: as a prefix ending at a
+    module boundary ("layers.1" takes "layers.1.mlp", not "layers.11"), as a regex with that boundary, or as a suffix."""
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
+
+
+def modules_to_keep(model: nn.Module, config: BitsAndBytesConfig, device_map) -> list[str]:
+    """Modules left unquantized: llm_int8_skip_modules, else the output head and the module of the last parameter
+    (and tied weights), as transformers picks them; with llm_int8_enable_fp32_cpu_offload, the modules a device_map
+    dict puts on the CPU."""
+    names = [name for name, _ in model.named_modules()]
+    if config.llm_int8_skip_modules is None:
+        head = model.get_output_embeddings()
+        keep = {name for name, module in model.named_modules() if head is not None and module is head}
+        keep.add(list(model.named_parameters())[-1][0].removesuffix(".weight"))
+        if head is not None and getattr(model.config, "tie_word_embeddings", False):
+            keep.add(next(name for name, module in model.named_modules() if module is model.get_input_embeddings()))
+        keep = sorted(keep)
+    else:
+        keep = list(config.llm_int8_skip_modules)
+        for pattern in keep:
+            if not any(skipped(name, [pattern]) for name in names if name):
+                raise ValueError(f"BitsAndBytesConfig: llm_int8_skip_modules names {pattern!r}, which matches no module "
+                                 f"of {type(model).__name__}; use names such as 'lm_head' or 'self_attn.o_proj'")
+    if isinstance(device_map, dict):
+        on_cpu = [prefix for prefix, device in device_map.items() if torch.device(device).type == "cpu"]
+        if on_cpu and len(on_cpu) < len(device_map) and not config.llm_int8_enable_fp32_cpu_offload:
+            raise ValueError(f"device_map puts {on_cpu} on the CPU beside the GPU, where bitsandbytes layers cannot "
+                             "run: set BitsAndBytesConfig(llm_int8_enable_fp32_cpu_offload=True) to keep those modules "
+                             "unquantized there, or map every module to the GPU")
+        if config.llm_int8_enable_fp32_cpu_offload:
+            keep += on_cpu
+    return keep
+
+
+def _bnb_linear(bnb, linear: nn.Linear, config: BitsAndBytesConfig) -> nn.Module:
+    """The bitsandbytes layer for `linear`, on the meta device; its bias keeps the model's dtype."""
+    bias = linear.bias is not None
+    if config.load_in_8bit:
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias,
+                                  has_fp16_weights=config.llm_int8_has_fp16_weight,
+                                  threshold=config.llm_int8_threshold, device="meta")
+    else:
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, config.bnb_4bit_compute_dtype,
+                                compress_statistics=config.bnb_4bit_use_double_quant,
+                                quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
+                                device="meta")
+    if bias:
+        new.bias = linear.bias
+    return new.requires_grad_(False)  # frozen, as transformers leaves them: train adapters or unquantized layers
+
+
+class QuantizedLoad:
+    """Swaps a meta model's linear layers for bitsandbytes ones and fills their weights from the checkpoint.
+
+    The swapped layers' weights are held out of the model until their tensors arrive, so the loader neither
+    allocates float storage for them nor plans their (packed) shapes: `intercept` hands their tensors here instead.
+    """
+
+    def __init__(self, model: nn.Module, config: BitsAndBytesConfig, pre_quantized: bool, placement: DeviceMap,
+                 device_map=None):
+        if not (config.load_in_4bit or config.load_in_8bit):
+            raise ValueError("BitsAndBytesConfig: neither load_in_4bit nor load_in_8bit is True; set one of them, or "
+                             "drop quantization_config")
+        self.bnb = require_bitsandbytes()
+        self.model, self.config, self.pre_quantized, self.placement = model, config, pre_quantized, placement
+        self.layout = Layout(model)  # before the weights are held out: it maps checkpoint names onto them
+        keep = modules_to_keep(model, config, device_map)
+        self.linears: dict[str, nn.Module] = {}  # weight name -> its bitsandbytes layer
+        for name, module in list(model.named_modules()):
+            if type(module) in LINEARS and not skipped(name, keep):
+                new = _bnb_linear(self.bnb, module, config)
+                # Held out until the checkpoint's tensor arrives; a meta stand-in (not a parameter) meanwhile, which
+                # the loader neither allocates nor plans, and on which a fresh init of the layer's bias is a no-op.
+                new.weight = new._parameters.pop("weight").as_subclass(torch.Tensor)
+                model.set_submodule(name, new)
+                self.linears[f"{name}.weight"] = new
+        self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def intercept(self, shards: list[Shard]) -> list[Shard]:
+        return [_Intercepted(shard, self) for shard in shards]
+
+    def owner(self, name: str) -> tuple[str, str] | None:
+        """(weight name, piece) for a checkpoint tensor of a quantized layer: piece "" for the weight itself."""
+        base, piece = name, ""
+        if self.pre_quantized:
+            for known in PIECES_4BIT:
+                if name.endswith(f".weight.{known}"):
+                    base, piece = name.removesuffix(f".{known}"), known
+            for known in PIECES_8BIT:
+                if name.endswith(f".{known}"):
+                    base, piece = name.removesuffix(known) + "weight", known
+        slot = self.layout.slot(base)
+        return (slot.param, piece) if slot is not None and slot.param in self.linears else None
+
+    def take(self, param: str, piece: str, tensor: torch.Tensor) -> None:
+        if self.pre_quantized:
+            self.pieces[param][piece] = tensor
+            return
+        # The checkpoint's float weight, in the model's dtype, quantized on its device (bitsandbytes does that on
+        # the first move).
+        module, device = self.linears[param], device_for(self.placement, param)
+        weight = tensor.to(self.model.config.dtype)
+        if self.config.load_in_8bit:
+            new = self.bnb.nn.Int8Params(weight, requires_grad=False,
+                                         has_fp16_weights=self.config.llm_int8_has_fp16_weight)
+        else:
+            new = self.bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=self.config.bnb_4bit_use_double_quant,
+                                         quant_type=self.config.bnb_4bit_quant_type,
+                                         quant_storage=self.config.bnb_4bit_quant_storage, module=module)
+        module.weight = new.to(device)
+
+    def finish(self, origin: str) -> list[str]:
+        """Build the pre-quantized weights from their pieces; draw (then quantize) the weights a float checkpoint
+        lacks, as a new model would, and return their names."""
+        for param, pieces in self.pieces.items():
+            module, device = self.linears[param], device_for(self.placement, param)
+            data = pieces.pop("")
+            if self.config.load_in_8bit:
+                module.weight = self.bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False,
+                                                       SCB=pieces["SCB"]).to(device)
+            else:
+                module.weight = self.bnb.nn.Params4bit.from_prequantized(data, pieces, requires_grad=False,
+                                                                         device=device, module=module)
+        missing = [name for name, module in self.linears.items() if "weight" not in module._parameters]
+        if missing and self.pre_quantized:
+            raise ValueError(f"{origin} has no tensor for {len(missing)} quantized weights, e.g. {missing[:3]}; "
+                             "the checkpoint does not fit the model its config describes")
+        for name in missing:
+            module = self.linears[name]
+            fresh = torch.empty(module.out_features, module.in_features, dtype=self.model.config.dtype)
+            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
+        self.model.config.quantization_config = self.config
+        return missing
+
+
+class _Intercepted:
+    """A shard that hides the quantized layers' tensors from the loader's plan and hands them to `load`."""
+
+    def __init__(self, shard: Shard, load: QuantizedLoad):
+        self.shard, self.load, self.path = shard, load, shard.path
+
+    def infos(self):
+        return {name: info for name, info in self.shard.infos().items() if self.load.owner(name) is None}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.shard.tensors():
+            owner = self.load.owner(name)
+            if owner is None:
+                yield name, tensor
+            else:
+                self.load.take(*owner, tensor)

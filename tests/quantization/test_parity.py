@@ -78,3 +78,19 @@ def test_fp32_cpu_offload_keeps_cpu_modules_unquantized(offload, family_folder):
     ref, ours = load_both(family_folder("mistral"), options, device_map=device_map)
     assert quantized_layers(ours) == quantized_layers(ref)
     assert (quantized_layers(ours) == {}) == offload
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: run on a GPU machine")
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_quantized_like_transformers_on_cuda(family, option, family_folder):
+    """On CUDA: the same packed bytes, logits and greedy tokens (maestrale's generate decodes through its static
+    decoder there, transformers' through its reference loop)."""
+    ref, ours = load_both(family_folder(family), OPTIONS[option], device_map="cuda")
+    assert_same_state(ref, ours)
+    prompt = PROMPT.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompt).logits, ref(prompt).logits, rtol=1e-4, atol=1e-4)
+    a = ref.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    b = ours.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)

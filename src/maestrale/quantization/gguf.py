@@ -29,6 +29,7 @@ from ..models.linear import Linear
 logger = logging.getLogger(__name__)
 
 GROUP = 32  # values per block of every type kept packed
+INT4_ROWS = 16  # torch's int4 CPU layout takes whole tiles of 16 rows
 CHUNK_VALUES = 1 << 20  # Q8_0 dequantizes this many values at a time: 4 MB of float32, within a core's cache
 
 
@@ -52,11 +53,12 @@ class Int4Weight(PackedWeight):
         super().__init__(shape)
         self.gguf_type = gguf_type
         self.register_buffer("packed", packed)
-        self.register_buffer("scale_and_zeros", scale_and_zeros)  # (cols / 32, rows, 2)
+        self.register_buffer("scale_and_zeros", scale_and_zeros)  # (cols / 32, rows rounded up to 16, 2)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale_and_zeros.dtype).contiguous()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_and_zeros)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_and_zeros)
+        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
 
     def dequantize(self) -> torch.Tensor:
         # The product with the identity: each value exactly as the kernel dequantizes it.
@@ -146,10 +148,12 @@ def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight
     else:  # Q4_1
         d, m, qs = _blocks(raw, 20, 2)
         zero = m + 8 * d
-    values = torch.from_numpy(_nibbles(qs).astype(np.int32))
+    rows = raw.shape[0]
+    pad = -rows % INT4_ROWS  # zero rows (scale and zero 0), cut from the product
+    values = torch.from_numpy(np.pad(_nibbles(qs), ((0, pad), (0, 0))).astype(np.int32))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-    scale_and_zeros = torch.from_numpy(np.stack([d, zero], axis=-1).transpose(1, 0, 2).copy()).to(dtype)
-    return Int4Weight(gguf_type, packed, scale_and_zeros, tuple(values.shape))
+    scale_and_zeros = np.pad(np.stack([d, zero], axis=-1), ((0, pad), (0, 0), (0, 0))).transpose(1, 0, 2)
+    return Int4Weight(gguf_type, packed, torch.from_numpy(scale_and_zeros.copy()).to(dtype), (rows, values.shape[1]))
 
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")

@@ -41,8 +41,8 @@ def pick_device(name: str | None) -> str:
     return name
 
 
-def load(model: str | None, device: str | None, dtype: str):
-    """(model, tokenizer) for a hub id, a local folder or a .gguf file."""
+def load(model: str | None, device: str | None, dtype: str, keep_quantized: bool = False):
+    """(model, tokenizer) for a hub id, a local folder or a .gguf file (its blocks kept packed with keep_quantized)."""
     from . import AutoModelForCausalLM, AutoTokenizer
 
     source = model or default_model()
@@ -54,11 +54,14 @@ def load(model: str | None, device: str | None, dtype: str):
     kwargs = {}
     if source.endswith(".gguf"):
         folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(source))
+    elif keep_quantized:
+        raise CliError(f"--keep-quantized keeps a .gguf file's blocks packed, but --model {source} is not a .gguf file")
     else:
         folder = source
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device), **kwargs)
+        llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device),
+                                                   **kwargs, **({"keep_quantized": True} if keep_quantized else {}))
     except (OSError, ValueError) as e:
         raise CliError(f"cannot load {source}: {e}") from None
     return llm.eval(), tokenizer
@@ -132,7 +135,7 @@ def cmd_generate(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load(args.model, args.device, args.dtype, args.keep_quantized)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.chat:
@@ -148,7 +151,7 @@ def cmd_chat(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load(args.model, args.device, args.dtype, args.keep_quantized)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # Ctrl-C stops a reply even when started from a shell that ignores SIGINT for background jobs (Python keeps
@@ -273,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the checkpoint's)")
         if generation:
+            p.add_argument("--keep-quantized", action="store_true",
+                           help="keep a .gguf file's Q4_0/Q4_1/Q8_0 blocks packed instead of dequantizing them")
             p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
             p.add_argument("--temperature", type=float,
                            help="sample at this temperature; 0 decodes greedily (default: the model's generation "

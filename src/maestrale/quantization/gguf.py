@@ -1,11 +1,12 @@
-"""GGUF weights kept packed (from_pretrained(..., gguf_file=..., keep_quantized=True)): Q4_0, Q4_1 and Q8_0 blocks
-become the weights of GGUFLinear and GGUFEmbedding layers instead of float matrices.
+"""GGUF weights kept packed (from_pretrained(..., gguf_file=..., keep_quantized=True)): Q4_0, Q4_1, Q4_K, Q8_0 and
+Q6_K blocks become the weights of GGUFLinear and GGUFEmbedding layers instead of float matrices.
 
-Q4_0 and Q4_1 are re-packed exactly for torch's int4 weight-only CPU product, which dequantizes a group of 32 as
-(q - 8) * scale + zero: Q4_0's d * (q - 8) is scale d, zero 0; Q4_1's d * q + m is scale d, zero m + 8d. Q8_0's
-d * q has no torch kernel (its int8 product takes one scale per row, not per 32): its product dequantizes row chunks
-small enough to stay in cache and multiplies them. A layer's scales are held in the model's dtype, which is the dtype
-the product runs in.
+The 4-bit types are re-packed exactly for torch's int4 weight-only CPU product, which dequantizes a group of 32 as
+(q - 8) * scale + zero: Q4_0's d * (q - 8) is scale d, zero 0; Q4_1's d * q + m is scale d, zero m + 8d; Q4_K's
+d * sc * q - dmin * m is scale d * sc, zero 8 * d * sc - dmin * m. Q8_0 (d * q per 32) and Q6_K (d * sc * (q - 32) per
+16) have no torch kernel (its int8 product takes one scale per row): they are held as int8 values and scales, and their
+product dequantizes row chunks small enough to stay in cache. A layer's scales are held in the model's dtype, which is
+the dtype the product runs in.
 
 A packed weight is a module (PackedWeight), set as the layer's `weight`: tie_weights() then shares it between the
 embedding and the head as it shares a Parameter, and the engine, finding no Parameter, runs the layer's forward.
@@ -28,9 +29,9 @@ from ..models.linear import Linear
 
 logger = logging.getLogger(__name__)
 
-GROUP = 32  # values per block of every type kept packed
+GROUP = 32  # values per group of torch's int4 product
 INT4_ROWS = 16  # torch's int4 CPU layout takes whole tiles of 16 rows
-CHUNK_VALUES = 1 << 20  # Q8_0 dequantizes this many values at a time: 4 MB of float32, within a core's cache
+CHUNK_VALUES = 1 << 20  # int8 weights dequantize this many values at a time: 4 MB of float32, within a core's cache
 
 
 class PackedWeight(nn.Module):
@@ -68,18 +69,17 @@ class Int4Weight(PackedWeight):
 
 
 class Int8Weight(PackedWeight):
-    """Q8_0: int8 values with one scale per 32."""
+    """Q8_0 (one scale per 32 values) or Q6_K (one per 16) as int8 values and their scales."""
 
-    gguf_type = "Q8_0"
-
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, gguf_type: str, values: torch.Tensor, scales: torch.Tensor):
         super().__init__(tuple(values.shape))
+        self.gguf_type = gguf_type
         self.register_buffer("values", values)  # (rows, cols) int8
-        self.register_buffer("scales", scales)  # (rows, cols / 32)
+        self.register_buffer("scales", scales)  # (rows, cols / group)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The dequantized rows at `index` (any shape): an embedding lookup."""
-        values = self.values[index].unflatten(-1, (-1, GROUP))
+        values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
         return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class GGUFLinear(nn.Module):
 
 
 class GGUFEmbedding(nn.Module):
-    """An embedding whose table is a packed Q8_0 weight."""
+    """An embedding whose table is a packed int8 weight (Q8_0 or Q6_K)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None):
         super().__init__()
@@ -135,30 +135,61 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(qs.shape[0], -1)
 
 
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K super-blocks of 256: eight groups of 32, w = d * sc * q - dmin * m with 6-bit sc and m per group."""
+    blocks = raw.reshape(raw.shape[0], -1, 144)
+    d, dmin = np.moveaxis(blocks[..., :4].copy().view(np.float16).astype(np.float32), -1, 0)
+    s = blocks[..., 4:16].astype(np.uint8)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = blocks[..., 16:].reshape(*blocks.shape[:2], 4, 1, 32)  # 64 values per 32 bytes: low nibbles first
+    values = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(raw.shape[0], -1)
+    scale = (d[..., None] * sc).reshape(raw.shape[0], -1)
+    return values, scale, (-dmin[..., None] * m).reshape(raw.shape[0], -1) + 8 * scale
+
+
+def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K super-blocks of 256: 6-bit q - 32 with an int8 scale (times d) per 16 values."""
+    blocks = raw.reshape(raw.shape[0], -1, 210)
+    ql = blocks[..., :128].reshape(*blocks.shape[:2], 2, 2, 32)  # (half, which 32 bytes, byte)
+    qh = blocks[..., 128:192].reshape(*blocks.shape[:2], 2, 1, 32)
+    low = np.concatenate([ql & 15, ql >> 4], axis=-2)  # per half: values 0-31, 32-63, 64-95, 96-127
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8)[:, None])) & 3
+    values = (low | (high << 4)).astype(np.int8) - 32
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
+    scale = d * blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    return values.reshape(raw.shape[0], -1), scale.reshape(raw.shape[0], -1)
+
+
 def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight:
     """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`."""
     raw = data.numpy()
-    if gguf_type == "Q8_0":
-        d, qs = _blocks(raw, 34, 1)
-        values = torch.from_numpy(qs.view(np.int8).reshape(raw.shape[0], -1).copy())
-        return Int8Weight(values, torch.from_numpy(d).to(dtype))
-    if gguf_type == "Q4_0":
+    if gguf_type in ("Q8_0", "Q6_K"):
+        if gguf_type == "Q8_0":
+            d, qs = _blocks(raw, 34, 1)
+            values = qs.view(np.int8).reshape(raw.shape[0], -1)
+        else:
+            values, d = _q6_k(raw)
+        return Int8Weight(gguf_type, torch.from_numpy(values.copy()), torch.from_numpy(d).to(dtype))
+    if gguf_type == "Q4_K":
+        values, d, zero = _q4_k(raw)
+    elif gguf_type == "Q4_0":
         d, qs = _blocks(raw, 18, 1)
-        zero = np.zeros_like(d)
+        values, zero = _nibbles(qs), np.zeros_like(d)
     else:  # Q4_1
         d, m, qs = _blocks(raw, 20, 2)
-        zero = m + 8 * d
+        values, zero = _nibbles(qs), m + 8 * d
     rows = raw.shape[0]
     pad = -rows % INT4_ROWS  # zero rows (scale and zero 0), cut from the product
-    values = torch.from_numpy(np.pad(_nibbles(qs), ((0, pad), (0, 0))).astype(np.int32))
+    values = torch.from_numpy(np.pad(values, ((0, pad), (0, 0))).astype(np.int32))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
     scale_and_zeros = np.pad(np.stack([d, zero], axis=-1), ((0, pad), (0, 0), (0, 0))).transpose(1, 0, 2)
     return Int4Weight(gguf_type, packed, torch.from_numpy(scale_and_zeros.copy()).to(dtype), (rows, values.shape[1]))
 
 
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
 FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as they are, nothing to keep packed
-EMBEDDING_TYPES = ("Q8_0",)  # row lookups need the values unpacked; torch's int4 layout is the product's
+EMBEDDING_TYPES = ("Q8_0", "Q6_K")  # row lookups need the values unpacked; torch's int4 layout is the product's
 
 
 def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:

@@ -111,6 +111,8 @@ def test_packed_model_equals_the_dequantized_model(tmp_path, caplog):
         torch.testing.assert_close(packed(ids).logits, floats(ids).logits, rtol=0, atol=1e-5)
         out = packed.generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(out, floats.generate(ids, max_new_tokens=6, do_sample=False))
+        # the engine's static decoder runs the packed layers (and embedding) as modules
+        assert torch.equal(out, packed.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"))
 
     with pytest.raises(ValueError, match="dequantize"):
         packed.save_pretrained(tmp_path / "saved")

@@ -109,25 +109,18 @@ class LlamaCpp:
         logits = self.L.llama_get_logits_ith(self.ctx, i)
         return int(np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)), (self.vocab,)).argmax())
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    def decode_time(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, torch.Tensor]:
+        """Seconds for new_tokens - 1 decode steps, timed from the first token on, and the new tokens."""
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         entries = [(t, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, t in enumerate(p)]
         self._decode(entries)
-        last = [i for i, entry in enumerate(entries) if entry[3]]
-        out = [[self._argmax(i)] for i in last]
+        out = [[self._argmax(i)] for i, entry in enumerate(entries) if entry[3]]
+        start = time.perf_counter()
         for step in range(new_tokens - 1):
             self._decode([(o[-1], len(p) + step, seq, True) for seq, (p, o) in enumerate(zip(prompts, out))])
             for seq, o in enumerate(out):
                 o.append(self._argmax(seq))
-        return torch.tensor(out)
-
-    def decode_time(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, torch.Tensor]:
-        start = time.perf_counter()
-        self.generate(prompts, 1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = self.generate(prompts, new_tokens)
-        return time.perf_counter() - start - prefill, out
+        return time.perf_counter() - start, torch.tensor(out)
 
 
 def have_llama_cpp() -> bool:
@@ -141,7 +134,7 @@ def race(contenders: dict, batches: list[int], make_inputs, new_tokens: int, rep
     """Print tokens/s per contender and batch, and each one's ratio to `baseline`; contenders alternate."""
     names = list(contenders)
     print(f"{new_tokens} new tokens, best of {repeats}; tokens/s (x {baseline})")
-    print(f"{'batch':>5} " + " ".join(f"{name:>24}" for name in names) + "  same tokens as the first")
+    print(f"{'batch':>5} " + " ".join(f"{name:>24}" for name in names) + "  tokens equal to the first's")
     for batch in batches:
         inputs, prompts = make_inputs(batch)
         best, outs = {name: float("inf") for name in names}, {}
@@ -154,9 +147,15 @@ def race(contenders: dict, batches: list[int], make_inputs, new_tokens: int, rep
                     best[name] = min(best[name], seconds)
         rate = {name: batch * (new_tokens - 1) / seconds for name, seconds in best.items()}
         cells = [f"{rate[n]:>9.1f} ({rate[n] / rate[baseline]:.2f}x)" for n in names]
-        first = outs[names[0]]
-        same = [f"{(outs[n] == first).float().mean().item():.0%}" for n in names[1:]]
-        print(f"{batch:>5} " + " ".join(f"{c:>24}" for c in cells) + "  " + " ".join(same))
+        print(f"{batch:>5} " + " ".join(f"{c:>24}" for c in cells) + "  " +
+              " ".join(str(common_prefix(outs[n], outs[names[0]])) for n in names[1:]))
+    return outs
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many new tokens two greedy runs share before they first differ (the fewest over the batch)."""
+    differ = (a != b).int()
+    return int(torch.where(differ.any(1), differ.argmax(1), a.shape[1]).min())
 
 
 def hf_runner(model):
@@ -203,12 +202,15 @@ def smollm2(args) -> None:
               f"at most {bandwidth * 1e9 / weights:.0f} steps/s")
 
     def make_inputs(batch):
-        texts = [PROMPT if i % 2 == 0 else PROMPT[: len(PROMPT) // 2] for i in range(batch)]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPT if i % 2 == 0 else PROMPT[:40]}],
+                                               add_generation_prompt=True, tokenize=False) for i in range(batch)]
         inputs = dict(tokenizer(texts, return_tensors="pt", padding=True))
         return inputs, [tokenizer(text).input_ids for text in texts]
 
-    race(contenders, args.batches, make_inputs, args.new_tokens, args.repeats,
-         "llama.cpp Q4_1" if "llama.cpp Q4_1" in contenders else "transformers float32")
+    outs = race(contenders, args.batches, make_inputs, args.new_tokens, args.repeats,
+                "llama.cpp Q4_1" if "llama.cpp Q4_1" in contenders else "transformers float32")
+    for name, out in outs.items():
+        print(f"{name}: {tokenizer.decode(out[0][:24])!r}")
     print(f"load average {os.getloadavg()[0]:.2f} (other processes on this machine slow every contender down)")
 
 

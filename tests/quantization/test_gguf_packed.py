@@ -155,3 +155,15 @@ def test_packed_smollm2_logits_and_memory(smollm2_path):
     # float32 products in another order: differences of rounding only (logits reach ~30)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_cli_keep_quantized_answers_as_the_float_model(capsys):
+    from maestrale.cli import main
+
+    argv = ["generate", "--chat", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    floats = capsys.readouterr().out
+    assert main([*argv, "--keep-quantized"]) == 0
+    assert capsys.readouterr().out == floats and "Paris" in floats
+    assert main(["generate", "hi", "--keep-quantized", "--model", "HuggingFaceTB/SmolLM2-135M"]) == 1
+    assert "--keep-quantized" in capsys.readouterr().err

@@ -48,7 +48,7 @@ class PackedWeight(nn.Module):
 
 
 class Int4Weight(PackedWeight):
-    """Q4_0 or Q4_1 in torch's int4 CPU layout, with per-32 scales and zero points."""
+    """Q4_0, Q4_1 or Q4_K in torch's int4 CPU layout, with per-32 scales and zero points."""
 
     def __init__(self, gguf_type: str, packed: torch.Tensor, scale_and_zeros: torch.Tensor, shape: tuple[int, int]):
         super().__init__(shape)

@@ -53,8 +53,8 @@ def quantization_for(args):
     return None
 
 
-def load(model: str | None, device: str | None, dtype: str, quantization_config=None):
-    """(model, tokenizer) for a hub id, a local folder or a .gguf file."""
+def load(model: str | None, device: str | None, dtype: str, quantization_config=None, keep_quantized: bool = False):
+    """(model, tokenizer) for a hub id, a local folder or a .gguf file (its blocks kept packed with keep_quantized)."""
     from . import AutoModelForCausalLM, AutoTokenizer
 
     source = model or default_model()
@@ -66,12 +66,15 @@ def load(model: str | None, device: str | None, dtype: str, quantization_config=
     kwargs = {}
     if source.endswith(".gguf"):
         folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(source))
+    elif keep_quantized:
+        raise CliError(f"--keep-quantized keeps a .gguf file's blocks packed, but --model {source} is not a .gguf file")
     else:
         folder = source
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device),
-                                                   quantization_config=quantization_config, **kwargs)
+                                                   quantization_config=quantization_config,
+                                                   keep_quantized=keep_quantized, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise CliError(f"cannot load {source}: {e}") from None
     return llm.eval(), tokenizer
@@ -145,7 +148,7 @@ def cmd_generate(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args))
+    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args), args.keep_quantized)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.chat:
@@ -161,7 +164,7 @@ def cmd_chat(args) -> None:
     import torch
 
     gen_kwargs = sampling_kwargs(args)
-    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args))
+    model, tokenizer = load(args.model, args.device, args.dtype, quantization_for(args), args.keep_quantized)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     # Ctrl-C stops a reply even when started from a shell that ignores SIGINT for background jobs (Python keeps
@@ -286,11 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the checkpoint's)")
         if generation:
-            bits = p.add_mutually_exclusive_group()
-            bits.add_argument("--load-in-4bit", action="store_true",
-                              help="quantize the linear layers to 4-bit NF4 with bitsandbytes while loading")
-            bits.add_argument("--load-in-8bit", action="store_true",
-                              help="quantize the linear layers to 8-bit (LLM.int8) with bitsandbytes while loading")
+            weights = p.add_mutually_exclusive_group()
+            weights.add_argument("--load-in-4bit", action="store_true",
+                                 help="quantize the linear layers to 4-bit NF4 with bitsandbytes while loading")
+            weights.add_argument("--load-in-8bit", action="store_true",
+                                 help="quantize the linear layers to 8-bit (LLM.int8) with bitsandbytes while loading")
+            weights.add_argument("--keep-quantized", action="store_true",
+                                 help="keep a .gguf file's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks packed instead of "
+                                      "dequantizing them")
             p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
             p.add_argument("--temperature", type=float,
                            help="sample at this temperature; 0 decodes greedily (default: the model's generation "

@@ -127,14 +127,15 @@ class StaticDecoder:
     def __init__(self, model, batch: int, capacity: int):
         config, base = model.config, model.base_model
         self.model, self.batch, self.capacity = model, batch, capacity
-        embed = base.embed_tokens.weight
-        device, dtype = embed.device, embed.dtype
+        embed = base.embed_tokens  # run as a module: its table may be packed (GGUF, keep_quantized=True)
+        device, dtype = base.norm.weight.device, base.norm.weight.dtype
         self.eps, self.act = config.rms_norm_eps, ACT_FNS[config.hidden_act]
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
         self.scale = self.head_dim**-0.5
         self.top_k = getattr(config, "num_experts_per_tok", None)
         self.rotary = base.rotary_emb
-        self.embed, self.final_norm, self.lm_head = embed.detach(), base.norm.weight.detach(), _weights(model.lm_head)
+        self.embed, self.dtype = embed, dtype
+        self.final_norm, self.lm_head = base.norm.weight.detach(), _weights(model.lm_head)
         self.layers = [_LayerWeights.of(layer) for layer in base.layers]
 
         window = config.sliding_window
@@ -172,7 +173,7 @@ class StaticDecoder:
     # ----- the step -----
     def _step(self) -> torch.Tensor:
         part, eps = self.part, self.eps
-        x = F.embedding(self.ids, self.embed)
+        x = self.embed(self.ids)
         cos, sin = self.rotary(x[:, None], self.positions[:, None])
         h = part["rms_norm"](x, self.layers[0].input_norm, eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
@@ -275,9 +276,9 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
             raise ValueError(f"cache_implementation='static' cannot be used with {', '.join(found)}; "
                              "drop them or use cache_implementation='dynamic'")
         return None
-    key = (input_ids.shape[0], capacity_for(run.max_length), model.base_model.embed_tokens.weight.dtype)
+    key = (input_ids.shape[0], capacity_for(run.max_length), model.base_model.norm.weight.dtype)
     decoder = model.__dict__.get("_static_decoder")
-    if decoder is None or (decoder.batch, decoder.capacity, decoder.embed.dtype) != key or not decoder.current():
+    if decoder is None or (decoder.batch, decoder.capacity, decoder.dtype) != key or not decoder.current():
         model.__dict__.pop("_static_decoder", None)  # free the old caches and graph first
         decoder = model.__dict__["_static_decoder"] = StaticDecoder(model, key[0], key[1])
     decoder.length = 0

@@ -8,7 +8,7 @@ llama.cpp's converter interleaves the rotary halves of llama q/k rows; we undo t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +136,10 @@ class GGUFShard:
                 infos[name] = (tensor.shape if expert is None else tensor.shape[1:], torch.float32)
         return infos
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) pairs; the GGUF tensors named in `skip` are not read."""
         for tensor in self.file.tensors:
-            names = self._names(tensor.name, tensor.shape[0])
+            names = [] if tensor.name in skip else self._names(tensor.name, tensor.shape[0])
             if not names:
                 continue
             array = _dequantized(tensor)

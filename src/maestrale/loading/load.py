@@ -20,7 +20,7 @@ from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
 from ..quantization.config import BitsAndBytesConfig, bitsandbytes_config, check_quantization
 from .checkpoint import Shard, find_weight_files, open_shard
-from .gguf import open_gguf
+from .gguf import GGUFShard, open_gguf
 from .hub import resolve_file
 from .layout import Layout, Slot
 from .mistral_native import PARAMS_NAME, open_mistral_native
@@ -97,6 +97,7 @@ def load_pretrained(
     max_memory: dict | None = None,
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
+    keep_quantized: bool = False,
     quantization_config: BitsAndBytesConfig | dict | None = None,
     ignore_mismatched_sizes: bool = False,
     output_loading_info: bool = False,
@@ -129,6 +130,8 @@ def load_pretrained(
         model = model_class.from_config(config, attn_implementation=attn_implementation, dtype=config.dtype)
     placement = resolve_device_map(device_map, model, max_memory)
     quantized = _quantize_linears(model, quantization_config, placement, device_map, checkpoint)
+    if keep_quantized:
+        quantized = _keep_packed(model, checkpoint, quantized)
 
     layout = Layout(model)
     slots, report = _plan(layout, checkpoint, ignore_mismatched_sizes)
@@ -194,6 +197,20 @@ def _quantize_linears(model: nn.Module, requested: BitsAndBytesConfig | None, pl
 
     load = QuantizedLoad(model, config, saved is not None, placement, device_map)
     checkpoint.shards = load.intercept(checkpoint.shards)
+    return load
+
+
+def _keep_packed(model: nn.Module, checkpoint: Checkpoint, quantized):
+    """GGUF blocks kept packed in GGUF layers (quantization/gguf.py) instead of dequantized."""
+    if not isinstance(checkpoint.shards[0], GGUFShard):
+        raise ValueError(f"keep_quantized=True keeps GGUF blocks packed, but {checkpoint.origin} is not a GGUF file; "
+                         "pass gguf_file=, or drop keep_quantized")
+    if quantized is not None:
+        raise ValueError("keep_quantized=True and quantization_config both quantize the model; pass only one")
+    from ..quantization.gguf import PackedLoad
+
+    load = PackedLoad(model, checkpoint.shards[0])
+    checkpoint.shards = load.shards()
     return load
 
 

@@ -26,6 +26,9 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, state_dict: dic
                          "code, so we do not write them")
     if not is_main_process:
         return
+    from ..quantization.gguf import refuse_save
+
+    refuse_save(model)
     target = Path(save_directory)
     if target.is_file():
         raise ValueError(f"save_pretrained needs a folder, but {target} is a file")

@@ -121,6 +121,11 @@ class PreTrainedModel(nn.Module):
     def dequantize(self, dtype: torch.dtype | str | None = None) -> "PreTrainedModel":
         """Replace the quantized layers by plain ones holding their dequantized weights (in `dtype`, by default the
         dtype the model was loaded in); the model is then no longer quantized."""
+        from ..quantization import gguf
+
+        if gguf.packed_weights(self):  # GGUF blocks kept packed (keep_quantized=True)
+            gguf.dequantize(self, resolve_dtype(dtype) or self.config.dtype)
+            return self
         if not self.is_quantized:
             raise ValueError(f"{type(self).__name__}.dequantize(): the model is not quantized; load it with "
                              "quantization_config=BitsAndBytesConfig(...) first")

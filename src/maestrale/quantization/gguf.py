@@ -1,0 +1,306 @@
+"""GGUF weights kept packed (from_pretrained(..., gguf_file=..., keep_quantized=True)): Q4_0, Q4_1, Q4_K, Q8_0 and
+Q6_K blocks become the weights of GGUFLinear and GGUFEmbedding layers instead of float matrices.
+
+The 4-bit types are re-packed exactly for torch's int4 weight-only CPU product, which dequantizes a group of 32 as
+(q - 8) * scale + zero: Q4_0's d * (q - 8) is scale d, zero 0; Q4_1's d * q + m is scale d, zero m + 8d; Q4_K's
+d * sc * q - dmin * m is scale d * sc, zero 8 * d * sc - dmin * m. Q8_0 (d * q per 32) and Q6_K (d * sc * (q - 32) per
+16) have no torch kernel (its int8 product takes one scale per row): they are held as int8 values and scales, and their
+product dequantizes row chunks small enough to stay in cache. A layer's scales are held in the model's dtype, which is
+the dtype the product runs in.
+
+A packed weight is a module (PackedWeight), set as the layer's `weight`: tie_weights() then shares it between the
+embedding and the head as it shares a Parameter, and the engine, finding no Parameter, runs the layer's forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loading.gguf import GGUFShard
+from ..loading.layout import Layout
+from ..models.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+GROUP = 32  # values per group of torch's int4 product
+INT4_ROWS = 16  # torch's int4 CPU layout takes whole tiles of 16 rows
+CHUNK_VALUES = 1 << 20  # int8 weights dequantize this many values at a time: 4 MB of float32, within a core's cache
+
+
+class PackedWeight(nn.Module):
+    """A (rows, cols) weight held in a GGUF block type; `matmul` is x @ weight.T, `dequantize` the float matrix."""
+
+    gguf_type: str
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.shape = shape
+
+    def extra_repr(self) -> str:
+        return f"{self.gguf_type}, shape={self.shape}"
+
+
+class Int4Weight(PackedWeight):
+    """Q4_0, Q4_1 or Q4_K in torch's int4 CPU layout, with per-32 scales and zero points."""
+
+    def __init__(self, gguf_type: str, packed: torch.Tensor, scale_and_zeros: torch.Tensor, shape: tuple[int, int]):
+        super().__init__(shape)
+        self.gguf_type = gguf_type
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_and_zeros", scale_and_zeros)  # (cols / 32, rows rounded up to 16, 2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale_and_zeros.dtype).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_and_zeros)
+        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
+
+    def dequantize(self) -> torch.Tensor:
+        # The product with the identity: each value exactly as the kernel dequantizes it.
+        cols = self.shape[1]
+        eye = torch.eye(cols, dtype=self.scale_and_zeros.dtype, device=self.packed.device)
+        return torch.cat([self.matmul(part).T for part in eye.split(1024)], dim=1).contiguous()
+
+
+class Int8Weight(PackedWeight):
+    """Q8_0 (one scale per 32 values) or Q6_K (one per 16) as int8 values and their scales."""
+
+    def __init__(self, gguf_type: str, values: torch.Tensor, scales: torch.Tensor):
+        super().__init__(tuple(values.shape))
+        self.gguf_type = gguf_type
+        self.register_buffer("values", values)  # (rows, cols) int8
+        self.register_buffer("scales", scales)  # (rows, cols / group)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows at `index` (any shape): an embedding lookup."""
+        values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
+        return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scales.dtype)
+        step = max(1, CHUNK_VALUES // self.shape[1])
+        return torch.cat([F.linear(x, self.rows(slice(start, start + step)))
+                          for start in range(0, self.shape[0], step)], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(slice(None))
+
+
+class GGUFLinear(nn.Module):
+    """A linear layer whose weight is a PackedWeight; the bias, if any, stays a float Parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: PackedWeight | None = None  # set by the loader, or shared by tie_weights()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weight.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class GGUFEmbedding(nn.Module):
+    """An embedding whose table is a packed int8 weight (Q8_0 or Q6_K)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight: Int8Weight | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(input_ids)
+
+
+def _blocks(data: np.ndarray, block_bytes: int, halves: int) -> tuple[np.ndarray, ...]:
+    """The `halves` float16 fields at the start of each block (as float32), then the block's remaining bytes."""
+    blocks = data.reshape(data.shape[0], -1, block_bytes)
+    fields = blocks[..., :2 * halves].copy().view(np.float16).astype(np.float32)
+    return (*np.moveaxis(fields, -1, 0), blocks[..., 2 * halves:])
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(rows, blocks, 16) bytes -> (rows, cols) values 0..15: a block's low nibbles are its first 16 values."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(qs.shape[0], -1)
+
+
+def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Q4_K super-blocks of 256: eight groups of 32, w = d * sc * q - dmin * m with 6-bit sc and m per group."""
+    blocks = raw.reshape(raw.shape[0], -1, 144)
+    d, dmin = np.moveaxis(blocks[..., :4].copy().view(np.float16).astype(np.float32), -1, 0)
+    s = blocks[..., 4:16].astype(np.uint8)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = blocks[..., 16:].reshape(*blocks.shape[:2], 4, 1, 32)  # 64 values per 32 bytes: low nibbles first
+    values = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(raw.shape[0], -1)
+    scale = (d[..., None] * sc).reshape(raw.shape[0], -1)
+    return values, scale, (-dmin[..., None] * m).reshape(raw.shape[0], -1) + 8 * scale
+
+
+def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K super-blocks of 256: 6-bit q - 32 with an int8 scale (times d) per 16 values."""
+    blocks = raw.reshape(raw.shape[0], -1, 210)
+    ql = blocks[..., :128].reshape(*blocks.shape[:2], 2, 2, 32)  # (half, which 32 bytes, byte)
+    qh = blocks[..., 128:192].reshape(*blocks.shape[:2], 2, 1, 32)
+    low = np.concatenate([ql & 15, ql >> 4], axis=-2)  # per half: values 0-31, 32-63, 64-95, 96-127
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8)[:, None])) & 3
+    values = (low | (high << 4)).astype(np.int8) - 32
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
+    scale = d * blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    return values.reshape(raw.shape[0], -1), scale.reshape(raw.shape[0], -1)
+
+
+def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight:
+    """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`."""
+    raw = data.numpy()
+    if gguf_type in ("Q8_0", "Q6_K"):
+        if gguf_type == "Q8_0":
+            d, qs = _blocks(raw, 34, 1)
+            values = qs.view(np.int8).reshape(raw.shape[0], -1)
+        else:
+            values, d = _q6_k(raw)
+        return Int8Weight(gguf_type, torch.from_numpy(values.copy()), torch.from_numpy(d).to(dtype))
+    if gguf_type == "Q4_K":
+        values, d, zero = _q4_k(raw)
+    elif gguf_type == "Q4_0":
+        d, qs = _blocks(raw, 18, 1)
+        values, zero = _nibbles(qs), np.zeros_like(d)
+    else:  # Q4_1
+        d, m, qs = _blocks(raw, 20, 2)
+        values, zero = _nibbles(qs), m + 8 * d
+    rows = raw.shape[0]
+    pad = -rows % INT4_ROWS  # zero rows (scale and zero 0), cut from the product
+    values = torch.from_numpy(np.pad(values, ((0, pad), (0, 0))).astype(np.int32))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    scale_and_zeros = np.pad(np.stack([d, zero], axis=-1), ((0, pad), (0, 0), (0, 0))).transpose(1, 0, 2)
+    return Int4Weight(gguf_type, packed, torch.from_numpy(scale_and_zeros.copy()).to(dtype), (rows, values.shape[1]))
+
+
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
+FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as they are, nothing to keep packed
+EMBEDDING_TYPES = ("Q8_0", "Q6_K")  # row lookups need the values unpacked; torch's int4 layout is the product's
+
+
+def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:
+    """{module name: packed weight} of the model's GGUF layers (a tied weight once)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, PackedWeight)}
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace each GGUF layer by a Linear or nn.Embedding holding its dequantized weight in `dtype`; a weight tied
+    between the embedding and the head stays one Parameter."""
+    floats: dict[int, nn.Parameter] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (GGUFLinear, GGUFEmbedding)):
+            continue
+        weight = floats.get(id(module.weight))
+        if weight is None:
+            weight = floats[id(module.weight)] = nn.Parameter(module.weight.dequantize().to(dtype), requires_grad=False)
+        if isinstance(module, GGUFEmbedding):
+            new = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+        else:
+            new = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            new.bias = module.bias
+        new.weight = weight
+        model.set_submodule(name, new)
+
+
+def refuse_save(model: nn.Module) -> None:
+    if packed_weights(model):
+        raise ValueError(f"save_pretrained: {type(model).__name__} holds GGUF weights kept packed "
+                         "(keep_quantized=True), which safetensors checkpoints cannot carry; call model.dequantize() "
+                         "first to save a float checkpoint, or load the GGUF file without keep_quantized")
+
+
+class PackedLoad:
+    """Swaps a meta model's linear layers (and a Q8_0 embedding) for GGUF layers and hands them their blocks.
+
+    The GGUF tensors of the swapped layers are kept out of the loader's plan and never dequantized; tensors of
+    other types stay dequantized, with a notice per type naming them.
+    """
+
+    def __init__(self, model: nn.Module, shard: GGUFShard):
+        self.model, self.shard, self.dtype = model, shard, model.config.dtype
+        layout = Layout(model)
+        modules = dict(model.named_modules())
+        self.layers: dict[str, tuple[str, nn.Module]] = {}  # GGUF tensor name -> (HF weight name, its new layer)
+        fallback: dict[str, list[str]] = defaultdict(list)
+        for tensor in shard.file.tensors:
+            kind, names = tensor.tensor_type.name, shard._names(tensor.name, tensor.shape[0])
+            if kind in FLOAT_TYPES or not names:
+                continue
+            new = None
+            if len(names) == 1 and names[0][1] is None:  # not one of stacked experts
+                slot = layout.slot(names[0][0])
+                if slot is None:
+                    continue  # reported as unexpected by the loader
+                if not slot.index and slot.param.endswith(".weight"):
+                    owner = slot.param.removesuffix(".weight")
+                    new = self._swap(owner, modules[owner], kind)
+            if new is None:
+                fallback[kind].append(tensor.name)
+            else:
+                self.layers[tensor.name] = (names[0][0], new)
+        for kind, names in fallback.items():
+            logger.warning(f"keep_quantized: {len(names)} tensors of type {kind} are dequantized to {self.dtype}, as "
+                           f"maestrale keeps only {', '.join(PACKED_TYPES)} packed (and {', '.join(EMBEDDING_TYPES)} "
+                           f"for embeddings): {', '.join(names)}")
+        self._swap_tied_head()
+
+    def _swap(self, name: str, module: nn.Module, kind: str) -> nn.Module | None:
+        if type(module) in (nn.Linear, Linear) and kind in PACKED_TYPES:
+            new = GGUFLinear(module.in_features, module.out_features, module.bias)
+        elif type(module) is nn.Embedding and kind in EMBEDDING_TYPES:
+            new = GGUFEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+        else:
+            return None
+        self.model.set_submodule(name, new)
+        return new
+
+    def _swap_tied_head(self) -> None:
+        """A head tied to a packed embedding becomes a GGUF layer that tie_weights() points at the same weight."""
+        head = self.model.get_output_embeddings()
+        if (isinstance(self.model.get_input_embeddings(), GGUFEmbedding) and head is not None
+                and getattr(self.model.config, "tie_word_embeddings", False)):
+            self.model.set_output_embeddings(GGUFLinear(head.in_features, head.out_features, head.bias))
+
+    def shards(self) -> list:
+        return [_PackedShard(self)]
+
+    def finish(self, origin: str) -> None:
+        missing = [name for name, layer in self.layers.values() if layer.weight is None]
+        if missing:
+            raise ValueError(f"{origin}: no packed tensor reached {missing[:3]}; the file does not fit its config")
+
+
+class _PackedShard:
+    """The GGUF shard without the packed layers' tensors, which it reads raw and hands to their layers."""
+
+    def __init__(self, load: PackedLoad):
+        self.load, self.path = load, load.shard.path
+
+    def infos(self):
+        packed = {hf for hf, _ in self.load.layers.values()}
+        return {name: info for name, info in self.load.shard.infos().items() if name not in packed}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        packed = self.load.layers
+        for name, tensor in self.load.shard.tensors(skip=packed.keys()):
+            yield name, tensor
+        for tensor in self.load.shard.file.tensors:
+            if tensor.name in packed:
+                hf_name, layer = packed[tensor.name]
+                # q/k rows are whole rows of blocks, so the rotary reordering moves them as bytes.
+                raw = self.load.shard._unpermute(hf_name, torch.from_numpy(np.array(tensor.data)))
+                layer.weight = pack(tensor.tensor_type.name, raw, self.load.dtype)

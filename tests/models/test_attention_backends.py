@@ -207,3 +207,61 @@ def test_flash_attn_refuses_float32(monkeypatch):
     with pytest.raises(ValueError, match=r"flash-attn, which computes in float16 or bfloat16 only, and this model "
                                          r"runs in torch.float32 on CUDA: load it with dtype=torch.bfloat16"):
         ours(torch.tensor([[1, 2, 3]]))
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout, softmax_scale, causal, window_size):
+    """flash-attn's documented semantics, one sequence at a time: causal aligned to the bottom right, a query at
+    row i of a sequence of Lq queries and Lk keys sees keys i + Lk - Lq - window_size[0] .. i + Lk - Lq."""
+    assert causal and dropout == 0.0 and q.dtype == torch.float16
+    out = []
+    for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        i, j = torch.arange(b - a)[:, None] + (d - c) - (b - a), torch.arange(d - c)[None]
+        allowed = (j <= i) & ((j >= i - window_size[0]) if window_size[0] >= 0 else True)
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=allowed, scale=softmax_scale, enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+def _reference_dense(q, k, v, dropout, softmax_scale, causal, window_size):
+    b, s, _, _ = q.shape
+    cu = torch.arange(b + 1) * s
+    flat = (t.flatten(0, 1) for t in (q, k, v))
+    return _reference_varlen(*flat, cu, cu * k.shape[1] // s, s, k.shape[1], dropout, softmax_scale, causal,
+                             window_size).view_as(q)
+
+
+@pytest.mark.parametrize("inputs", ["plain", "left-padded-decode", "packed"])
+def test_flash_attn_call_bookkeeping(inputs, monkeypatch):
+    """The flash-attn path (CUDA only) on CPU, with a stand-in for its two functions: what it cuts out of padding
+    and packed rows, and puts back, gives the tokens their sdpa numbers."""
+    import importlib.machinery
+    import sys
+    import types
+
+    fake = types.ModuleType("flash_attn")
+    fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # others ask importlib about flash_attn
+    fake.flash_attn_func, fake.flash_attn_varlen_func = _reference_dense, _reference_varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attention, "_flash_attn_usable", lambda q: True)
+    _, ours = pair("ministral-mixed", "sdpa")
+    ours.half()  # flash-attn's precision, with 3 more bits than bfloat16: errors of the bookkeeping stand out
+
+    def run(backend):
+        ours.set_attn_implementation(backend)
+        with torch.no_grad():
+            if inputs == "packed":
+                _, batch = packed()
+                return ours(batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+            if inputs == "plain":
+                return ours(torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3))).logits
+            ids, mask = padded_batch("left", seq_len=12)
+            out = ours(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+            steps = [out.logits]
+            for t in range(7, 12):
+                out = ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=out.past_key_values)
+                steps.append(out.logits)
+            return torch.cat(steps, 1)[mask.bool()]
+
+    expected, actual = run("sdpa").float(), run("flash_attention_2").float()
+    torch.testing.assert_close(actual, expected, atol=0.02, rtol=0.01)

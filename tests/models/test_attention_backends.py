@@ -53,8 +53,12 @@ def close(actual, expected, atol=1e-5):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_logits_hidden_states_and_loss_match_transformers(backend, case, padding):
+def test_logits_hidden_states_and_loss_match_transformers(backend, case, padding, monkeypatch):
     ref, ours = pair(case, backend)
+    flex_calls = []
+    kernel = attention._flex_kernel("cpu")
+    spy = lambda *args, **kwargs: flex_calls.append(1) or kernel(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(attention, "_flex_kernel", lambda device: spy)
     ids, mask = padded_batch(padding)
     labels = ids.masked_fill(mask == 0, -100)
     kwargs = dict(attention_mask=mask, labels=labels, output_hidden_states=True)
@@ -67,6 +71,7 @@ def test_logits_hidden_states_and_loss_match_transformers(backend, case, padding
     close(actual.loss, expected.loss)
     with torch.no_grad():  # no mask: the plain causal path
         close(ours(ids).logits, ref(ids).logits)
+    assert len(flex_calls) == (2 * len(ref.model.layers) if backend == "flex_attention" else 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,6 +180,13 @@ def test_packed_errors_name_the_option():
         ours(batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=torch.tensor([0, 21]))
     with pytest.raises(ValueError, match=r"cu_seq_lens_q must run from 0 to the row's 21 tokens"):
         ours(batch["input_ids"], cu_seq_lens_q=torch.tensor([0, 5, 20]))
+
+
+def test_flex_attention_refuses_attention_dropout():
+    _, ours = pair("phi3-window5", "flex_attention", attention_dropout=0.1)
+    ours.train()
+    with pytest.raises(ValueError, match=r"has no attention dropout, but config.attention_dropout=0.1: set it to 0.0"):
+        ours(torch.tensor([[1, 2, 3]]))
 
 
 def test_backend_names_everywhere(tmp_path, caplog):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
-import functools
-from functools import partial
 from typing import Callable
 
 import torch
@@ -67,7 +66,7 @@ class AttentionMask:
         SDPA returns zeros, the eager softmax a uniform average.
         """
         if self._dense is None and not self.is_causal:
-            arange = partial(torch.arange, device=self.device)
+            arange = functools.partial(torch.arange, device=self.device)
             self._dense = self.allows(arange(self.batch).view(-1, 1, 1, 1), arange(self.query_len).view(1, 1, -1, 1),
                                       arange(self.key_len).view(1, 1, 1, -1))
         return self._dense
@@ -99,7 +98,8 @@ def eager_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float
         allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     if allowed is not None:
         # Added, not filled: a row with every key masked then averages uniformly, exactly as transformers' eager.
-        scores = scores + torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        bias = torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = scores + bias
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, v), weights
@@ -112,7 +112,7 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float,
     allowed = mask.dense()
     gqa = {}
     if groups > 1:
-        if allowed is None:  # every device has GQA kernels without a mask; CUDA's fall back to the slow math one with it
+        if allowed is None:  # GQA kernels exist on every device without a mask; with one, CUDA's fall back to math
             gqa = {"enable_gqa": True}
         elif s == 1:  # one query a row: the heads of a group become that KV head's queries
             q = q.view(b, heads // groups, groups, d)
@@ -142,9 +142,11 @@ def _flex_kernel(device_type: str) -> Callable:
 def flex_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
     """torch's FlexAttention over the block mask of `mask`."""
     if dropout and training:
-        raise ValueError(f"attn_implementation='flex_attention' has no attention dropout, but config.attention_dropout"
-                         f"={dropout}: set it to 0.0 for training, or use attn_implementation='sdpa'")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError("FlexAttention (attn_implementation='flex_attention', and 'flash_attention_2' on CUDA "
+                         f"without flash-attn) has no attention dropout, but config.attention_dropout={dropout}: "
+                         "set it to 0.0 for training, or use attn_implementation='sdpa'")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and needs_grad:
         _note_once("FlexAttention has no backward on CPU: where gradients are needed there, flex_attention runs "
                    "torch's SDPA on the same mask")
         return sdpa_attention(q, k, v, mask, scaling, dropout, training)

@@ -209,11 +209,12 @@ class DecoderModel(PreTrainedModel):
             past_key_values = DynamicCache(config)
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
+        # Read before the default positions fill in, which are one sequence a row (and need no device sync to say so).
+        documents = None if attention_mask is not None or past else packed_documents(
+            position_ids, cu_seq_lens_q, cu_seq_lens_k, batch, seq)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
 
-        documents = None if attention_mask is not None or past else packed_documents(
-            position_ids, cu_seq_lens_q, cu_seq_lens_k, batch, seq)
         masks = self._masks(attention_mask, batch, seq, cache, inputs_embeds.device, documents)
         rotary = self.rotary_emb(inputs_embeds, position_ids)
         # Only the explicit softmax can hand back attention weights.

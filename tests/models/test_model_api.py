@@ -119,8 +119,8 @@ def test_cache_from_another_model_is_refused(model):
 
 def test_unknown_attn_implementation():
     _, config = config_pair("mistral")
-    with pytest.raises(ValueError, match="flash_attention_2"):
-        AutoModelForCausalLM.from_config(config, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="'flash_attention_3' is not supported; use one of .*'flash_attention_2'"):
+        AutoModelForCausalLM.from_config(config, attn_implementation="flash_attention_3")
     with pytest.raises(ValueError, match="'fast'"):
         maestrale.MistralForCausalLM(maestrale.MistralConfig(**SMALL, attn_implementation="fast"))
 

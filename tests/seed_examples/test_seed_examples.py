@@ -12,12 +12,11 @@ import torch
 import maestrale
 
 HERE = Path(__file__).parent
-GENERATE = ["000_00", "000_02", "001_00", "001_01", "001_05", "003_00", "003_01", "003_05", "004_00", "004_02"]
+GENERATE = ["000_00", "000_02", "001_00", "001_01", "001_02", "001_05", "003_00", "003_01", "003_02", "003_05",
+            "004_00", "004_02"]
 BUILD = {"000_01": "MinistralModel", "001_04": "MixtralModel", "003_04": "MistralModel", "004_01": "Phi3Model"}
-FLASH = "attn_implementation='flash_attention_2' is not supported (flash-attn is not used by maestrale; sdpa picks"
 QUANTIZATION_TRUE = "quantization_config=True is not a quantization config: pass the config object itself"
-FAILS = {"001_02": (ValueError, FLASH), "003_02": (ValueError, FLASH),
-         "001_03": (ValueError, QUANTIZATION_TRUE), "003_03": (ValueError, QUANTIZATION_TRUE)}
+FAILS = {"001_03": (ValueError, QUANTIZATION_TRUE), "003_03": (ValueError, QUANTIZATION_TRUE)}
 
 
 def test_every_copy_is_run():
@@ -49,6 +48,9 @@ def test_generate_examples_run(name, seed_fixtures, monkeypatch, capsys):
     assert isinstance(scope["tokenizer"].batch_decode(output)[0], str)
     if name == "000_00":
         assert scope["model"].dtype == torch.bfloat16 and scope["model"].config._attn_implementation == "sdpa"
+    if name in ("001_02", "003_02"):  # as written: float16, flash_attention_2 (torch's SDPA kernel on CPU)
+        assert scope["model"].dtype == torch.float16
+        assert scope["model"].config._attn_implementation == "flash_attention_2"
     if name == "004_00":  # Phi-3's template with its special tokens, printed back by batch_decode
         text = capsys.readouterr().out
         assert text.startswith("<|user|>\nCan you provide ways to eat combinations of bananas and dragonfruits?<|end|>")
@@ -87,15 +89,6 @@ def test_broken_examples_say_what_to_change(name, seed_fixtures, monkeypatch):
     error, message = FAILS[name]
     with pytest.raises(error, match=re.escape(message)):
         run_example(name, seed_fixtures, monkeypatch)
-
-
-@pytest.mark.parametrize("name", ["001_02", "003_02"])
-def test_flash_attention_examples_run_with_sdpa(name, seed_fixtures, monkeypatch):
-    """The change the error asks for makes the example run."""
-    source = (HERE / f"{name}.py").read_text().replace('"flash_attention_2"', '"sdpa"')
-    scope = run_example(name, seed_fixtures, monkeypatch, source)
-    assert scope["model"].dtype == torch.float16
-    assert scope["generated_ids"].shape[1] > scope["model_inputs"]["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("name", ["001_03", "003_03"])

@@ -1,7 +1,10 @@
-"""Self-attention with grouped KV heads: masks, the eager and SDPA backends, and the attention block."""
+"""Self-attention with grouped KV heads: masks, the eager, SDPA, flash and flex backends, and the attention block."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 from typing import Callable
 
 import torch
@@ -12,36 +15,70 @@ from ..cache import Cache
 from .linear import Linear, decode_step, linear, stacked_weight
 from .rotary import apply_rotary
 
+logger = logging.getLogger(__name__)
 
-def build_mask(
-    padding_mask: torch.Tensor | None,
-    batch_size: int,
-    query_start: int,
-    query_len: int,
-    key_start: int,
-    window: int | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Boolean mask (batch or 1, 1, queries, keys): True where a query may attend to a key.
 
-    Queries are at positions query_start..+query_len, keys at key_start..query_start+query_len; `padding_mask` is the
-    user's 2-D attention_mask over all positions. None means plain causal attention over every key.
+class AttentionMask:
+    """Which keys each query may attend to: causal, within `window`, not padding, inside its own packed sequence.
+
+    Queries are at positions query_start..+query_len, keys at key_start..query_start+query_len; `padding` is the
+    user's 2-D attention_mask over all positions; `documents` (batch, tokens) numbers the sequences of packed rows
+    (only without past tokens, so queries and keys are the same tokens). Layers of one kind share one mask, so each
+    backend's form of it is built once.
     """
-    key_len = query_start + query_len - key_start
-    if padding_mask is None and (window is None or query_start + query_len <= window):
-        if query_len == 1 or (query_start == 0 and key_start == 0):
-            return None
-    q = torch.arange(query_start, query_start + query_len, device=device)[:, None]
-    k = torch.arange(key_start, key_start + key_len, device=device)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (k > q - window)
-    allowed = allowed[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, key_start : key_start + key_len].to(device=device, dtype=torch.bool)
-    # A query that may see nothing (a left-padding position) gets what each backend gives, as in transformers:
-    # SDPA returns zeros, the eager softmax a uniform average.
-    return allowed
+
+    def __init__(self, padding: torch.Tensor | None, batch_size: int, query_start: int, query_len: int,
+                 key_start: int, window: int | None, device: torch.device, documents: torch.Tensor | None = None):
+        self.padding = None if padding is None else padding.to(device=device, dtype=torch.bool)
+        self.documents = None if documents is None else documents.to(device)
+        self.batch = 1 if padding is None and documents is None else batch_size
+        self.query_start, self.query_len, self.key_start = query_start, query_len, key_start
+        self.key_len = query_start + query_len - key_start
+        self.window, self.device = window, device
+        self._dense = self._block = None
+
+    def allows(self, b, q, k):
+        """True where query `q` may see key `k` (indices into this step's queries and keys) of row `b`; works on
+        broadcast index tensors (the dense mask) and on FlexAttention's scalar indices alike."""
+        q_pos, k_pos = q + self.query_start, k + self.key_start
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed = allowed & (k_pos > q_pos - self.window)
+        if self.padding is not None:
+            allowed = allowed & self.padding[b, k_pos]
+        if self.documents is not None:
+            allowed = allowed & (self.documents[b, q] == self.documents[b, k])
+        return allowed
+
+    @property
+    def is_causal(self) -> bool:
+        """Plain causal attention over every key: SDPA's is_causal (or no mask for a single query) says it all."""
+        if self.padding is not None or self.documents is not None:
+            return False
+        if self.window is not None and self.query_start + self.query_len > self.window:
+            return False
+        return self.query_len == 1 or (self.query_start == 0 and self.key_start == 0)
+
+    def dense(self) -> torch.Tensor | None:
+        """Boolean (batch or 1, 1, queries, keys), or None for plain causal attention.
+
+        A query that may see nothing (a left-padding position) gets what each backend gives, as in transformers:
+        SDPA returns zeros, the eager softmax a uniform average.
+        """
+        if self._dense is None and not self.is_causal:
+            arange = functools.partial(torch.arange, device=self.device)
+            self._dense = self.allows(arange(self.batch).view(-1, 1, 1, 1), arange(self.query_len).view(1, 1, -1, 1),
+                                      arange(self.key_len).view(1, 1, 1, -1))
+        return self._dense
+
+    def block_mask(self):
+        """FlexAttention's block mask of the same rule."""
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            self._block = create_block_mask(lambda b, h, q, k: self.allows(b, q, k), self.batch, None,
+                                            self.query_len, self.key_len, device=self.device)
+        return self._block
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -51,50 +88,133 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
-def eager_attention(q, k, v, mask, scaling: float, dropout: float, training: bool):
+def eager_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
     """Explicit softmax(QK^T)V; the only backend that returns attention weights."""
     groups = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-    if mask is None and q.shape[2] > 1:  # plain causal; mask is None only when queries and keys coincide
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
+    allowed = mask.dense()
+    if allowed is None and q.shape[2] > 1:  # plain causal; no mask only when queries and keys coincide
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if allowed is not None:
         # Added, not filled: a row with every key masked then averages uniformly, exactly as transformers' eager.
-        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
+        bias = torch.zeros_like(allowed, dtype=scores.dtype).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = scores + bias
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, v), weights
 
 
-def sdpa_attention(q, k, v, mask, scaling: float, dropout: float, training: bool):
+def sdpa_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
     """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding)."""
     b, heads, s, d = q.shape
     groups = heads // k.shape[1]
+    allowed = mask.dense()
     gqa = {}
     if groups > 1:
-        if mask is None:  # every device has GQA kernels without a mask; CUDA's fall back to the slow math one with it
+        if allowed is None:  # GQA kernels exist on every device without a mask; with one, CUDA's fall back to math
             gqa = {"enable_gqa": True}
         elif s == 1:  # one query a row: the heads of a group become that KV head's queries
             q = q.view(b, heads // groups, groups, d)
         else:
             k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0, scale=scaling,
-        is_causal=mask is None and s > 1, **gqa,
+        q, k, v, attn_mask=allowed, dropout_p=dropout if training else 0.0, scale=scaling,
+        is_causal=allowed is None and s > 1, **gqa,
     )
     return out.reshape(b, heads, s, d), None
 
 
-ATTENTION_BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
+@functools.cache
+def _note_once(message: str) -> None:
+    logger.warning(message)
+
+
+@functools.cache
+def _flex_kernel(device_type: str) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention as kernel
+
+    # Compiled, FlexAttention is a fused kernel; eager (as on CPU, where compiling costs more than tiny runs
+    # gain) it materialises the scores.
+    return torch.compile(kernel) if device_type == "cuda" else kernel
+
+
+def flex_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
+    """torch's FlexAttention over the block mask of `mask`."""
+    if dropout and training:
+        raise ValueError("FlexAttention (attn_implementation='flex_attention', and 'flash_attention_2' on CUDA "
+                         f"without flash-attn) has no attention dropout, but config.attention_dropout={dropout}: "
+                         "set it to 0.0 for training, or use attn_implementation='sdpa'")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and needs_grad:
+        _note_once("FlexAttention has no backward on CPU: where gradients are needed there, flex_attention runs "
+                   "torch's SDPA on the same mask")
+        return sdpa_attention(q, k, v, mask, scaling, dropout, training)
+    kernel = _flex_kernel(q.device.type)
+    return kernel(q, k, v, block_mask=mask.block_mask(), scale=scaling, enable_gqa=q.shape[1] != k.shape[1]), None
+
+
+def _flash_attn_usable(q: torch.Tensor) -> bool:
+    return q.is_cuda and importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
+    """flash-attn where it is installed and the tensors are on CUDA; elsewhere torch's kernels, same semantics."""
+    if _flash_attn_usable(q):
+        return _flash_attn(q, k, v, mask, scaling, dropout if training else 0.0), None
+    if q.is_cuda:
+        _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on torch's FlexAttention")
+        return flex_attention(q, k, v, mask, scaling, dropout, training)
+    _note_once(f"flash-attn runs on CUDA only: attn_implementation='flash_attention_2' on {q.device.type} runs on "
+               "torch's SDPA with the same mask")
+    return sdpa_attention(q, k, v, mask, scaling, dropout, training)
+
+
+def _flash_attn(q, k, v, mask: AttentionMask, scaling: float, dropout: float) -> torch.Tensor:
+    """flash-attn's kernels: padding and packed sequences become its variable-length sequences."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attn_implementation='flash_attention_2' runs flash-attn, which computes in float16 or "
+                         f"bfloat16 only, and this model runs in {q.dtype} on CUDA: load it with dtype=torch.bfloat16 "
+                         f"(or torch.float16), or pick attn_implementation='flex_attention' or 'sdpa' for {q.dtype}")
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    window = (-1, -1) if mask.window is None else (mask.window - 1, 0)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout: (batch, tokens, heads, head_dim)
+    b, s, heads, d = q.shape
+    if mask.padding is None and mask.documents is None:
+        out = flash_attn_func(q, k, v, dropout, softmax_scale=scaling, causal=True, window_size=window)
+        return out.transpose(1, 2)
+    # Tokens that attend, back to back; segment = row (padding) or row and packed sequence (documents).
+    keep_q = keep_k = segment_q = segment_k = None
+    if mask.padding is not None:
+        keep_q = mask.padding[:, mask.query_start : mask.query_start + s]
+        keep_k = mask.padding[:, mask.key_start :]
+        rows = torch.arange(b, device=q.device)[:, None]
+        segment_q, segment_k, segments = rows.expand(b, s), rows.expand(b, k.shape[1]), b
+    else:  # packed rows: queries and keys are the same tokens
+        keep_q = keep_k = torch.ones(b, s, dtype=torch.bool, device=q.device)
+        per_row = int(mask.documents.max()) + 1
+        segment_q = segment_k = mask.documents + torch.arange(b, device=q.device)[:, None] * per_row
+        segments = b * per_row
+    lengths_q = torch.bincount(segment_q[keep_q], minlength=segments)
+    lengths_k = torch.bincount(segment_k[keep_k], minlength=segments)
+    cu_q, cu_k = (F.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (lengths_q, lengths_k))
+    packed = flash_attn_varlen_func(q[keep_q], k[keep_k], v[keep_k], cu_q, cu_k, int(lengths_q.max()),
+                                    int(lengths_k.max()), dropout, softmax_scale=scaling, causal=True,
+                                    window_size=window)
+    out = q.new_zeros(b, s, heads, d)
+    out[keep_q] = packed
+    return out.transpose(1, 2)
+
+
+ATTENTION_BACKENDS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention,
+                                           "flash_attention_2": flash_attention, "flex_attention": flex_attention}
 
 
 def check_attn_implementation(name: str | None) -> str:
     name = name or "sdpa"
     if name not in ATTENTION_BACKENDS:
-        hint = " (flash-attn is not used by maestrale; sdpa picks flash kernels itself on GPUs)" if "flash" in name else ""
-        raise ValueError(
-            f"attn_implementation={name!r} is not supported{hint}; use one of {sorted(ATTENTION_BACKENDS)}"
-        )
+        raise ValueError(f"attn_implementation={name!r} is not supported; use one of {list(ATTENTION_BACKENDS)}")
     return name
 
 
@@ -130,7 +250,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: AttentionMask,
         cache: Cache | None,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

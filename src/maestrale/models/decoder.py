@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..cache import Cache, DynamicCache, cache_argument
-from .attention import Attention, build_mask
+from .attention import Attention, AttentionMask
 from .mlp import GatedMLP, SparseMoeBlock
 from .modeling_utils import PreTrainedModel
 from .outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
@@ -115,6 +115,34 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids
         raise ValueError(f"position_ids must have shape ({batch} or 1, {seq}), got {tuple(position_ids.shape)}")
 
 
+def packed_documents(position_ids, cu_seq_lens_q, cu_seq_lens_k, batch: int, seq: int) -> torch.Tensor | None:
+    """(batch, seq) index of the packed sequence each token belongs to, or None for one sequence a row.
+
+    Sequences come from cu_seq_lens (one packed row, as transformers' DataCollatorWithFlattening writes them) or,
+    as in transformers, from position_ids: a new sequence starts wherever a position is not the previous one + 1.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_k is not None and cu_seq_lens_q is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+            raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: packed self-attention needs the same "
+                             "boundaries for queries and keys; pass one of them, or both equal")
+        bounds = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q/cu_seq_lens_k describe one packed row, but the batch has {batch} rows: "
+                             "flatten the batch into one row (input_ids of shape (1, total)), or pass position_ids "
+                             "restarting at 0 per sequence instead")
+        if bounds.dim() != 1 or int(bounds[0]) != 0 or int(bounds[-1]) != seq:
+            raise ValueError(f"cu_seq_lens_q must run from 0 to the row's {seq} tokens, got {bounds.tolist()}")
+        tokens = torch.arange(seq, device=bounds.device)
+        return torch.bucketize(tokens, bounds[1:-1].to(tokens.dtype), right=True)[None]
+    if position_ids is None or seq == 1:
+        return None
+    steps = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    documents = (steps != 1).cumsum(-1)
+    if not documents[:, -1].any():  # one sequence a row: the masks need not know
+        return None
+    return documents.expand(batch, -1)
+
+
 class DecoderModel(PreTrainedModel):
     """Embeddings -> decoder layers -> final norm. Concrete families subclass this with their config class."""
 
@@ -134,13 +162,13 @@ class DecoderModel(PreTrainedModel):
         self.first_layer_of_kind = {kind: kinds.index(kind) for kind in set(kinds)}
         self.post_init()
 
-    def _masks(self, attention_mask, batch, seq, cache, device) -> dict[str, torch.Tensor | None]:
+    def _masks(self, attention_mask, batch, seq, cache, device, documents) -> dict[str, AttentionMask]:
         past = cache.get_seq_length() if cache is not None else 0
         masks = {}
         for kind, first in self.first_layer_of_kind.items():
             key_start = cache.layers[first].key_start() if cache is not None and first < len(cache.layers) else 0
             window = self.config.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = build_mask(attention_mask, batch, past, seq, key_start, window, device)
+            masks[kind] = AttentionMask(attention_mask, batch, past, seq, key_start, window, device, documents)
         return masks
 
     def forward(
@@ -157,6 +185,10 @@ class DecoderModel(PreTrainedModel):
         return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,  # accepted for transformers compatibility; unused
         cache: Cache | None = None,  # transformers' newer name of past_key_values
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,  # accepted as transformers passes them; they follow from cu_seq_lens
+        max_length_k: int | None = None,
     ) -> BaseModelOutputWithPast | MoeModelOutputWithPast | tuple:
         config = self.config
         past_key_values = cache_argument(past_key_values, cache)
@@ -177,10 +209,13 @@ class DecoderModel(PreTrainedModel):
             past_key_values = DynamicCache(config)
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
+        # Read before the default positions fill in, which are one sequence a row (and need no device sync to say so).
+        documents = None if attention_mask is not None or past else packed_documents(
+            position_ids, cu_seq_lens_q, cu_seq_lens_k, batch, seq)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
 
-        masks = self._masks(attention_mask, batch, seq, cache, inputs_embeds.device)
+        masks = self._masks(attention_mask, batch, seq, cache, inputs_embeds.device, documents)
         rotary = self.rotary_emb(inputs_embeds, position_ids)
         # Only the explicit softmax can hand back attention weights.
         backend = "eager" if output_attentions else config._attn_implementation

@@ -74,11 +74,17 @@ class ForCausalLM(GenerationMixin, HeadModel):
         num_items_in_batch=None,
         cache_position=None,
         cache=None,  # transformers' newer name of past_key_values
+        cu_seq_lens_q=None,
+        cu_seq_lens_k=None,
+        max_length_q=None,
+        max_length_k=None,
     ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast | tuple:
         moe = self.base_model.is_moe
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
         extra = {"output_router_logits": output_router_logits} if moe else {}
+        extra.update(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q,
+                     max_length_k=max_length_k)
         out = self._run_base(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                              output_attentions, output_hidden_states, cache=cache, **extra)
         hidden = out.last_hidden_state

@@ -284,7 +284,8 @@ def test_flash_attn_call_bookkeeping(inputs, monkeypatch):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cuda_bfloat16_matches_sdpa_and_packed_rows_match_alone(backend, case):
     """On CUDA in bfloat16 (FlexAttention compiled; flash-attn when installed): padded logits and gradients beside
-    transformers' sdpa within bfloat16's error, and a packed row of three sequences equal to each run alone."""
+    transformers' sdpa within bfloat16's error, a packed row of three sequences equal to each run alone, cached
+    decoding equal to the full forward. The cases run one after another on the same compiled kernel."""
     ref, ours = pair(case, backend, hidden_size=64)  # head_dim 16: compiled FlexAttention's smallest
     ref, ours = ref.to("cuda", torch.bfloat16), ours.to("cuda", torch.bfloat16)
     ids, mask = (t.cuda() for t in padded_batch("left"))
@@ -300,6 +301,14 @@ def test_cuda_bfloat16_matches_sdpa_and_packed_rows_match_alone(backend, case):
         logits = ours(packed, position_ids=positions).logits[0]
         alone = torch.cat([ours(p[None]).logits[0] for p in parts])
     torch.testing.assert_close(logits.float(), alone.float(), atol=0.05, rtol=0.05)
+    with torch.no_grad():  # token by token through the cache (query offsets move each step) = one full forward
+        full = ours(ids[1:]).logits[0]
+        out = ours(ids[1:, :4], use_cache=True)
+        steps = [out.logits[0]]
+        for t in range(4, ids.shape[1]):
+            out = ours(ids[1:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0])
+    torch.testing.assert_close(torch.cat(steps).float(), full.float(), atol=0.1, rtol=0.05)
     ours.train()
     ours(ids, attention_mask=mask, labels=ids.masked_fill(~real, -100)).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)

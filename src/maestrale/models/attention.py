@@ -135,8 +135,10 @@ def _flex_kernel(device_type: str) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention as kernel
 
     # Compiled, FlexAttention is a fused kernel; eager (as on CPU, where compiling costs more than tiny runs
-    # gain) it materialises the scores.
-    return torch.compile(kernel) if device_type == "cuda" else kernel
+    # gain) it materialises the scores. dynamic=True: the mask's window and offsets are Python ints that the
+    # compiled kernel must take as inputs; compiled statically, it kept the first model's window for the next one
+    # (seen on an H200: a window-4 model attended with window 3 after a window-3 model had run).
+    return torch.compile(kernel, dynamic=True) if device_type == "cuda" else kernel
 
 
 def flex_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):

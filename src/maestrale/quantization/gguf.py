@@ -278,10 +278,13 @@ class PackedLoad:
     def shards(self) -> list:
         return [_PackedShard(self)]
 
-    def finish(self, origin: str) -> None:
+    def finish(self, origin: str) -> list[str]:
+        """Check that every packed layer got its tensor; the names of weights drawn afresh: none, a GGUF file
+        holds them all."""
         missing = [name for name, layer in self.layers.values() if layer.weight is None]
         if missing:
             raise ValueError(f"{origin}: no packed tensor reached {missing[:3]}; the file does not fit its config")
+        return []
 
 
 class _PackedShard:

@@ -18,13 +18,7 @@ CASES = {  # windows shorter than the sequences, grouped-query heads, mixed laye
     "phi3-window5": ("phi3", {"sliding_window": 5}),
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(case: str, backend: str, **extra):

@@ -29,15 +29,6 @@ FAMILIES = {
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: one thread runs them fastest, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tokenizer(source: Path, file: str, template: str):
     spec = importlib.util.find_spec("mistral_common")
     if spec is None:

@@ -79,3 +79,28 @@ def test_smollm2_greedy_equals_reference(dtype):
     same = int((ref == fast).all(0).long().cumprod(0).sum()) - ids.shape[1]
     print(f"SmolLM2 {dtype}: fast path equals the reference for {same} of 128 new tokens")
     assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("name", ["mistral", "ministral"])
+def test_long_prompt_prefills_in_chunks_with_the_window_in_memory(name):
+    """A prompt 20x the window prefills in chunks by itself on CUDA: the rolling layers' buffers then hold the
+    window and one chunk, not the prompt, and the first token's logits are those of one float32 forward on the CPU."""
+    from maestrale.cache import ROOM
+    from maestrale.generation.utils import AUTO_PREFILL_CHUNK
+
+    config_class, overrides = FAMILIES[name]
+    torch.manual_seed(0)
+    model = maestrale.AutoModelForCausalLM.from_config(
+        config_class(**{**MEDIUM, **overrides, "max_position_embeddings": 8192})).eval()
+    ids = torch.randint(3, 1000, (1, 20 * overrides["sliding_window"] + AUTO_PREFILL_CHUNK))
+    with torch.no_grad():
+        ref = model(ids, logits_to_keep=1).logits[:, -1]
+    model.cuda()
+    out = model.generate(ids.cuda(), max_new_tokens=1, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, cache_implementation="dynamic")
+    torch.testing.assert_close(out.logits[0].cpu(), ref, rtol=1e-3, atol=1e-3)
+    for layer, kind in zip(out.past_key_values.layers, model.config.attention_layer_types):
+        if kind == "sliding_attention":
+            assert layer._keys.shape[-2] <= overrides["sliding_window"] + AUTO_PREFILL_CHUNK + ROOM < ids.shape[1]
+        else:
+            assert layer.kept == ids.shape[1]

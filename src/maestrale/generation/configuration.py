@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "num_beams": 1,
     "use_cache": True,
     "cache_implementation": None,  # None: the static CUDA decoder on CUDA; "static" anywhere; "dynamic" never
+    "prefill_chunk_size": None,  # None: one forward, or on CUDA chunks when a sliding window is shorter than the prompt
     # logits processing
     "temperature": 1.0,
     "top_k": 50,
@@ -86,7 +87,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "assistant_early_exit": ((None,), "early-exit self-speculation is not implemented; pass assistant_model instead"),
     "assistant_ensemble_weight": ((None,), "ensembling the assistant's probabilities is not implemented; remove it"),
     "speculation_type": ((None,), "only assistant_model and prompt_lookup_num_tokens speculate here; remove it"),
-    "prefill_chunk_size": ((None,), "chunked prefill is not implemented; remove it (the prompt runs in one forward)"),
     "penalty_alpha": ((None,), "contrastive search is not implemented; use greedy, sampling or beam search"),
     "dola_layers": ((None,), "DoLa decoding is not implemented; remove it"),
     "diversity_penalty": ((None, 0.0), "group beam search is not implemented; remove it"),
@@ -236,7 +236,7 @@ class GenerationConfig:
         if penalty is not None and not (isinstance(penalty, (list, tuple)) and len(penalty) == 2
                                         and isinstance(penalty[0], int) and isinstance(penalty[1], (int, float))):
             fail(f"exponential_decay_length_penalty must be (start_index, decay_factor), got {penalty!r}")
-        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size", "prefill_chunk_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 fail(f"{name} must be a positive integer, got {value!r}")

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 # `cache` is transformers' newer name of `past_key_values`.
 MODEL_INPUTS = ("input_ids", "attention_mask", "past_key_values", "cache", "inputs_embeds")
+# Prompt tokens a prefill chunk holds on CUDA (see _prefill_chunk): products of this many rows still run near the
+# device's matrix rate, and each chunk computes 2048 x (window + 2048) scores of which a window's worth are used.
+AUTO_PREFILL_CHUNK = 2048
 
 
 @dataclass(repr=False, eq=False)
@@ -301,17 +304,42 @@ class GenerationMixin:
         return processors
 
     def _prefill(self, input_ids: torch.Tensor, run: _Run, model=None):
-        """Run the prompt (the part not yet in the cache); keep only the last position's logits."""
+        """Run the prompt (the part not yet in the cache), in chunks where `_prefill_chunk` says; keep only the last
+        position's logits. Earlier chunks go through the model itself, the last through `model` (the static decoder
+        takes its cache from there)."""
         model = model or self
         past = run.past
-        return model(
-            None if run.embeds is not None else input_ids[:, past:],
-            inputs_embeds=run.embeds,
-            attention_mask=run.mask,
-            position_ids=None if run.positions is None else run.positions[:, past:],
-            logits_to_keep=1,
-            **run.forward_kwargs(),
-        )
+        end = past + (run.embeds.shape[1] if run.embeds is not None else input_ids.shape[1] - past)
+        chunk = self._prefill_chunk(run, end - past) or end - past
+        for start in range(past, end, chunk):
+            stop = min(start + chunk, end)
+            out = (model if stop == end else self)(
+                None if run.embeds is not None else input_ids[:, start:stop],
+                inputs_embeds=None if run.embeds is None else run.embeds[:, start - past : stop - past],
+                attention_mask=None if run.mask is None else run.mask[:, :stop],
+                position_ids=None if run.positions is None else run.positions[:, start:stop],
+                logits_to_keep=1,
+                **run.forward_kwargs(),
+            )
+        return out
+
+    def _prefill_chunk(self, run: _Run, new: int) -> int | None:
+        """Prompt tokens per prefill forward, None for one forward: prefill_chunk_size, or on CUDA, where a sliding
+        window is shorter than the prompt, AUTO_PREFILL_CHUNK. A chunk's queries attend to the keys the rolling cache
+        holds (the window behind them) and to each other, so the mask and the cache follow the window, not the
+        prompt's square."""
+        config = run.config
+        chunk = config.prefill_chunk_size
+        per_token_outputs = [name for name in ("output_attentions", "output_hidden_states") if getattr(config, name)]
+        if chunk is not None and per_token_outputs:
+            raise ValueError(f"prefill_chunk_size={chunk} cannot be combined with {' and '.join(per_token_outputs)}: "
+                             "the prompt's attentions and hidden states would come chunk by chunk; drop one of them")
+        if chunk is None and self.device.type == "cuda" and not per_token_outputs:
+            kinds = self.config.attention_layer_types
+            window = self.config.sliding_window if "sliding_attention" in kinds else None
+            if window is not None and window < run.past + new:
+                chunk = AUTO_PREFILL_CHUNK
+        return chunk if chunk is not None and chunk < new else None
 
     # ----- greedy and sampling -----
     def _decode(self, input_ids: torch.Tensor, run: _Run) -> GenerateDecoderOnlyOutput | torch.LongTensor:

@@ -165,7 +165,10 @@ def flash_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float
     if _flash_attn_usable(q):
         return _flash_attn(q, k, v, mask, scaling, dropout if training else 0.0), None
     if q.is_cuda:
-        _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on torch's FlexAttention")
+        _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on torch's flash SDPA "
+                   "kernel where attention is plain causal, and on its FlexAttention where a mask is needed")
+        if mask.is_causal:  # torch's own flash kernel: faster than FlexAttention where nothing is masked
+            return sdpa_attention(q, k, v, mask, scaling, dropout, training)
         return flex_attention(q, k, v, mask, scaling, dropout, training)
     _note_once(f"flash-attn runs on CUDA only: attn_implementation='flash_attention_2' on {q.device.type} runs on "
                "torch's SDPA with the same mask")

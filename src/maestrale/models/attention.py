@@ -31,24 +31,35 @@ class AttentionMask:
                  key_start: int, window: int | None, device: torch.device, documents: torch.Tensor | None = None):
         self.padding = None if padding is None else padding.to(device=device, dtype=torch.bool)
         self.documents = None if documents is None else documents.to(device)
-        self.batch = 1 if padding is None and documents is None else batch_size
+        self.rows = batch_size
+        self.batch = 1 if padding is None and documents is None else batch_size  # of the mask forms, broadcast
         self.query_start, self.query_len, self.key_start = query_start, query_len, key_start
         self.key_len = query_start + query_len - key_start
         self.window, self.device = window, device
-        self._dense = self._block = None
+        self._dense = self._block = self._rule_tensors = None
 
     def allows(self, b, q, k):
         """True where query `q` may see key `k` (indices into this step's queries and keys) of row `b`; works on
         broadcast index tensors (the dense mask) and on FlexAttention's scalar indices alike."""
-        q_pos, k_pos = q + self.query_start, k + self.key_start
-        allowed = k_pos <= q_pos
-        if self.window is not None:
-            allowed = allowed & (k_pos > q_pos - self.window)
-        if self.padding is not None:
-            allowed = allowed & self.padding[b, k_pos]
-        if self.documents is not None:
-            allowed = allowed & (self.documents[b, q] == self.documents[b, k])
-        return allowed
+        padding, documents, query_start, key_start, window = self._rule()
+        q_pos, k_pos = q + query_start, k + key_start
+        return (k_pos <= q_pos) & (k_pos > q_pos - window) & padding[b, k_pos] & (documents[b, q] == documents[b, k])
+
+    def _rule(self) -> tuple[torch.Tensor, ...]:
+        """The rule's inputs, all tensors (no padding: all ones; one sequence a row: all zeros; no window: one longer
+        than the positions), so that FlexAttention's compiled kernel, which takes them from `allows`' closure, is the
+        same graph for every mask: a closure over None or Python ints makes Dynamo compile one kernel per combination,
+        and past its limit of 8 it runs the eager kernel instead, slow and less precise in half precision."""
+        if self._rule_tensors is None:
+            end = self.query_start + self.query_len
+            tensor = functools.partial(torch.tensor, device=self.device)
+            padding = self.padding if self.padding is not None else torch.ones(
+                self.rows, end, dtype=torch.bool, device=self.device)
+            documents = self.documents if self.documents is not None else torch.zeros(
+                self.rows, max(self.query_len, self.key_len), dtype=torch.long, device=self.device)
+            self._rule_tensors = (padding, documents, tensor(self.query_start), tensor(self.key_start),
+                                  tensor(self.window if self.window is not None else end + 1))
+        return self._rule_tensors
 
     @property
     def is_causal(self) -> bool:
@@ -76,6 +87,7 @@ class AttentionMask:
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
 
+            self._rule()  # built here, not under create_block_mask's vmap
             self._block = create_block_mask(lambda b, h, q, k: self.allows(b, q, k), self.batch, None,
                                             self.query_len, self.key_len, device=self.device)
         return self._block

@@ -95,13 +95,7 @@ class LLMEngine:
         """Queue a request; it joins the running batch at a coming step. ValueError when it cannot fit."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        needed = len(prompt_token_ids) + params.max_tokens
-        if needed > self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
-                             f"together more than the {self.max_model_len} tokens of context this server allows; "
-                             "shorten the prompt or lower max_tokens")
+        self.check_request(prompt_token_ids, params)
         seqs = []
         for index in range(params.n):
             generator = None
@@ -112,6 +106,15 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError, naming the fix, when the request cannot fit this engine's context."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
+                             f"together more than the {self.max_model_len} tokens of context this server allows; "
+                             "shorten the prompt or lower max_tokens")
 
     def abort(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""

@@ -307,7 +307,9 @@ def cmd_serve(args) -> None:
     print(f"maestrale: serving {name} on http://{args.host}:{args.port}/v1 ({blocks.num_blocks} KV blocks of "
           f"{blocks.block_size} tokens, context {engine.max_model_len}, up to {args.max_num_seqs} sequences)",
           flush=True)
-    # uvicorn stops taking requests on SIGTERM, finishes those in flight, then returns: exit code 0.
+    # uvicorn stops taking requests on SIGTERM, finishes those in flight, then returns and raises the signal again
+    # under the handler it found; this one lets the drained server exit with 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

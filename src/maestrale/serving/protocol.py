@@ -43,12 +43,14 @@ class _Request(BaseModel):
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever comes (benchmarks)
 
     def sampling_params(self, max_tokens: int, top_logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                               n=self.n, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, stop=tuple(s for s in stop if s),
+                              ignore_eos=self.ignore_eos,
                               logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0)
 
     @property

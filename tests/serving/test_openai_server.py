@@ -177,7 +177,8 @@ def test_disconnect_mid_stream_frees_blocks(server, client):
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"prompt": "Hi", "max_tokens": -1}, 400, None),
+    ({"prompt": "Hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "Hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "Hi", "n": "many"}, 400, "n"),
     ({"prompt": [5] * (MAX_MODEL_LEN + 10)}, 400, None),

@@ -150,3 +150,12 @@ def test_full_queue_gets_503_with_retry_after(served):
         assert second.json()["error"]["code"] == "server_overloaded"
         sampler.gate.set()
         assert first.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_stop_string_cuts_the_text_streamed_and_not(served):
+    url, _ = served
+    kwargs = dict(model="tiny-mistral", prompt="Weather?", max_tokens=40, stop=['"city"', "never"])
+    reply = client(url).completions.create(**kwargs)
+    text = reply.choices[0].text
+    assert text.endswith('"arguments": {') and reply.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in client(url).completions.create(**kwargs, stream=True)) == text

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
+from ..engine.sampling import SamplingParams  # noqa: E402
 from .async_engine import AsyncEngine, QueueFull  # noqa: E402
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest  # noqa: E402
 from .tools import TOOL_CALLS, parse_tool_calls, template_messages  # noqa: E402
@@ -97,8 +98,9 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         try:
             params = req.sampling_params(max_tokens, top_logprobs)
             engine.check(prompts, params)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except ValueError as e:  # SamplingParams' messages start with the field at fault
+            field = str(e).split()[0]
+            raise APIError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
         except QueueFull as e:
             raise APIError(503, str(e), code="server_overloaded", headers={"Retry-After": "1"}) from None
         return params

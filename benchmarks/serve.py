@@ -29,6 +29,9 @@ import httpx
 import openai
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+# maestrale decodes all max_tokens (vLLM's ignore_eos); transformers serve refuses the field and may stop early,
+# which its token counts show.
+MAESTRALE_EXTRA = {"ignore_eos": True}
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point number "
          "group problem fact river garden music window story ocean forest letter mountain").split()
 
@@ -66,12 +69,11 @@ def workload(count: int, input_mean: int, output_mean: int, seed: int) -> list[t
             for _ in range(count)]
 
 
-async def one(client, model: str, prompt: str, max_tokens: int, records: list) -> None:
+async def one(client, model: str, prompt: str, max_tokens: int, records: list, extra: dict) -> None:
     start = time.perf_counter()
     stamps, tokens = [], 0
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
+                                             stream=True, stream_options={"include_usage": True}, extra_body=extra)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
@@ -95,13 +97,17 @@ def summary(records: list, wall: float) -> dict:
             "ttft99": percentile(ttft, 99), "tbt50": percentile(tbt, 50), "tbt99": percentile(tbt, 99)}
 
 
-async def at_rate(url: str, model: str, prompts, rate: float, seed: int) -> dict:
+def connect(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+
+async def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int) -> dict:
     """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf."""
     rng, records, tasks = random.Random(seed), [], []
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+    async with connect(url) as client:
         begin = time.perf_counter()
         for prompt, max_tokens in prompts:
-            tasks.append(asyncio.create_task(one(client, model, prompt, max_tokens, records)))
+            tasks.append(asyncio.create_task(one(client, model, prompt, max_tokens, records, extra)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
@@ -111,11 +117,11 @@ async def at_rate(url: str, model: str, prompts, rate: float, seed: int) -> dict
 async def clients(url: str, model: str, count: int, requests_each: int, max_tokens: int) -> float:
     """Output tokens/s of `count` clients, each sending `requests_each` requests one after the other."""
     records = []
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+    async with connect(url) as client:
         async def loop(i: int):
             for j in range(requests_each):
                 prompt = f"{WORDS[i % len(WORDS)]} {WORDS[j % len(WORDS)]} story"
-                await one(client, model, prompt, max_tokens, records)
+                await one(client, model, prompt, max_tokens, records, MAESTRALE_EXTRA)
 
         begin = time.perf_counter()
         await asyncio.gather(*(loop(i) for i in range(count)))
@@ -142,23 +148,26 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     prompts = workload(args.num_prompts, args.input_mean, args.output_mean, seed=0)
     rates = [float(r) for r in args.rates.split(",")]
-    servers = {"maestrale": lambda port: [sys.executable, "-m", "maestrale", "serve", "--model", source, "--dtype",
-                                          args.dtype, "--port", str(port), *args.server_args.split()]}
     folder = None
+    if args.compare_transformers and source.endswith(".gguf"):
+        # The same weights, dequantized, as a folder with its tokenizer, which both servers load.
+        from maestrale import AutoTokenizer
+        from maestrale.loading import convert_gguf
+
+        folder = tempfile.mkdtemp(prefix="serve-bench-")
+        convert_gguf(source, folder)
+        AutoTokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source)).save_pretrained(folder)
+        source = folder
+    served = source
+    servers = {"maestrale": lambda port: [sys.executable, "-m", "maestrale", "serve", "--model", served, "--dtype",
+                                          args.dtype, "--port", str(port), *args.server_args.split()]}
     if args.compare_transformers:
         transformers_cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
-        served = source
-        if source.endswith(".gguf"):  # the same weights, dequantized, as a folder transformers serve loads
-            from maestrale.loading import convert_gguf
-
-            folder = tempfile.mkdtemp(prefix="serve-bench-")
-            convert_gguf(source, folder)
-            served = folder
         servers["transformers"] = lambda port: [transformers_cli, "serve", "--continuous-batching", "--device",
                                                 "cpu" if "cuda" not in args.server_args else "auto", "--dtype",
                                                 args.dtype, "--port", str(port), "--host", "127.0.0.1", served]
 
-    print(f"model {source}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
+    print(f"model {args.model or default_model()}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
           f"{args.output_mean} tokens out; load average {os.getloadavg()[0]:.2f}")
     results = {}
     for name, command in servers.items():
@@ -167,9 +176,10 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         try:
-            asyncio.run(at_rate(url, model, prompts[:2], float("inf"), 0))  # warm-up
+            extra = MAESTRALE_EXTRA if name == "maestrale" else {}
+            asyncio.run(at_rate(url, extra, model, prompts[:2], float("inf"), 0))  # warm-up
             for rate in rates:
-                results[name, rate] = asyncio.run(at_rate(url, model, prompts, rate, seed=1))
+                results[name, rate] = asyncio.run(at_rate(url, extra, model, prompts, rate, seed=1))
                 r = results[name, rate]
                 print(f"{name:12} rate {rate:>4}: {r['tok/s']:8.1f} output tok/s {r['req/s']:6.2f} req/s  "
                       f"TTFT p50 {r['ttft50'] * 1e3:7.0f} ms p99 {r['ttft99'] * 1e3:7.0f} ms  "

@@ -61,6 +61,10 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     async def api_error(request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        return JSONResponse(APIError(500, f"the server failed: {e}").body(), status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
@@ -118,10 +122,10 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def run(req, prompts, params, on_output, finish, chunk_object: str):
-        """Drive the engine for `prompts`: a streaming response of the chunks `on_output` makes, or the body
-        `finish` makes once every choice is done."""
+        """Drive the engine for `prompts`: a streaming response of chunks (`chunk_object`), each carrying the choice
+        `on_output` makes of a step's output, or the body `finish` makes of the choices once all are done."""
         choices = [_Choice() for _ in range(len(prompts) * params.n)]
-        request_id = uuid.uuid4().hex
+        head = {"id": uuid.uuid4().hex, "object": chunk_object, "created": int(time.time()), "model": model_name}
 
         def record(i, out):
             choice = choices[i * params.n + out.index]
@@ -135,20 +139,18 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
                 async for i, out in engine.generate(prompts, params):
                     index, choice = record(i, out)
                     on_output(index, choice, out)
-                return finish(request_id, choices)
+                return {**head, **finish(choices)}
             return collect()
 
         async def events():
             async for i, out in engine.generate(prompts, params):
                 index, choice = record(i, out)
-                for chunk in on_output(index, choice, out):
-                    chunk.update(id=request_id, created=created, model=model_name)
-                    if req.include_usage:
-                        chunk["usage"] = None
-                    yield _sse(chunk)
+                chunk = {**head, "choices": [on_output(index, choice, out)]}
+                if req.include_usage:
+                    chunk["usage"] = None
+                yield _sse(chunk)
             if req.include_usage:
-                yield _sse({"id": request_id, "object": chunk_object, "created": created, "model": model_name,
-                            "choices": [], "usage": usage(prompts, choices)})
+                yield _sse({**head, "choices": [], "usage": usage(prompts, choices)})
             yield _sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -190,13 +192,11 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
         def on_output(index, choice, out):
             choice.text += out.text
-            return [{"object": "text_completion",
-                     "choices": [{"index": index, "text": out.text, "logprobs": legacy_logprobs(out.logprobs),
-                                  "finish_reason": out.finish_reason}]}]
+            return {"index": index, "text": out.text, "logprobs": legacy_logprobs(out.logprobs),
+                    "finish_reason": out.finish_reason}
 
-        def text_completion(request_id, choices):
-            return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": i, "text": c.text, "logprobs": legacy_logprobs(c.logprobs),
+        def text_completion(choices):
+            return {"choices": [{"index": i, "text": c.text, "logprobs": legacy_logprobs(c.logprobs),
                                  "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                     "usage": usage(prompts, choices)}
 
@@ -251,18 +251,15 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             if first:
                 delta = {"role": "assistant", **delta}
             logprobs = {"content": [token_logprobs(s) for s in out.logprobs]} if params.logprobs else None
-            return [{"object": "chat.completion.chunk",
-                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": choice.finish_reason}]}]
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
-        def chat_completion(request_id, choices):
+        def chat_completion(choices):
             out = []
             for i, choice in enumerate(choices):
                 logprobs = {"content": [token_logprobs(s) for s in choice.logprobs]} if params.logprobs else None
                 out.append({"index": i, "message": {"role": "assistant", **choice.message}, "logprobs": logprobs,
                             "finish_reason": choice.finish_reason})
-            return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": out, "usage": usage([prompt], choices)}
+            return {"object": "chat.completion", "choices": out, "usage": usage([prompt], choices)}
 
         out = run(req, [prompt], params, on_output, chat_completion, "chat.completion.chunk")
         return out if req.stream else await out

@@ -135,15 +135,16 @@ def test_32_concurrent_streams_each_as_generate_alone(server, reference):
     tokenizer = reference[1]
     prompts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(2 + i % 13)) for i in range(32)]
     lengths = [2 + (i * 5) % 9 for i in range(32)]
-    client = openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=600)
-
-    async def one(prompt, max_tokens):
-        stream = await client.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf", prompt=prompt,
-                                                 max_tokens=max_tokens, temperature=0, stream=True)
-        return "".join([c.choices[0].text async for c in stream])
 
     async def everyone():
-        return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
+        async with openai.AsyncOpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0,
+                                      timeout=600) as client:
+            async def one(prompt, max_tokens):
+                stream = await client.completions.create(model="SmolLM2-135M-Instruct.Q4_1.gguf", prompt=prompt,
+                                                         max_tokens=max_tokens, temperature=0, stream=True)
+                return "".join([c.choices[0].text async for c in stream])
+
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
 
     texts = asyncio.run(everyone())
     for prompt, n, text in zip(prompts, lengths, texts):

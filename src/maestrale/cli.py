@@ -1,4 +1,4 @@
-"""The `maestrale` command: generate, chat, info, convert and bench."""
+"""The `maestrale` command: generate, chat, serve, info, convert and bench."""
 
 from __future__ import annotations
 
@@ -266,6 +266,53 @@ def cmd_bench(args) -> None:
     run_bench(args)
 
 
+def memory_size(text: str) -> int:
+    """Bytes of a size such as 2GiB, 512MiB, 1.5GB or 1000000."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 2GiB, 512MiB or a number of bytes")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or not unit else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def cmd_serve(args) -> None:
+    try:
+        from .serving import require_serve_extras
+
+        require_serve_extras()
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    import uvicorn
+
+    from .engine.llm_engine import LLMEngine
+    from .serving.app import create_app
+    from .serving.async_engine import AsyncEngine
+
+    for name in ("max_model_len", "max_num_seqs", "num_kv_blocks", "max_num_batched_tokens", "max_queue_len",
+                 "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model, tokenizer = load(args.model, args.device, args.dtype)
+    try:
+        engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    name = args.served_model_name or os.path.basename(str(args.model or default_model()).rstrip("/"))
+    app = create_app(AsyncEngine(engine, args.max_num_seqs + args.max_queue_len), tokenizer, name, args.api_key)
+    blocks = engine.blocks
+    print(f"maestrale: serving {name} on http://{args.host}:{args.port}/v1 ({blocks.num_blocks} KV blocks of "
+          f"{blocks.block_size} tokens, context {engine.max_model_len}, up to {args.max_num_seqs} sequences)",
+          flush=True)
+    # uvicorn stops taking requests on SIGTERM, finishes those in flight, then returns and raises the signal again
+    # under the handler it found; this one lets the drained server exit with 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maestrale",
@@ -277,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  maestrale generate \"Once upon a time\" --model mistralai/Mistral-7B-v0.1 --dtype bfloat16\n"
                "  maestrale info path/to/model.gguf\n"
                "  maestrale convert path/to/model.gguf path/to/hf-folder\n"
+               "  maestrale serve --port 8000\n"
                "  maestrale bench --batch-sizes 1,8 --compare-transformers\n"
                "run `maestrale COMMAND --help` for a command's options",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -315,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk with the model in the terminal")
     model_options(p)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    model_options(p, generation=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", help="answer only requests sending 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the --model's file or folder name)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens (default: the model's context)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in a batch (default: 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="most tokens one step computes; longer prompts are prefilled in chunks (default: 512)")
+    p.add_argument("--max-queue-len", type=int, default=256,
+                   help="requests waiting beyond the batch before new ones get 503 (default: 256)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-memory", type=memory_size, help="memory for keys and values, e.g. 2GiB (default: 1GiB)")
+    kv.add_argument("--num-kv-blocks", type=int, help="size of the KV cache in blocks instead")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("info", help="family, size, memory and attention layout of a model")
     p.add_argument("model", nargs="?", help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")

@@ -1,0 +1,204 @@
+"""Load generator for OpenAI-compatible servers: `maestrale serve` beside `transformers serve --continuous-batching`.
+
+Starts each server on the same model (the default SmolLM2 GGUF unless --model), sends a fixed count of prompts of
+synthetic ShareGPT-like lengths (log-normal prompt and output lengths) at an unlimited rate and at fixed request rates
+(Poisson arrivals) through the asyncio openai client, and prints output tokens/s, requests/s, time to first token
+and time between tokens (p50/p99). Then 16 concurrent clients against one client, the CPU criterion (>= 3x).
+
+    PYTHONPATH=src python benchmarks/serve.py                       # CPU defaults: short prompts and replies
+    PYTHONPATH=src python benchmarks/serve.py --compare-transformers --num-prompts 32 --rates inf,1
+    PYTHONPATH=src python benchmarks/serve.py --model mistralai/Mistral-7B-v0.3 --dtype bfloat16 --num-prompts 500 \\
+        --input-mean 200 --output-mean 200 --rates inf,8                 # a GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# maestrale decodes all max_tokens (vLLM's ignore_eos); transformers serve refuses the field and may stop early,
+# which its token counts show.
+MAESTRALE_EXTRA = {"ignore_eos": True}
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point number "
+         "group problem fact river garden music window story ocean forest letter mountain").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{command[0]} did not answer /health within {timeout:.0f}s")
+
+
+def workload(count: int, input_mean: int, output_mean: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) pairs, lengths log-normal around the means as ShareGPT's are (sigma ~0.8)."""
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        return max(2, min(int(rng.lognormvariate(0, 0.8) * mean / 1.377), 4 * mean))  # 1.377 = e^(0.8^2/2)
+
+    return [(" ".join(rng.choice(WORDS) for _ in range(length(input_mean))), length(output_mean))
+            for _ in range(count)]
+
+
+async def one(client, model: str, prompt: str, max_tokens: int, records: list, extra: dict) -> None:
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    records.append((start, stamps, tokens or len(stamps)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def summary(records: list, wall: float) -> dict:
+    ttft = [stamps[0] - start for start, stamps, _ in records if stamps]
+    tbt = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
+    tokens = sum(n for *_, n in records)
+    return {"tok/s": tokens / wall, "req/s": len(records) / wall, "ttft50": percentile(ttft, 50),
+            "ttft99": percentile(ttft, 99), "tbt50": percentile(tbt, 50), "tbt99": percentile(tbt, 99)}
+
+
+def connect(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+
+
+async def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int) -> dict:
+    """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf."""
+    rng, records, tasks = random.Random(seed), [], []
+    async with connect(url) as client:
+        begin = time.perf_counter()
+        for prompt, max_tokens in prompts:
+            tasks.append(asyncio.create_task(one(client, model, prompt, max_tokens, records, extra)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        return summary(records, time.perf_counter() - begin)
+
+
+async def clients(url: str, model: str, count: int, requests_each: int, max_tokens: int) -> float:
+    """Output tokens/s of `count` clients, each sending `requests_each` requests one after the other."""
+    records = []
+    async with connect(url) as client:
+        async def loop(i: int):
+            for j in range(requests_each):
+                prompt = f"{WORDS[i % len(WORDS)]} {WORDS[j % len(WORDS)]} story"
+                await one(client, model, prompt, max_tokens, records, MAESTRALE_EXTRA)
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(loop(i) for i in range(count)))
+        return sum(n for *_, n in records) / (time.perf_counter() - begin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="hub id, folder or .gguf (default: the SmolLM2 GGUF)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-mean", type=int, default=48, help="mean prompt length in words")
+    parser.add_argument("--output-mean", type=int, default=32, help="mean output length in tokens")
+    parser.add_argument("--rates", default="inf,2", help="request rates per second, comma-separated; inf = at once")
+    parser.add_argument("--clients-max-tokens", type=int, default=32)
+    parser.add_argument("--compare-transformers", action="store_true", help="also run transformers serve")
+    parser.add_argument("--server-args", default="", help="extra options for maestrale serve")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(SRC))
+    from maestrale.cli import default_model
+
+    source = args.model or default_model()
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    prompts = workload(args.num_prompts, args.input_mean, args.output_mean, seed=0)
+    rates = [float(r) for r in args.rates.split(",")]
+    folder = None
+    if args.compare_transformers and source.endswith(".gguf"):
+        # The same weights, dequantized, as a folder with its tokenizer, which both servers load.
+        from maestrale import AutoTokenizer
+        from maestrale.loading import convert_gguf
+
+        folder = tempfile.mkdtemp(prefix="serve-bench-")
+        convert_gguf(source, folder)
+        AutoTokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source)).save_pretrained(folder)
+        source = folder
+    served = source
+    servers = {"maestrale": lambda port: [sys.executable, "-m", "maestrale", "serve", "--model", served, "--dtype",
+                                          args.dtype, "--port", str(port), *args.server_args.split()]}
+    if args.compare_transformers:
+        transformers_cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+        servers["transformers"] = lambda port: [transformers_cli, "serve", "--continuous-batching", "--device",
+                                                "cpu" if "cuda" not in args.server_args else "auto", "--dtype",
+                                                args.dtype, "--port", str(port), "--host", "127.0.0.1", served]
+
+    print(f"model {args.model or default_model()}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
+          f"{args.output_mean} tokens out; load average {os.getloadavg()[0]:.2f}")
+    results = {}
+    for name, command in servers.items():
+        port = free_port()
+        proc = start(command(port), port, env)
+        url = f"http://127.0.0.1:{port}"
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        try:
+            extra = MAESTRALE_EXTRA if name == "maestrale" else {}
+            asyncio.run(at_rate(url, extra, model, prompts[:2], float("inf"), 0))  # warm-up
+            for rate in rates:
+                results[name, rate] = asyncio.run(at_rate(url, extra, model, prompts, rate, seed=1))
+                r = results[name, rate]
+                print(f"{name:12} rate {rate:>4}: {r['tok/s']:8.1f} output tok/s {r['req/s']:6.2f} req/s  "
+                      f"TTFT p50 {r['ttft50'] * 1e3:7.0f} ms p99 {r['ttft99'] * 1e3:7.0f} ms  "
+                      f"TBT p50 {r['tbt50'] * 1e3:6.0f} ms p99 {r['tbt99'] * 1e3:6.0f} ms", flush=True)
+            if name == "maestrale":
+                single = asyncio.run(clients(url, model, 1, 4, args.clients_max_tokens))
+                many = asyncio.run(clients(url, model, 16, 2, args.clients_max_tokens))
+                print(f"maestrale    1 client {single:.1f} output tok/s, 16 clients {many:.1f}: "
+                      f"{many / single:.2f}x (load average {os.getloadavg()[0]:.2f})", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    for rate in rates:
+        if ("transformers", rate) in results:
+            ratio = results["maestrale", rate]["tok/s"] / results["transformers", rate]["tok/s"]
+            print(f"rate {rate}: maestrale / transformers output tok/s = {ratio:.2f}x")
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

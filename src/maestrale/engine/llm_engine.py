@@ -1,0 +1,166 @@
+"""The continuous-batching engine: requests in, one model step at a time, each sequence's new tokens and text out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .runner import ModelRunner
+from .sampling import Sampled, Sampler, SamplingParams
+from .scheduler import Scheduler, Sequence
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of keys and values when neither num_blocks nor kv_cache_memory is given
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence (choice `index` of request `request_id`)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str  # new text since the last output (held back while it may be the start of a stop string)
+    logprobs: list[Sampled] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort" once the sequence is done
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class _Text:
+    """Incremental detokenisation of one sequence's output, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.text, self.sent = "", 0
+
+    def update(self, output_ids: list[int]) -> bool:
+        """Decode the output so far; True when it now contains a stop string (the text ends before it)."""
+        if self.tokenizer is None:
+            return False
+        self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text = self.text[: min(cuts)]
+        return bool(cuts)
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            # Hold back what may be the start of a stop string, or of a character whose bytes are incomplete.
+            end -= max(map(len, self.stop), default=1) - 1
+            if self.text.endswith("\ufffd"):
+                end = min(end, len(self.text) - 1)
+        end = max(end, self.sent)
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
+
+
+class LLMEngine:
+    """Schedules requests over a paged KV cache and steps the model; `step()` is the whole engine loop body.
+
+    The cache holds `num_blocks` blocks of `block_size` tokens, or as many as fit in `kv_cache_memory` bytes.
+    A step computes at most `max_num_batched_tokens` tokens, so a long prompt is prefilled over several steps while
+    the running sequences keep decoding.
+    """
+
+    def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None):
+        config = model.config
+        if num_blocks is None:
+            dtype = next(model.parameters()).dtype
+            memory = DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
+            num_blocks = memory // ModelRunner.block_bytes(config, block_size, dtype)
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory={memory} bytes holds no block of {block_size} tokens "
+                                 f"({ModelRunner.block_bytes(config, block_size, dtype)} bytes): give it more")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.model, self.tokenizer = model, tokenizer
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.sampler = Sampler()
+        limit = max_model_len or getattr(config, "max_position_embeddings", None) or num_blocks * block_size
+        self.max_model_len = min(limit, num_blocks * block_size)
+        eos = model.generation_config.eos_token_id
+        self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._texts: dict[Sequence, _Text] = {}
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; it joins the running batch at a coming step. ValueError when it cannot fit."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.model.device).manual_seed(params.seed + index)
+            seq = Sequence(request_id, index, list(prompt_token_ids), params, generator)
+            self._texts[seq] = _Text(self.tokenizer, tuple(params.stop))
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError, naming the fix, when the request cannot fit this engine's context."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
+                             f"together more than the {self.max_model_len} tokens of context this server allows; "
+                             "shorten the prompt or lower max_tokens")
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.finish(seq, "abort")
+            self._texts.pop(seq, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        """Run one model step over the scheduled sequences; outputs of the sequences that produced a token."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run([seq.token_ids[seq.num_computed : seq.num_computed + n] for seq, n in batch],
+                                 [seq.num_computed for seq, _ in batch], [seq.block_table for seq, _ in batch])
+        ready, rows = [], []
+        for row, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            self.blocks.register(seq)
+            if seq.num_pending == 0:
+                ready.append(seq)
+                rows.append(row)
+        outputs = []
+        for seq, sampled in zip(ready, self.sampler(ready, logits[rows])) if ready else ():
+            outputs.append(self._append(seq, sampled))
+        return outputs
+
+    def _append(self, seq: Sequence, sampled: Sampled) -> StepOutput:
+        seq.token_ids.append(sampled.token_id)
+        text = self._texts[seq]
+        params, token = seq.params, sampled.token_id
+        reason = None
+        if text.update(seq.output_ids):
+            reason = "stop"
+        elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        out = StepOutput(seq.request_id, seq.index, [token], text.delta(final=reason is not None),
+                         [sampled] if params.logprobs else [], reason, seq.num_prompt_tokens, len(seq.output_ids))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._texts[seq]
+            siblings = self.requests.get(seq.request_id, [])
+            if all(s.finish_reason is not None for s in siblings):
+                self.requests.pop(seq.request_id, None)
+        return out

@@ -1,0 +1,97 @@
+"""The model step of the server: run sequences' new tokens against their KV blocks, through the model's own forward.
+
+Keys and values live in one paged pool per layer, (num_blocks * block_size, kv_heads, head_dim); a sequence's
+block table says which slots hold its tokens. For a forward over several sequences, PagedCache writes each new
+token's keys/values to its slot and hands the attention every sequence's keys right-aligned on a shared axis,
+left-padded to the longest. The model sees what generate() gives it for a left-padded batch (an attention_mask
+over past + new tokens, position_ids), so its masks (causal, sliding window, padding) give each sequence exactly
+its own attention: a sequence's tokens keep one fixed offset on that axis, so distances, and windows, are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import Cache
+
+
+class PagedCache(Cache):
+    """A Cache over the paged pools for one forward: `write` (batch, new) and `read` (batch, keys) are slot
+    indices; -1 in `write` marks a padding query, whose keys/values are not stored."""
+
+    def __init__(self, pools: list[tuple[torch.Tensor, torch.Tensor]], write: torch.Tensor, read: torch.Tensor):
+        super().__init__([], tuple(pools[0][0].shape[1:]))
+        self.pools, self.read = pools, read
+        self.keep = write >= 0
+        self.write = write[self.keep]
+        self.past = read.shape[1] - write.shape[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.pools[layer_idx]
+        keys[self.write] = key_states.transpose(1, 2)[self.keep]
+        values[self.write] = value_states.transpose(1, 2)[self.keep]
+        return keys[self.read].transpose(1, 2), values[self.read].transpose(1, 2)
+
+
+class ModelRunner:
+    """Owns the KV pools and runs steps of the eager model (CPU; a CUDA runner with paged-attention kernels
+    and graphs can replace it behind the same `run`)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int):
+        config = model.config
+        self.model, self.block_size = model, block_size
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks * block_size, config.num_key_value_heads, config.resolved_head_dim)
+        self.pools = [(torch.zeros(shape, dtype=dtype, device=model.device),
+                       torch.zeros(shape, dtype=dtype, device=model.device))
+                      for _ in range(config.num_hidden_layers)]
+
+    @staticmethod
+    def block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block of keys and values takes across all layers."""
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.resolved_head_dim
+        return per_token * block_size * dtype.itemsize
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    @torch.inference_mode()
+    def run(self, new_tokens: list[list[int]], num_cached: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits (batch, vocab) after each sequence's last new token; sequence i has num_cached[i] tokens in its
+        blocks already and its new tokens go right after them. Sequences decoding one token share a forward;
+        each longer chunk (a prefill) runs in its own, so no forward pads a decode row to a prefill's length."""
+        decodes = [i for i, tokens in enumerate(new_tokens) if len(tokens) == 1]
+        groups = ([decodes] if decodes else []) + [[i] for i, tokens in enumerate(new_tokens) if len(tokens) > 1]
+        logits = [None] * len(new_tokens)
+        for group in groups:
+            out = self._forward([new_tokens[i] for i in group], [num_cached[i] for i in group],
+                                [block_tables[i] for i in group])
+            for i, row in zip(group, out):
+                logits[i] = row
+        return torch.stack(logits)
+
+    def _forward(self, new_tokens, num_cached, block_tables) -> torch.Tensor:
+        batch, new = len(new_tokens), max(map(len, new_tokens))
+        total = max(c + len(t) for c, t in zip(num_cached, new_tokens))
+        input_ids = torch.zeros(batch, new, dtype=torch.long)
+        positions = torch.zeros(batch, new, dtype=torch.long)
+        write = torch.full((batch, new), -1, dtype=torch.long)
+        read = torch.zeros(batch, total, dtype=torch.long)
+        mask = torch.zeros(batch, total, dtype=torch.long)
+        for row, (tokens, cached, table) in enumerate(zip(new_tokens, num_cached, block_tables)):
+            n, length = len(tokens), cached + len(tokens)
+            input_ids[row, new - n :] = torch.tensor(tokens)
+            positions[row, new - n :] = torch.arange(cached, length)
+            write[row, new - n :] = self._slots(table, cached, length)
+            read[row, total - length :] = self._slots(table, 0, length)
+            mask[row, total - length :] = 1
+        device = self.model.device
+        cache = PagedCache(self.pools, write.to(device), read.to(device))
+        out = self.model(input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]

@@ -1,0 +1,164 @@
+"""The continuous-batching engine on tiny random models: every request gets generate()'s tokens for its prompt alone,
+whatever joins, leaves, is prefilled in chunks or preempted around it; the block manager's bookkeeping."""
+
+import pytest
+import torch
+
+import maestrale
+from maestrale.engine.block_manager import BlockManager
+from maestrale.engine.llm_engine import LLMEngine
+from maestrale.engine.sampling import SamplingParams
+from maestrale.engine.scheduler import Sequence
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=None)
+# Windows shorter than prompt + output, so the masks must cut them across blocks and padding.
+FAMILIES = {
+    "mistral-window5": (maestrale.MistralConfig, {"sliding_window": 5}),
+    "ministral-mixed-window6": (maestrale.MinistralConfig, {
+        "sliding_window": 6, "head_dim": 16, "layer_types": ["full_attention", "sliding_attention", "full_attention"]}),
+    "mixtral-window7": (maestrale.MixtralConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 7}),
+    "phi3-partial-rotary": (maestrale.Phi3Config, {"partial_rotary_factor": 0.5, "sliding_window": 9}),
+}
+
+
+def build(name: str):
+    config_class, overrides = FAMILIES[name]
+    model = maestrale.AutoModelForCausalLM.from_config(config_class(**{**SMALL, **overrides}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.2).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+def prompts(count: int, shared: int = 0) -> list[list[int]]:
+    """Prompts of different lengths, the first `shared` tokens the same in all (a system prompt)."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(1, 97, (shared,), generator=g).tolist()
+    return [head + torch.randint(1, 97, (3 + 5 * i % 17,), generator=g).tolist() for i in range(count)]
+
+
+def alone(model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]], join_every: int = 1):
+    """Add one request every `join_every` steps while stepping; every request's output tokens by choice."""
+    pending, results = list(requests.items()), {}
+    steps = 0
+    while pending or engine.has_unfinished():
+        if pending and steps % join_every == 0:
+            request_id, (prompt, params) = pending.pop(0)
+            engine.add_request(request_id, prompt, params)
+        for out in engine.step():
+            results.setdefault((out.request_id, out.index), []).extend(out.token_ids)
+        steps += 1
+    return results
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_batched_requests_equal_generate_alone(name, one_thread):
+    model = build(name)
+    # Small blocks and a small step budget: prompts span blocks and are prefilled in chunks beside decodes.
+    engine = LLMEngine(model, block_size=4, num_blocks=128, max_num_batched_tokens=7)
+    requests = {str(i): (p, SamplingParams(max_tokens=4 + i % 5, temperature=0)) for i, p in enumerate(prompts(6, 5))}
+    results = run(engine, requests, join_every=2)
+    for request_id, (prompt, params) in requests.items():
+        assert results[(request_id, 0)] == alone(model, prompt, params.max_tokens), request_id
+    assert engine.blocks.num_used == 0
+    assert engine.blocks.prefix_hits > 0  # the shared 5 tokens: one full block of 4 found cached
+
+
+def test_preemption_recomputes_and_keeps_tokens(one_thread):
+    model = build("mistral-window5")
+    # 12 blocks of 4 tokens cannot hold six sequences of up to 24 tokens: running ones get preempted.
+    engine = LLMEngine(model, block_size=4, num_blocks=12, max_num_batched_tokens=64)
+    requests = {str(i): (p, SamplingParams(max_tokens=8, temperature=0)) for i, p in enumerate(prompts(6))}
+    results = run(engine, requests, join_every=1)
+    assert engine.scheduler.preemptions > 0
+    for request_id, (prompt, params) in requests.items():
+        assert results[(request_id, 0)] == alone(model, prompt, params.max_tokens), request_id
+    assert engine.blocks.num_used == 0
+
+
+def test_chunked_prefill_equals_one_shot(one_thread):
+    model = build("ministral-mixed-window6")
+    prompt = prompts(1, 30)[0]
+    logits = {}
+    for budget in (1000, 4):
+        engine = LLMEngine(model, block_size=4, num_blocks=32, max_num_batched_tokens=budget)
+        engine.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=True, top_logprobs=5))
+        steps = []
+        while engine.has_unfinished():
+            steps.append(engine.step())
+        logits[budget] = (len(steps), steps[-1][0].logprobs[0])
+    assert logits[1000][0] == 1 and logits[4][0] == -(-len(prompt) // 4)
+    one_shot, chunked = logits[1000][1], logits[4][1]
+    assert one_shot.token_id == chunked.token_id
+    assert [t for t, _ in one_shot.top_logprobs] == [t for t, _ in chunked.top_logprobs]
+    torch.testing.assert_close(torch.tensor([v for _, v in chunked.top_logprobs]),
+                               torch.tensor([v for _, v in one_shot.top_logprobs]), rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_sampling_repeats_and_n_choices_differ(one_thread):
+    model = build("mistral-window5")
+    params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7, n=2, presence_penalty=0.5,
+                            frequency_penalty=0.5)
+    outputs = []
+    for _ in range(2):
+        engine = LLMEngine(model, block_size=4, num_blocks=64)
+        outputs.append(run(engine, {"a": (prompts(1)[0], params)}))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][("a", 0)] != outputs[0][("a", 1)]
+
+
+def test_abort_frees_blocks_at_once(one_thread):
+    model = build("mistral-window5")
+    engine = LLMEngine(model, block_size=4, num_blocks=64)
+    for i, p in enumerate(prompts(3)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=50, temperature=0))
+    engine.step()
+    engine.step()
+    used = engine.blocks.num_used
+    engine.abort("1")
+    assert 0 < engine.blocks.num_used < used
+    engine.abort("0")
+    engine.abort("2")
+    assert engine.blocks.num_used == 0 and not engine.has_unfinished()
+
+
+def test_request_too_long_for_the_context():
+    engine = LLMEngine(build("mistral-window5"), block_size=4, num_blocks=8)
+    with pytest.raises(ValueError, match="32 tokens of context"):
+        engine.add_request("r", list(range(1, 30)), SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)
+
+
+def test_block_manager_prefix_cache_and_reuse():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    params = SamplingParams()
+    first = Sequence("a", 0, list(range(10)), params)
+    assert blocks.allocate(first) and first.num_computed == 0 and len(first.block_table) == 3
+    first.num_computed = 10
+    blocks.register(first)  # two full blocks become findable; the third holds 2 tokens
+    second = Sequence("b", 0, list(range(8)) + [50, 51, 52], params)
+    assert blocks.allocate(second)
+    assert second.block_table[:2] == first.block_table[:2] and second.num_computed == 8
+    assert [blocks.blocks[b].ref_count for b in first.block_table] == [2, 2, 1]
+    assert blocks.num_used == 4
+    blocks.free_blocks(first)
+    blocks.free_blocks(second)
+    assert blocks.num_used == 0
+    # Freed, the prefix stays findable until its blocks are handed out again.
+    third = Sequence("c", 0, list(range(9)), params)
+    assert blocks.allocate(third) and third.num_computed == 8
+    blocks.free_blocks(third)
+    # A prompt of exactly two full blocks still computes its last token (its logits give the next one).
+    fourth = Sequence("d", 0, list(range(8)), params)
+    assert blocks.allocate(fourth) and fourth.num_computed == 4
+    # Not enough free blocks: nothing is taken.
+    big = Sequence("e", 0, list(range(100, 124)), params)
+    assert not blocks.allocate(big) and big.block_table == [] and blocks.num_used == 2

@@ -1,0 +1,161 @@
+"""The server in-process on a tiny random Mistral with Mistral's v3 tokenizer and chat template: tool calls round
+trip through the openai client, the API key, a full queue. The model's replies are scripted by a test double of
+the engine's sampler (a random model would never write a tool call)."""
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import maestrale  # noqa: E402
+from maestrale.engine.llm_engine import LLMEngine  # noqa: E402
+from maestrale.engine.sampling import Sampled, Sampler  # noqa: E402
+from maestrale.serving.app import create_app  # noqa: E402
+from maestrale.serving.async_engine import AsyncEngine  # noqa: E402
+
+TEMPLATE = Path(__file__).parents[1] / "fixtures" / "chat_templates" / "Mistral-7B-Instruct-v0.3.jinja"
+KEY = "secret-key"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+class Scripted(Sampler):
+    """Answers every sequence with `script`, token by token, once `gate` is open; keeps the prompts it saw."""
+
+    def __init__(self, script: list[int]):
+        self.script, self.gate, self.prompts = script, threading.Event(), []
+        self.gate.set()
+
+    def sample_one(self, seq, logits):
+        self.gate.wait()
+        if not seq.output_ids:
+            self.prompts.append(seq.token_ids[: seq.num_prompt_tokens])
+        return Sampled(self.script[len(seq.output_ids) % len(self.script)])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        pytest.skip("mistral-common (which ships Mistral's tokenizer files) is not installed")
+    folder = tmp_path_factory.mktemp("mistral_v3")
+    shutil.copy(Path(spec.submodule_search_locations[0]) / "data" / "mistral_instruct_tokenizer_240323.model.v3",
+                folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "chat_template": TEMPLATE.read_text()}))
+    return maestrale.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    """(base url, scripted sampler) of a server whose model replies with one call of get_weather for Paris."""
+    config = maestrale.MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     bos_token_id=1, eos_token_id=2)
+    model = maestrale.MistralForCausalLM(config).eval()
+    engine = LLMEngine(model, tokenizer, num_blocks=64, max_num_seqs=4)
+    call = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    engine.sampler = Scripted([tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")]
+                              + tokenizer(call, add_special_tokens=False)["input_ids"] + [2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(AsyncEngine(engine, max_pending=1), tokenizer, "tiny-mistral", api_key=KEY)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine.sampler
+    server.should_exit = True
+    thread.join()
+
+
+def client(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def test_tool_call_round_trip(served, tokenizer):
+    url, sampler = served
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client(url).chat.completions.create(model="tiny-mistral", messages=messages, tools=[WEATHER],
+                                                max_tokens=40)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert len(call.id) == 9 and call.id.isalnum()
+    assert "[AVAILABLE_TOOLS]" in tokenizer.decode(sampler.prompts[-1])
+
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    client(url).chat.completions.create(model="tiny-mistral", messages=messages, tools=[WEATHER], max_tokens=40)
+    prompt = tokenizer.decode(sampler.prompts[-1])
+    calls = prompt[prompt.index("[TOOL_CALLS]"):prompt.index("[TOOL_RESULTS]")]
+    for part in ('"name": "get_weather"', '"arguments": {"city": "Paris"}', f'"id": "{call.id}"'):
+        assert part in calls
+    assert '[TOOL_RESULTS] {"content": {"temperature": 21}, "call_id": "' + call.id in prompt
+
+
+def test_tool_call_streamed(served):
+    url, _ = served
+    stream = client(url).chat.completions.create(
+        model="tiny-mistral", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+        max_tokens=40, stream=True)
+    chunks = list(stream)
+    assert not any(c.choices[0].delta.content for c in chunks)  # the call's JSON is not streamed as content
+    (call,) = chunks[-1].choices[0].delta.tool_calls
+    assert call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_without_tools_the_text_is_content(served):
+    url, _ = served
+    reply = client(url).chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=40)
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
+    assert '"name": "get_weather"' in reply.choices[0].message.content
+
+
+def test_api_key(served):
+    url, _ = served
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").models.list()
+    response = httpx.get(f"{url}/v1/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert client(url).models.list().data[0].id == "tiny-mistral"
+
+
+def test_full_queue_gets_503_with_retry_after(served):
+    url, sampler = served
+    sampler.gate.clear()  # the first request holds the only place until the gate opens
+    body = {"model": "tiny-mistral", "prompt": "one two", "max_tokens": 3, "stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as first:
+        assert first.status_code == 200
+        second = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert second.status_code == 503 and second.headers["retry-after"] == "1"
+        assert second.json()["error"]["code"] == "server_overloaded"
+        sampler.gate.set()
+        assert first.read().decode().rstrip().endswith("data: [DONE]")
+
+
+def test_stop_string_cuts_the_text_streamed_and_not(served):
+    url, _ = served
+    kwargs = dict(model="tiny-mistral", prompt="Weather?", max_tokens=40, stop=['"city"', "never"])
+    reply = client(url).completions.create(**kwargs)
+    text = reply.choices[0].text
+    assert text.endswith('"arguments": {') and reply.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].text for c in client(url).completions.create(**kwargs, stream=True)) == text

@@ -13,6 +13,7 @@ import maestrale
 torchao = pytest.importorskip("torchao", reason="torchao is not installed (test extra)")
 from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig  # noqa: E402
 from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig  # noqa: E402
+from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm  # noqa: E402
 
 # hidden 128 and intermediate 256 take every group size; vocabulary and layers stay small
 SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=97)
@@ -42,7 +43,8 @@ def load_both(path, quant_type, dtype=torch.float32, **options):
 
     theirs = quant_type
     if isinstance(quant_type, Int4WeightOnlyConfig):
-        theirs = PrototypeInt4WeightOnlyConfig(group_size=quant_type.group_size)
+        theirs = PrototypeInt4WeightOnlyConfig(group_size=quant_type.group_size,
+                                               int4_choose_qparams_algorithm=quant_type.int4_choose_qparams_algorithm)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=transformers.TorchAoConfig(theirs, **options))
     ours = maestrale.AutoModelForCausalLM.from_pretrained(
@@ -53,11 +55,14 @@ def load_both(path, quant_type, dtype=torch.float32, **options):
 def quantized(model) -> set[str]:
     """Names of the modules whose weight is quantized (a torchao tensor or a maestrale packed weight)."""
     return {name for name, m in model.named_modules()
-            if type(getattr(m, "weight", None)).__name__ in ("Int8Tensor", "Int4OpaqueTensor", "Int8Weight", "Int4Weight")}
+            if type(getattr(m, "weight", None)).__name__ in ("Int8Tensor", "Int4OpaqueTensor", "Int8Weight",
+                                                              "Int4Weight")}
 
 
+HQQ = Int4ChooseQParamsAlgorithm.HQQ
 CONFIGS = {"int8": Int8WeightOnlyConfig(), "int4-g32": Int4WeightOnlyConfig(group_size=32),
-           "int4-g128": Int4WeightOnlyConfig(group_size=128)}
+           "int4-g128": Int4WeightOnlyConfig(group_size=128),
+           "int4-g64-hqq": Int4WeightOnlyConfig(group_size=64, int4_choose_qparams_algorithm=HQQ)}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -128,7 +133,6 @@ def test_config_dict_is_transformers(folder):
 
 def test_refusals_name_the_option():
     from torchao.quantization import Float8WeightOnlyConfig, PerTensor
-    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
 
     with pytest.raises(ValueError, match="string quant_type 'int4_weight_only'.*Int4WeightOnlyConfig"):
         maestrale.TorchAoConfig("int4_weight_only")
@@ -136,10 +140,6 @@ def test_refusals_name_the_option():
         maestrale.TorchAoConfig(Float8WeightOnlyConfig())
     with pytest.raises(ValueError, match=r"Int4WeightOnlyConfig\(group_size=48\).*32, 64, 128, 256"):
         maestrale.TorchAoConfig(Int4WeightOnlyConfig(group_size=48))
-    hqq = Int4WeightOnlyConfig(int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.HQQ,
-                               int4_packing_format="tile_packed_to_4d")
-    with pytest.raises(ValueError, match="int4_choose_qparams_algorithm='hqq'"):
-        maestrale.TorchAoConfig(hqq)
     with pytest.raises(ValueError, match=r"granularity=PerTensor\(\)"):
         maestrale.TorchAoConfig(Int8WeightOnlyConfig(granularity=PerTensor()))
     with pytest.raises(ValueError, match="include_input_output_embeddings=True"):

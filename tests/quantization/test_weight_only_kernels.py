@@ -45,7 +45,8 @@ def test_int4_in_bfloat16_runs_in_bfloat16_precision():
     reference = _reference(values, scale, zero, 32)
     x = torch.randn(4, 128)
     bound = (x.abs().double() @ reference.abs().T).max().item()
-    torch.testing.assert_close(weight.matmul(x.bfloat16()).double(), x.double() @ reference.T, rtol=0, atol=1e-2 * bound)
+    torch.testing.assert_close(weight.matmul(x.bfloat16()).double(), x.double() @ reference.T, rtol=0,
+                               atol=1e-2 * bound)
 
 
 @pytest.mark.parametrize("rows, cols", [(5, 96), (37, 200), (130, 64)])
@@ -87,15 +88,17 @@ def _weight(rows, cols, dtype):
     return w.to(dtype)
 
 
+@pytest.mark.parametrize("algorithm", ["tinygemm", "hqq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 128])
-def test_int4_quantization_is_torchaos(dtype, group):
+def test_int4_quantization_is_torchaos(dtype, group, algorithm):
     pytest.importorskip("torchao", reason="torchao is not installed (test extra)")
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+    from torchao.quantization.quantize_.workflows import Int4ChooseQParamsAlgorithm
 
     w = _weight(48, 256, dtype)
-    theirs = Int4OpaqueTensor.from_hp(w, [1, group])
-    ours = quantize_int4(w, group)
+    theirs = Int4OpaqueTensor.from_hp(w, [1, group], Int4ChooseQParamsAlgorithm(algorithm))
+    ours = quantize_int4(w, group, algorithm)
     assert torch.equal(ours.packed, theirs.qdata)
     assert torch.equal(ours.scale_and_zeros, theirs.scale_and_zero)
 

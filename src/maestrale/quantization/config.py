@@ -107,8 +107,9 @@ INT4_CONFIGS = ("Int4WeightOnlyConfig", "PrototypeInt4WeightOnlyConfig")  # torc
 @dataclass
 class TorchAoConfig:
     """torchao weight-only quantization as transformers takes it: `quant_type` is a torchao config object,
-    Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) (tinygemm parameters;
-    PrototypeInt4WeightOnlyConfig, torchao's CPU one, is the same quantization). maestrale quantizes with its own
+    Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) with
+    int4_choose_qparams_algorithm "tinygemm" (the default) or "hqq" (PrototypeInt4WeightOnlyConfig, torchao's CPU
+    one, is the same quantization). maestrale quantizes with its own
     kernels; torchao is needed for its config objects only."""
 
     quant_type: Any
@@ -136,10 +137,9 @@ class TorchAoConfig:
             if quant_type.group_size not in INT4_GROUPS:
                 raise ValueError(f"TorchAoConfig: {name}(group_size={quant_type.group_size}) is not supported; use "
                                  f"group_size {', '.join(map(str, INT4_GROUPS))}")
-            algorithm = str(getattr(quant_type.int4_choose_qparams_algorithm, "value", "tinygemm"))
-            if algorithm != "tinygemm":
-                raise ValueError(f"TorchAoConfig: {name}(int4_choose_qparams_algorithm={algorithm!r}) is not "
-                                 "supported; maestrale quantizes with the default 'tinygemm' parameters")
+            if self.int4_algorithm not in ("tinygemm", "hqq"):
+                raise ValueError(f"TorchAoConfig: {name}(int4_choose_qparams_algorithm={self.int4_algorithm!r}) is "
+                                 "not supported; use 'tinygemm' (the default) or 'hqq'")
         else:
             raise ValueError(f"TorchAoConfig: quant_type {name} is not supported; maestrale implements torchao's "
                              "weight-only Int8WeightOnlyConfig() and Int4WeightOnlyConfig(group_size=...)")
@@ -154,6 +154,12 @@ class TorchAoConfig:
     @property
     def group_size(self) -> int | None:
         return self.quant_type.group_size if self.bits == 4 else None
+
+    @property
+    def int4_algorithm(self) -> str:
+        """How int4 scales and zero points are chosen: torchao's int4_choose_qparams_algorithm."""
+        algorithm = self.quant_type.int4_choose_qparams_algorithm
+        return str(getattr(algorithm, "value", algorithm)).lower()
 
     def to_dict(self) -> dict[str, Any]:
         """As transformers writes it in config.json: quant_type serialized by torchao under "default"."""

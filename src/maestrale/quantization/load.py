@@ -138,7 +138,12 @@ class WeightOnlyLoad:
         if not self.pre_quantized:  # quantized on its device, from the model's dtype, as transformers does
             weight = tensor.to(device=device, dtype=self.dtype)
             group = self.config.group_size
-            layer.weight = quantize_int4(weight, group, f"int4 g{group}") if group else quantize_int8(weight)
+            if group is None:
+                layer.weight = quantize_int8(weight)
+            else:
+                algorithm = self.config.int4_algorithm
+                kind = f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "")
+                layer.weight = quantize_int4(weight, group, algorithm, kind)
             return
         pieces = self.pieces[param]
         pieces[piece] = tensor.to(device)

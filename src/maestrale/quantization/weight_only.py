@@ -12,7 +12,7 @@ dtype the product runs in, the model's.
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
 Parameter, and the engine, finding no Parameter, runs the layer's forward.
 
-`quantize_int4` and `quantize_int8` are torchao's weight-only rules (Int4WeightOnlyConfig with its default tinygemm
+`quantize_int4` and `quantize_int8` are torchao's weight-only rules (Int4WeightOnlyConfig with its tinygemm or HQQ
 parameters, Int8WeightOnlyConfig per row), computed the way torchao computes them, so both libraries hold the same
 values and scales.
 """
@@ -153,9 +153,14 @@ def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.cat(out).contiguous()
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int, kind: str = "int4") -> Int4Weight:
-    """torchao's int4 weight-only quantization (tinygemm parameters), in the weight's dtype: per group, scale =
-    (max - min) / 15 (at least 1e-6) and zero = min + 8 * scale; q = round((w - (zero - 8 * scale)) / scale) in 0..15."""
+def quantize_int4(weight: torch.Tensor, group_size: int, algorithm: str = "tinygemm", kind: str = "int4"
+                  ) -> Int4Weight:
+    """torchao's int4 weight-only quantization, by its `int4_choose_qparams_algorithm`: "tinygemm" (min-max, in the
+    weight's dtype: per group, scale = (max - min) / 15 (at least 1e-6), zero = min + 8 * scale,
+    q = round((w - (zero - 8 * scale)) / scale) in 0..15) or "hqq" (see _hqq)."""
+    if algorithm == "hqq":
+        values, scale, zero = _hqq(weight, group_size)
+        return Int4Weight(kind, values, scale, zero)
     groups = weight.unflatten(1, (-1, group_size))
     low, high = groups.amin(-1), groups.amax(-1)
     scale = torch.clamp((high - low) / 15.0, min=1e-6)
@@ -163,6 +168,35 @@ def quantize_int4(weight: torch.Tensor, group_size: int, kind: str = "int4") -> 
     minimum = (zero - scale * 8.0)[..., None]
     values = torch.clamp(torch.round((groups - minimum) / scale[..., None]), 0, 15)
     return Int4Weight(kind, values.flatten(1).to(torch.int32), scale, zero)
+
+
+def _hqq(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half-quadratic quantization as torchao runs it: min-max parameters with a rounded zero point, then up to 20
+    proximal steps that move each group's zero point to lower the l0.7 error of the dequantized weight (stopping when
+    the mean error stops falling), in float32 (float16 on CUDA); the result in tinygemm's form, in the weight's dtype."""
+    w = weight.float().reshape(-1, group_size)
+    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    inverse = (15 / (high - low)).clamp(max=2e4)
+    zero = torch.round(-low * inverse)
+    work = torch.float16 if weight.is_cuda else torch.float32
+    w_work, inverse, zero = w.to(work), inverse.to(work), zero.to(work)
+    beta, best = 10.0, 1e4
+    for _ in range(20):
+        q = torch.round(w_work * inverse + zero).clamp(0, 15)
+        error = w_work - (q - zero) / inverse
+        shrunk = torch.sign(error) * F.relu(torch.abs(error) - (1.0 / beta) * torch.pow(torch.abs(error), 0.7 - 1))
+        zero = torch.mean(q - (w_work - shrunk) * inverse, dim=1, keepdim=True)
+        beta *= 1.01
+        mean_error = float(torch.abs(error).mean())
+        if mean_error >= best:
+            break
+        best = mean_error
+    values = torch.round(w * inverse + zero).clamp(0, 15)
+    scale = 1.0 / inverse
+    zero = ((8 - zero.float()) * scale.float()).to(zero.dtype)
+    rows = weight.shape[0]
+    return (values.reshape(weight.shape).to(torch.int32), scale.to(weight.dtype).reshape(rows, -1),
+            zero.to(weight.dtype).reshape(rows, -1))
 
 
 def quantize_int8(weight: torch.Tensor, kind: str = "int8") -> Int8Weight:

@@ -97,6 +97,10 @@ class WeightOnlyLoad:
                     slot = self.layout.slot(f"{base}.weight") if piece in PIECES else None
                     if slot is not None:
                         self.expected[slot.param].add(piece)
+            if not self.expected:
+                raise ValueError(f"quantization_config says {config.quant_method}, but no tensor of "
+                                 f"{shards[0].path.parent} is the qweight of a layer of {type(model).__name__}; the "
+                                 "checkpoint does not fit its config")
             owners = [param.removesuffix(".weight") for param in self.expected]
             for owner in owners:
                 if type(modules.get(owner)) not in LINEARS:

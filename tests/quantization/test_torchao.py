@@ -161,3 +161,17 @@ def test_a_saved_config_without_torchao_asks_for_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.core.config", None)  # as if torchao were not installed
     with pytest.raises(ImportError, match=r"pip install 'maestrale\[torchao\]'"):
         maestrale.TorchAoConfig.from_dict(saved)
+
+
+def test_a_checkpoint_saved_quantized_by_torchao_is_refused(folder, tmp_path):
+    import json
+    import shutil
+
+    import transformers
+
+    shutil.copytree(folder("mistral"), tmp_path, dirs_exist_ok=True)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["quantization_config"] = transformers.TorchAoConfig(Int8WeightOnlyConfig()).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(NotImplementedError, match=r"quantized with torchao .* quantization_config=TorchAoConfig"):
+        maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)

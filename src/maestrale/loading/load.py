@@ -161,8 +161,8 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
         saved = data.get("quantization_config")
         if saved is not None and saved.get("quant_method") == TorchAoConfig.quant_method:
             raise NotImplementedError(
-                f"{checkpoint.config_source} describes a checkpoint quantized with torchao (transformers' layout of its "
-                "tensor subclasses), which maestrale cannot read; load the float checkpoint with "
+                f"{checkpoint.config_source} describes a checkpoint quantized with torchao (transformers' layout of "
+                "its tensor subclasses), which maestrale cannot read; load the float checkpoint with "
                 "quantization_config=TorchAoConfig(...) instead"
             )
         if saved is not None:

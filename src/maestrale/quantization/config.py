@@ -109,8 +109,8 @@ class TorchAoConfig:
     """torchao weight-only quantization as transformers takes it: `quant_type` is a torchao config object,
     Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) with
     int4_choose_qparams_algorithm "tinygemm" (the default) or "hqq" (PrototypeInt4WeightOnlyConfig, torchao's CPU
-    one, is the same quantization). maestrale quantizes with its own
-    kernels; torchao is needed for its config objects only."""
+    one, is the same quantization). maestrale quantizes with its own code and kernels; torchao is needed for its
+    config objects only."""
 
     quant_type: Any
     modules_to_not_convert: list[str] | None = None
@@ -122,8 +122,8 @@ class TorchAoConfig:
     def __post_init__(self) -> None:
         quant_type, name = self.quant_type, type(self.quant_type).__name__
         if isinstance(quant_type, str):  # transformers 5 refuses them too
-            raise ValueError(f"TorchAoConfig: string quant_type {quant_type!r} is no longer supported; pass the torchao "
-                             "config object, e.g. TorchAoConfig(Int4WeightOnlyConfig(group_size=32)) from "
+            raise ValueError(f"TorchAoConfig: string quant_type {quant_type!r} is no longer supported; pass the "
+                             "torchao config object, e.g. TorchAoConfig(Int4WeightOnlyConfig(group_size=32)) from "
                              f"torchao.quantization ({TORCHAO_INSTALL})")
         if not type(quant_type).__module__.startswith("torchao."):
             raise TypeError(f"TorchAoConfig: quant_type must be a torchao config object such as Int8WeightOnlyConfig() "
@@ -180,7 +180,8 @@ class TorchAoConfig:
         data = {key: value for key, value in data.items() if key != "quant_method"}
         quant_type = data.pop("quant_type")
         if not (isinstance(quant_type, dict) and list(quant_type) == ["default"]):
-            raise ValueError(f"quantization_config: torchao's quant_type must be {{'default': ...}}, got {quant_type!r}")
+            raise ValueError(f"quantization_config: torchao's quant_type must be {{'default': ...}}, got "
+                             f"{quant_type!r}")
         return cls(config_from_dict(quant_type["default"]), **data)
 
 

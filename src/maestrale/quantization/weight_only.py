@@ -57,8 +57,8 @@ class Int4Weight(PackedWeight):
                              f"products take groups of {', '.join(map(str, INT4_GROUPS))} inputs")
         pad = -rows % INT4_ROWS  # zero rows (scale and zero 0)
         self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad))))
-        scale_and_zeros = torch.stack([scale, zero], dim=-1)  # (rows, groups, 2)
-        self.register_buffer("scale_and_zeros", F.pad(scale_and_zeros, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous())
+        scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
+        self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale_and_zeros.dtype).contiguous()
@@ -173,7 +173,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int, algorithm: str = "tinyg
 def _hqq(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Half-quadratic quantization as torchao runs it: min-max parameters with a rounded zero point, then up to 20
     proximal steps that move each group's zero point to lower the l0.7 error of the dequantized weight (stopping when
-    the mean error stops falling), in float32 (float16 on CUDA); the result in tinygemm's form, in the weight's dtype."""
+    the mean error stops falling), in float32 (float16 on CUDA); the result in tinygemm's form, in the weight's
+    dtype."""
     w = weight.float().reshape(-1, group_size)
     low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     inverse = (15 / (high - low)).clamp(max=2e4)
@@ -274,7 +275,8 @@ def refuse_save(model: nn.Module) -> None:
 
 def skipped(name: str, patterns: list[str]) -> bool:
     """Whether a module name matches a pattern as transformers matches modules not to convert: as a prefix ending at a
-    module boundary ("layers.1" takes "layers.1.mlp", not "layers.11"), as a regex with that boundary, or as a suffix."""
+    module boundary ("layers.1" takes "layers.1.mlp", not "layers.11"), as a regex with that boundary, or as a
+    suffix."""
     return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
 
 

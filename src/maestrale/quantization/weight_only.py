@@ -5,8 +5,8 @@ int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `gr
 w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's), on CPU
 (_weight_int4pack_mm_for_cpu) and CUDA (_weight_int4pack_mm) alike. The values are held in the packed layout of the
 product on the device they sit on; .to(device) unpacks and packs them again when that layout changes. int8 holds int8
-values with one scale per row (torch's _weight_int8pack_mm) or per group of 16 or 32 (GGUF's Q6_K and Q8_0, which no
-torch kernel takes: their product dequantizes row chunks small enough to stay in cache). Scales are held in the
+values with one scale per row (torch's _weight_int8pack_mm, but for float32 on CPU) or per group of 16 or 32 (GGUF's
+Q6_K and Q8_0, which no torch kernel takes): the other products dequantize row chunks small enough to stay in cache. Scales are held in the
 dtype the product runs in, the model's.
 
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
@@ -103,7 +103,9 @@ class Int8Weight(PackedWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scales.dtype)
-        if self.scales.shape[1] == 1:
+        # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
+        # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)
+        if self.scales.shape[1] == 1 and (x.is_cuda or x.dtype != torch.float32):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
         step = max(1, CHUNK_VALUES // self.shape[1])
         return torch.cat([F.linear(x, self.rows(slice(start, start + step)))

@@ -62,7 +62,9 @@ def test_from_pretrained_refuses_quantization_first(source):
     with pytest.raises(ValueError, match=r"quantization_config=True is not a quantization config: pass the config "
                                          r"object itself, e\.g\. quantization_config=BitsAndBytesConfig"):
         maestrale.AutoModelForCausalLM.from_pretrained(source, quantization_config=True)
-    with pytest.raises(NotImplementedError, match="quantization_config asks for gptq quantization"):
+    with pytest.raises(NotImplementedError, match="quantization_config asks for eetq quantization"):
+        maestrale.AutoModel.from_pretrained(source, quantization_config={"quant_method": "eetq"})
+    with pytest.raises(ValueError, match="gptq configs describe checkpoints quantized beforehand"):
         maestrale.AutoModel.from_pretrained(source, quantization_config={"quant_method": "gptq", "bits": 4})
 
 
@@ -90,7 +92,11 @@ def test_checkpoint_quantized_in_its_config_is_refused_by_name(tmp_path):
                                                                  num_key_value_heads=2))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "eetq"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match=r"config\.json describes a checkpoint quantized with awq"):
+    with pytest.raises(NotImplementedError, match=r"config\.json asks for eetq quantization"):
+        maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}  # with float weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantization_config says awq, but no tensor of .* is the qweight of a layer"):
         maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)

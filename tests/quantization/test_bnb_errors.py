@@ -75,8 +75,10 @@ def test_skip_patterns_match_as_in_transformers(family_folder):
 @pytest.mark.parametrize("value, error, message", [
     (True, ValueError, "quantization_config=True is not a quantization config: pass the config object itself, e.g. "
                        "quantization_config=BitsAndBytesConfig(load_in_4bit=True)"),
-    ({"quant_method": "gptq", "bits": 4}, NotImplementedError,
-     "quantization_config asks for gptq quantization, which maestrale does not implement"),
+    ({"quant_method": "eetq"}, NotImplementedError,
+     "quantization_config asks for eetq quantization, which maestrale does not implement"),
+    ({"quant_method": "gptq", "bits": 4}, ValueError,
+     "quantization_config: gptq configs describe checkpoints quantized beforehand"),
 ])
 def test_from_pretrained_refuses_before_reading(value, error, message):
     with pytest.raises(error, match=re.escape(message)) as excinfo:

@@ -55,7 +55,7 @@ def test_other_methods_in_a_saved_config_are_refused_by_name(family_folder, tmp_
     _, ours = load_both(family_folder("mistral"), OPTIONS["nf4"])
     ours.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "eetq"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NotImplementedError, match=r"config\.json describes a checkpoint quantized with gptq"):
+    with pytest.raises(NotImplementedError, match=r"config\.json asks for eetq quantization"):
         maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -12,7 +12,8 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
 import maestrale
-from maestrale.quantization.gguf import GGUFLinear, PackedWeight, pack
+from maestrale.quantization.gguf import pack
+from maestrale.quantization.weight_only import PackedWeight, QuantizedLinear
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)
@@ -40,7 +41,7 @@ def test_packed_product_equals_the_dequantized_product(qtype, rows, cols):
     rng = np.random.default_rng(rows + cols)
     raw = _blocks(rows, cols, qtype, rng)
     reference = torch.from_numpy(dequantize(raw, qtype).reshape(rows, cols))
-    layer = GGUFLinear(cols, rows, None)
+    layer = QuantizedLinear(cols, rows, None)
     layer.weight = pack(qtype.name, torch.from_numpy(raw), torch.float32)
     torch.testing.assert_close(layer.weight.dequantize(), reference, rtol=0, atol=1e-6)
     for shape in [(1, cols), (3, cols), (2, 4, cols)]:

@@ -18,7 +18,8 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
-from ..quantization.config import BitsAndBytesConfig, bitsandbytes_config, check_quantization
+from ..quantization.config import (BitsAndBytesConfig, QuantizationConfig, TorchAoConfig, check_quantization,
+                                   saved_quantization_config)
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import GGUFShard, open_gguf
 from .hub import resolve_file
@@ -98,7 +99,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
     keep_quantized: bool = False,
-    quantization_config: BitsAndBytesConfig | dict | None = None,
+    quantization_config: BitsAndBytesConfig | TorchAoConfig | dict | None = None,
     ignore_mismatched_sizes: bool = False,
     output_loading_info: bool = False,
     revision: str | None = None,
@@ -157,12 +158,15 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
         config.validate()
     else:
         data = checkpoint.config_dict
-        method = data.get("quantization_config", {}).get("quant_method", "an unknown")
-        if "quantization_config" in data and method != BitsAndBytesConfig.quant_method:
+        saved = data.get("quantization_config")
+        if saved is not None and saved.get("quant_method") == TorchAoConfig.quant_method:
             raise NotImplementedError(
-                f"{checkpoint.config_source} describes a checkpoint quantized with {method} (its quantization_config), "
-                "which maestrale cannot load; use the unquantized checkpoint, or a GGUF file (dequantized on load)"
+                f"{checkpoint.config_source} describes a checkpoint quantized with torchao (transformers' layout of "
+                "its tensor subclasses), which maestrale cannot read; load the float checkpoint with "
+                "quantization_config=TorchAoConfig(...) instead"
             )
+        if saved is not None:
+            saved_quantization_config(saved, checkpoint.config_source)  # refuses what maestrale cannot load, by name
         config_class = config_class_for(data.get("model_type"), checkpoint.config_source)
         known = set(config_class._field_defaults()) | set(COMMON_DEFAULTS) | CONFIG_KWARGS
         unknown = sorted(set(overrides) - known)
@@ -179,13 +183,14 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
     return config
 
 
-def _quantize_linears(model: nn.Module, requested: BitsAndBytesConfig | None, placement, device_map,
+def _quantize_linears(model: nn.Module, requested: QuantizationConfig | None, placement, device_map,
                       checkpoint: Checkpoint):
-    """Swap the model's linear layers for bitsandbytes ones when the checkpoint was saved quantized (its config
-    says how) or `requested` asks for it; their tensors then go to the returned loader instead of the plan."""
+    """Swap the model's linear layers for quantized ones when the checkpoint was saved quantized (its config says
+    how: bitsandbytes, GPTQ, AWQ) or `requested` asks for it (BitsAndBytesConfig, TorchAoConfig); their tensors then go
+    to the returned loader instead of the plan."""
     saved = getattr(model.config, "quantization_config", None)
     if saved is not None:
-        config = bitsandbytes_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
+        config = saved_quantization_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
         if requested is not None:
             logger.warning(f"{checkpoint.config_source} is already quantized; its quantization_config is used and "
                            "the one passed to from_pretrained is ignored")
@@ -193,9 +198,14 @@ def _quantize_linears(model: nn.Module, requested: BitsAndBytesConfig | None, pl
         config = requested
     else:
         return None
-    from ..quantization.bnb import QuantizedLoad
+    if isinstance(config, BitsAndBytesConfig):
+        from ..quantization.bnb import QuantizedLoad
 
-    load = QuantizedLoad(model, config, saved is not None, placement, device_map)
+        load = QuantizedLoad(model, config, saved is not None, placement, device_map)
+    else:
+        from ..quantization.load import WeightOnlyLoad
+
+        load = WeightOnlyLoad(model, config, placement, checkpoint.shards)
     checkpoint.shards = load.intercept(checkpoint.shards)
     return load
 

@@ -26,7 +26,7 @@ def save_pretrained(model, save_directory: str | os.PathLike, *, state_dict: dic
                          "code, so we do not write them")
     if not is_main_process:
         return
-    from ..quantization.gguf import refuse_save
+    from ..quantization.weight_only import refuse_save
 
     refuse_save(model)
     target = Path(save_directory)

@@ -121,18 +121,20 @@ class PreTrainedModel(nn.Module):
     def dequantize(self, dtype: torch.dtype | str | None = None) -> "PreTrainedModel":
         """Replace the quantized layers by plain ones holding their dequantized weights (in `dtype`, by default the
         dtype the model was loaded in); the model is then no longer quantized."""
-        from ..quantization import gguf
+        from ..quantization import weight_only
 
-        if gguf.packed_weights(self):  # GGUF blocks kept packed (keep_quantized=True)
-            gguf.dequantize(self, resolve_dtype(dtype) or self.config.dtype)
-            return self
-        if not self.is_quantized:
+        dtype = resolve_dtype(dtype) or self.config.dtype
+        if weight_only.packed_weights(self):  # int8/int4 weights (TorchAoConfig, GPTQ, AWQ, GGUF kept packed)
+            weight_only.dequantize(self, dtype)
+        elif self.is_quantized:
+            from ..quantization.bnb import dequantize
+
+            dequantize(self, dtype)
+        else:
             raise ValueError(f"{type(self).__name__}.dequantize(): the model is not quantized; load it with "
-                             "quantization_config=BitsAndBytesConfig(...) first")
-        from ..quantization.bnb import dequantize
-
-        dequantize(self, resolve_dtype(dtype) or self.config.dtype)
-        del self.config.quantization_config
+                             "quantization_config=... (BitsAndBytesConfig, TorchAoConfig) first")
+        if self.is_quantized:
+            del self.config.quantization_config
         return self
 
     def to(self, *args: Any, **kwargs: Any):

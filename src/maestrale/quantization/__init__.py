@@ -1,6 +1,7 @@
-"""Quantized linear layers and their configs. Loaders swap nn.Linear for a quantized module (bnb.py); the
-model code never asks which kind it holds. bitsandbytes itself is imported only when a model is quantized."""
+"""Quantized linear layers and their configs. Loaders swap nn.Linear for a quantized module (bitsandbytes' in bnb.py;
+int8/int4 weight-only ones for TorchAoConfig, GPTQ, AWQ and GGUF blocks in weight_only.py); the model code never asks
+which kind it holds. bitsandbytes and torchao are imported only where they are needed."""
 
-from .config import BitsAndBytesConfig
+from .config import BitsAndBytesConfig, TorchAoConfig
 
-__all__ = ["BitsAndBytesConfig"]
+__all__ = ["BitsAndBytesConfig", "TorchAoConfig"]

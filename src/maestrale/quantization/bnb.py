@@ -8,10 +8,8 @@ quantization_config) is read as it was saved. bitsandbytes is imported here only
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,9 +19,10 @@ from ..loading.layout import Layout
 from ..loading.placement import DeviceMap, device_for
 from ..models.linear import Linear
 from .config import BitsAndBytesConfig
+from .load import InterceptedShard
+from .weight_only import LINEARS, modules_not_to_convert, skipped
 
 INSTALL = "pip install 'maestrale[bnb]'"
-LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
 # The quant-state tensors saved beside a 4-bit `weight` (as `weight.<piece>`) and beside an 8-bit layer's weight.
 PIECES_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                "quant_state.bitsandbytes__fp4")
@@ -78,30 +77,10 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
         model.set_submodule(name, linear)
 
 
-def skipped(name: str, patterns: list[str]) -> bool:
-    """Whether a module name matches a pattern as transformers matches llm_int8_skip_modules: as a prefix ending at a
-    module boundary ("layers.1" takes "layers.1.mlp", not "layers.11"), as a regex with that boundary, or as a suffix."""
-    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
-
-
 def modules_to_keep(model: nn.Module, config: BitsAndBytesConfig, device_map) -> list[str]:
-    """Modules left unquantized: llm_int8_skip_modules, else the output head and the module of the last parameter
-    (and tied weights), as transformers picks them; with llm_int8_enable_fp32_cpu_offload, the modules a device_map
-    dict puts on the CPU."""
-    names = [name for name, _ in model.named_modules()]
-    if config.llm_int8_skip_modules is None:
-        head = model.get_output_embeddings()
-        keep = {name for name, module in model.named_modules() if head is not None and module is head}
-        keep.add(list(model.named_parameters())[-1][0].removesuffix(".weight"))
-        if head is not None and getattr(model.config, "tie_word_embeddings", False):
-            keep.add(next(name for name, module in model.named_modules() if module is model.get_input_embeddings()))
-        keep = sorted(keep)
-    else:
-        keep = list(config.llm_int8_skip_modules)
-        for pattern in keep:
-            if not any(skipped(name, [pattern]) for name in names if name):
-                raise ValueError(f"BitsAndBytesConfig: llm_int8_skip_modules names {pattern!r}, which matches no module "
-                                 f"of {type(model).__name__}; use names such as 'lm_head' or 'self_attn.o_proj'")
+    """Modules left unquantized: llm_int8_skip_modules, else transformers' default (modules_not_to_convert); with
+    llm_int8_enable_fp32_cpu_offload, the modules a device_map dict puts on the CPU."""
+    keep = modules_not_to_convert(model, config.llm_int8_skip_modules, "BitsAndBytesConfig: llm_int8_skip_modules")
     if isinstance(device_map, dict):
         on_cpu = [prefix for prefix, device in device_map.items() if torch.device(device).type == "cpu"]
         if on_cpu and len(on_cpu) < len(device_map) and not config.llm_int8_enable_fp32_cpu_offload:
@@ -158,7 +137,7 @@ class QuantizedLoad:
         self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def intercept(self, shards: list[Shard]) -> list[Shard]:
-        return [_Intercepted(shard, self) for shard in shards]
+        return [InterceptedShard(shard, self) for shard in shards]
 
     def owner(self, name: str) -> tuple[str, str] | None:
         """(weight name, piece) for a checkpoint tensor of a quantized layer: piece "" for the weight itself."""
@@ -212,21 +191,3 @@ class QuantizedLoad:
             self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
         self.model.config.quantization_config = self.config
         return missing
-
-
-class _Intercepted:
-    """A shard that hides the quantized layers' tensors from the loader's plan and hands them to `load`."""
-
-    def __init__(self, shard: Shard, load: QuantizedLoad):
-        self.shard, self.load, self.path = shard, load, shard.path
-
-    def infos(self):
-        return {name: info for name, info in self.shard.infos().items() if self.load.owner(name) is None}
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.shard.tensors():
-            owner = self.load.owner(name)
-            if owner is None:
-                yield name, tensor
-            else:
-                self.load.take(*owner, tensor)

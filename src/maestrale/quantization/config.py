@@ -1,4 +1,5 @@
-"""BitsAndBytesConfig as transformers takes and writes it, and from_pretrained's check of `quantization_config`."""
+"""BitsAndBytesConfig and TorchAoConfig as transformers takes and writes them, the quantization_config of GPTQ and
+AWQ checkpoints, and from_pretrained's check of `quantization_config`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..models.modeling_utils import resolve_dtype
+from .weight_only import INT4_GROUPS
 
 QUANT_TYPES = ("fp4", "nf4")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -98,25 +100,162 @@ def _storage_dtype(value: torch.dtype | str | None) -> torch.dtype:
                      f"{sorted(STORAGE_DTYPES)}")
 
 
-def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | None:
-    """from_pretrained(quantization_config=...): a BitsAndBytesConfig (or its dict), or None; other methods and
-    values are refused, naming them."""
-    if quantization_config is None or isinstance(quantization_config, BitsAndBytesConfig):
+TORCHAO_INSTALL = "pip install 'maestrale[torchao]'"
+INT4_CONFIGS = ("Int4WeightOnlyConfig", "PrototypeInt4WeightOnlyConfig")  # torchao's int4 weight-only configs
+
+
+@dataclass
+class TorchAoConfig:
+    """torchao weight-only quantization as transformers takes it: `quant_type` is a torchao config object,
+    Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) with
+    int4_choose_qparams_algorithm "tinygemm" (the default) or "hqq" (PrototypeInt4WeightOnlyConfig, torchao's CPU
+    one, is the same quantization). maestrale quantizes with its own code and kernels; torchao is needed for its
+    config objects only."""
+
+    quant_type: Any
+    modules_to_not_convert: list[str] | None = None
+    include_input_output_embeddings: bool = False
+    untie_embedding_weights: bool = False
+
+    quant_method: ClassVar[str] = "torchao"
+
+    def __post_init__(self) -> None:
+        quant_type, name = self.quant_type, type(self.quant_type).__name__
+        if isinstance(quant_type, str):  # transformers 5 refuses them too
+            raise ValueError(f"TorchAoConfig: string quant_type {quant_type!r} is no longer supported; pass the "
+                             "torchao config object, e.g. TorchAoConfig(Int4WeightOnlyConfig(group_size=32)) from "
+                             f"torchao.quantization ({TORCHAO_INSTALL})")
+        if not type(quant_type).__module__.startswith("torchao."):
+            raise TypeError(f"TorchAoConfig: quant_type must be a torchao config object such as Int8WeightOnlyConfig() "
+                            f"or Int4WeightOnlyConfig(group_size=128), got {quant_type!r}")
+        if name == "Int8WeightOnlyConfig":
+            granularity = type(quant_type.granularity).__name__
+            if granularity != "PerRow":
+                raise ValueError(f"TorchAoConfig: Int8WeightOnlyConfig(granularity={granularity}()) is not supported; "
+                                 "maestrale's int8 weights have one scale per row (granularity=PerRow(), the default)")
+        elif name in INT4_CONFIGS:
+            if quant_type.group_size not in INT4_GROUPS:
+                raise ValueError(f"TorchAoConfig: {name}(group_size={quant_type.group_size}) is not supported; use "
+                                 f"group_size {', '.join(map(str, INT4_GROUPS))}")
+            if self.int4_algorithm not in ("tinygemm", "hqq"):
+                raise ValueError(f"TorchAoConfig: {name}(int4_choose_qparams_algorithm={self.int4_algorithm!r}) is "
+                                 "not supported; use 'tinygemm' (the default) or 'hqq'")
+        else:
+            raise ValueError(f"TorchAoConfig: quant_type {name} is not supported; maestrale implements torchao's "
+                             "weight-only Int8WeightOnlyConfig() and Int4WeightOnlyConfig(group_size=...)")
+        if self.include_input_output_embeddings:
+            raise ValueError("TorchAoConfig: include_input_output_embeddings=True (quantized embeddings) is not "
+                             "supported; leave it False to keep the embeddings in float")
+
+    @property
+    def bits(self) -> int:
+        return 4 if type(self.quant_type).__name__ in INT4_CONFIGS else 8
+
+    @property
+    def group_size(self) -> int | None:
+        return self.quant_type.group_size if self.bits == 4 else None
+
+    @property
+    def int4_algorithm(self) -> str:
+        """How int4 scales and zero points are chosen: torchao's int4_choose_qparams_algorithm."""
+        algorithm = self.quant_type.int4_choose_qparams_algorithm
+        return str(getattr(algorithm, "value", algorithm)).lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers writes it in config.json: quant_type serialized by torchao under "default"."""
+        from torchao.core.config import config_to_dict
+
+        return {"quant_method": self.quant_method, "quant_type": {"default": config_to_dict(self.quant_type)},
+                "modules_to_not_convert": self.modules_to_not_convert,
+                "include_input_output_embeddings": self.include_input_output_embeddings,
+                "untie_embedding_weights": self.untie_embedding_weights}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TorchAoConfig:
+        try:
+            from torchao.core.config import config_from_dict
+        except ImportError:
+            raise ImportError(f"a torchao quantization_config needs the torchao package, which is not installed: "
+                              f"{TORCHAO_INSTALL}") from None
+        data = {key: value for key, value in data.items() if key != "quant_method"}
+        quant_type = data.pop("quant_type")
+        if not (isinstance(quant_type, dict) and list(quant_type) == ["default"]):
+            raise ValueError(f"quantization_config: torchao's quant_type must be {{'default': ...}}, got "
+                             f"{quant_type!r}")
+        return cls(config_from_dict(quant_type["default"]), **data)
+
+
+@dataclass
+class PackedInt4Config:
+    """The quantization_config of a GPTQ or AWQ checkpoint, whose 4-bit tensors maestrale reads (and never writes)."""
+
+    quant_method: str  # "gptq" or "awq"
+    group_size: int  # -1: one group per row
+    zero_offset: int  # added to each stored zero point: 1 in GPTQ's v1 format, which stores them minus one
+    data: dict[str, Any]  # the whole quantization_config, written back as it was read
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> PackedInt4Config:
+        """The description of a gptq or awq quantization_config; variants maestrale does not read are refused by
+        field and value."""
+        method = data["quant_method"]
+        bits = data.get("bits", data.get("w_bit"))
+        if bits != 4:
+            raise NotImplementedError(f"{source}: {method} checkpoint with bits={bits}; maestrale loads 4-bit "
+                                      f"{method} checkpoints only")
+        group_size = data.get("group_size", data.get("q_group_size", 128))
+        if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+            raise ValueError(f"{source}: {method} group_size={group_size!r} is neither a positive size nor -1")
+        if method == "gptq":
+            field = "checkpoint_format" if "checkpoint_format" in data else "format"
+            layout = str(data.get(field, "gptq")).lower()
+            if layout not in ("gptq", "gptq_v2"):
+                raise NotImplementedError(f"{source}: gptq {field}={layout!r} is not supported; maestrale reads the "
+                                          "'gptq' (v1) and 'gptq_v2' layouts")
+            return cls(method, group_size, 1 if layout == "gptq" else 0, data)
+        field = "version" if "version" in data else "format"
+        layout = str(data.get(field, "gemm")).lower()
+        if layout != "gemm":
+            raise NotImplementedError(f"{source}: awq {field}={layout!r} is not supported; maestrale reads AWQ's "
+                                      "'gemm' layout")
+        return cls(method, group_size, 0, data)
+
+
+QuantizationConfig = BitsAndBytesConfig | TorchAoConfig | PackedInt4Config
+
+
+def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | TorchAoConfig | None:
+    """from_pretrained(quantization_config=...): a BitsAndBytesConfig or TorchAoConfig (or its dict), or None; other
+    methods and values are refused, naming them."""
+    if quantization_config is None or isinstance(quantization_config, (BitsAndBytesConfig, TorchAoConfig)):
         return quantization_config
     if isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
-        return bitsandbytes_config(quantization_config, "quantization_config")
+        config = saved_quantization_config(quantization_config, "quantization_config")
+        if isinstance(config, PackedInt4Config):
+            raise ValueError(f"quantization_config: {config.quant_method} configs describe checkpoints quantized "
+                             "beforehand (with calibration data), which maestrale loads but cannot make; load such a "
+                             "checkpoint as it is, or quantize with TorchAoConfig(...) or BitsAndBytesConfig(...)")
+        return config
     raise ValueError(
         f"quantization_config={quantization_config!r} is not a quantization config: pass the config object "
         "itself, e.g. quantization_config=BitsAndBytesConfig(load_in_4bit=True)"
     )
 
 
-def bitsandbytes_config(data: dict[str, Any], source: str) -> BitsAndBytesConfig:
-    """The BitsAndBytesConfig a quantization_config dict describes; other methods are refused by name."""
+def saved_quantization_config(data: dict[str, Any], source: str) -> QuantizationConfig:
+    """The config a quantization_config dict describes (bitsandbytes, torchao, gptq, awq); other methods are refused
+    by name."""
     method = data.get("quant_method", "an unknown method")
-    if method != BitsAndBytesConfig.quant_method:
-        raise NotImplementedError(
-            f"{source} asks for {method} quantization, which maestrale does not implement; use an unquantized "
-            "checkpoint (optionally with quantization_config=BitsAndBytesConfig(...)), or a GGUF file"
-        )
-    return BitsAndBytesConfig.from_dict(data)
+    if method == BitsAndBytesConfig.quant_method:
+        return BitsAndBytesConfig.from_dict(data)
+    if method == TorchAoConfig.quant_method:
+        return TorchAoConfig.from_dict(data)
+    if method in ("gptq", "awq"):
+        return PackedInt4Config.from_dict(data, source)
+    raise NotImplementedError(
+        f"{source} asks for {method} quantization, which maestrale does not implement; use an unquantized checkpoint "
+        "(optionally with quantization_config=BitsAndBytesConfig(...) or TorchAoConfig(...)), or a GGUF file"
+    )

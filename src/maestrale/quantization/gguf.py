@@ -1,15 +1,12 @@
 """GGUF weights kept packed (from_pretrained(..., gguf_file=..., keep_quantized=True)): Q4_0, Q4_1, Q4_K, Q8_0 and
-Q6_K blocks become the weights of GGUFLinear and GGUFEmbedding layers instead of float matrices.
+Q6_K blocks become the weights of QuantizedLinear and QuantizedEmbedding layers (quantization/weight_only.py) instead
+of float matrices.
 
-The 4-bit types are re-packed exactly for torch's int4 weight-only CPU product, which dequantizes a group of 32 as
+The 4-bit types become int4 weights (quantization/weight_only.py) exactly, groups of 32 dequantized as
 (q - 8) * scale + zero: Q4_0's d * (q - 8) is scale d, zero 0; Q4_1's d * q + m is scale d, zero m + 8d; Q4_K's
 d * sc * q - dmin * m is scale d * sc, zero 8 * d * sc - dmin * m. Q8_0 (d * q per 32) and Q6_K (d * sc * (q - 32) per
-16) have no torch kernel (its int8 product takes one scale per row): they are held as int8 values and scales, and their
-product dequantizes row chunks small enough to stay in cache. A layer's scales are held in the model's dtype, which is
-the dtype the product runs in.
-
-A packed weight is a module (PackedWeight), set as the layer's `weight`: tie_weights() then shares it between the
-embedding and the head as it shares a Parameter, and the engine, finding no Parameter, runs the layer's forward.
+16) become int8 weights with those group scales. A layer's scales are held in the model's dtype, which is the dtype
+the product runs in.
 """
 
 from __future__ import annotations
@@ -20,107 +17,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..loading.gguf import GGUFShard
 from ..loading.layout import Layout
 from ..models.linear import Linear
+from .weight_only import Int4Weight, Int8Weight, PackedWeight, QuantizedEmbedding, QuantizedLinear
 
 logger = logging.getLogger(__name__)
-
-GROUP = 32  # values per group of torch's int4 product
-INT4_ROWS = 16  # torch's int4 CPU layout takes whole tiles of 16 rows
-CHUNK_VALUES = 1 << 20  # int8 weights dequantize this many values at a time: 4 MB of float32, within a core's cache
-
-
-class PackedWeight(nn.Module):
-    """A (rows, cols) weight held in a GGUF block type; `matmul` is x @ weight.T, `dequantize` the float matrix."""
-
-    gguf_type: str
-
-    def __init__(self, shape: tuple[int, int]):
-        super().__init__()
-        self.shape = shape
-
-    def extra_repr(self) -> str:
-        return f"{self.gguf_type}, shape={self.shape}"
-
-
-class Int4Weight(PackedWeight):
-    """Q4_0, Q4_1 or Q4_K in torch's int4 CPU layout, with per-32 scales and zero points."""
-
-    def __init__(self, gguf_type: str, packed: torch.Tensor, scale_and_zeros: torch.Tensor, shape: tuple[int, int]):
-        super().__init__(shape)
-        self.gguf_type = gguf_type
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale_and_zeros", scale_and_zeros)  # (cols / 32, rows rounded up to 16, 2)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scale_and_zeros.dtype).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scale_and_zeros)
-        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
-
-    def dequantize(self) -> torch.Tensor:
-        # The product with the identity: each value exactly as the kernel dequantizes it.
-        cols = self.shape[1]
-        eye = torch.eye(cols, dtype=self.scale_and_zeros.dtype, device=self.packed.device)
-        return torch.cat([self.matmul(part).T for part in eye.split(1024)], dim=1).contiguous()
-
-
-class Int8Weight(PackedWeight):
-    """Q8_0 (one scale per 32 values) or Q6_K (one per 16) as int8 values and their scales."""
-
-    def __init__(self, gguf_type: str, values: torch.Tensor, scales: torch.Tensor):
-        super().__init__(tuple(values.shape))
-        self.gguf_type = gguf_type
-        self.register_buffer("values", values)  # (rows, cols) int8
-        self.register_buffer("scales", scales)  # (rows, cols / group)
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The dequantized rows at `index` (any shape): an embedding lookup."""
-        values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
-        return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scales.dtype)
-        step = max(1, CHUNK_VALUES // self.shape[1])
-        return torch.cat([F.linear(x, self.rows(slice(start, start + step)))
-                          for start in range(0, self.shape[0], step)], dim=-1)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.rows(slice(None))
-
-
-class GGUFLinear(nn.Module):
-    """A linear layer whose weight is a PackedWeight; the bias, if any, stays a float Parameter."""
-
-    def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight: PackedWeight | None = None  # set by the loader, or shared by tie_weights()
-        self.bias = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.weight.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class GGUFEmbedding(nn.Module):
-    """An embedding whose table is a packed int8 weight (Q8_0 or Q6_K)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.weight: Int8Weight | None = None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.weight.rows(input_ids)
 
 
 def _blocks(data: np.ndarray, block_bytes: int, halves: int) -> tuple[np.ndarray, ...]:
@@ -179,48 +83,13 @@ def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight
     else:  # Q4_1
         d, m, qs = _blocks(raw, 20, 2)
         values, zero = _nibbles(qs), m + 8 * d
-    rows = raw.shape[0]
-    pad = -rows % INT4_ROWS  # zero rows (scale and zero 0), cut from the product
-    values = torch.from_numpy(np.pad(values, ((0, pad), (0, 0))).astype(np.int32))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
-    scale_and_zeros = np.pad(np.stack([d, zero], axis=-1), ((0, pad), (0, 0), (0, 0))).transpose(1, 0, 2)
-    return Int4Weight(gguf_type, packed, torch.from_numpy(scale_and_zeros.copy()).to(dtype), (rows, values.shape[1]))
+    return Int4Weight(gguf_type, torch.from_numpy(values.astype(np.int32)), torch.from_numpy(d).to(dtype),
+                      torch.from_numpy(zero).to(dtype))
 
 
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
 FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as they are, nothing to keep packed
 EMBEDDING_TYPES = ("Q8_0", "Q6_K")  # row lookups need the values unpacked; torch's int4 layout is the product's
-
-
-def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:
-    """{module name: packed weight} of the model's GGUF layers (a tied weight once)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, PackedWeight)}
-
-
-def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace each GGUF layer by a Linear or nn.Embedding holding its dequantized weight in `dtype`; a weight tied
-    between the embedding and the head stays one Parameter."""
-    floats: dict[int, nn.Parameter] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (GGUFLinear, GGUFEmbedding)):
-            continue
-        weight = floats.get(id(module.weight))
-        if weight is None:
-            weight = floats[id(module.weight)] = nn.Parameter(module.weight.dequantize().to(dtype), requires_grad=False)
-        if isinstance(module, GGUFEmbedding):
-            new = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
-        else:
-            new = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            new.bias = module.bias
-        new.weight = weight
-        model.set_submodule(name, new)
-
-
-def refuse_save(model: nn.Module) -> None:
-    if packed_weights(model):
-        raise ValueError(f"save_pretrained: {type(model).__name__} holds GGUF weights kept packed "
-                         "(keep_quantized=True), which safetensors checkpoints cannot carry; call model.dequantize() "
-                         "first to save a float checkpoint, or load the GGUF file without keep_quantized")
 
 
 class PackedLoad:
@@ -260,9 +129,9 @@ class PackedLoad:
 
     def _swap(self, name: str, module: nn.Module, kind: str) -> nn.Module | None:
         if type(module) in (nn.Linear, Linear) and kind in PACKED_TYPES:
-            new = GGUFLinear(module.in_features, module.out_features, module.bias)
+            new = QuantizedLinear(module.in_features, module.out_features, module.bias)
         elif type(module) is nn.Embedding and kind in EMBEDDING_TYPES:
-            new = GGUFEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
+            new = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx)
         else:
             return None
         self.model.set_submodule(name, new)
@@ -271,9 +140,9 @@ class PackedLoad:
     def _swap_tied_head(self) -> None:
         """A head tied to a packed embedding becomes a GGUF layer that tie_weights() points at the same weight."""
         head = self.model.get_output_embeddings()
-        if (isinstance(self.model.get_input_embeddings(), GGUFEmbedding) and head is not None
+        if (isinstance(self.model.get_input_embeddings(), QuantizedEmbedding) and head is not None
                 and getattr(self.model.config, "tie_word_embeddings", False)):
-            self.model.set_output_embeddings(GGUFLinear(head.in_features, head.out_features, head.bias))
+            self.model.set_output_embeddings(QuantizedLinear(head.in_features, head.out_features, head.bias))
 
     def shards(self) -> list:
         return [_PackedShard(self)]

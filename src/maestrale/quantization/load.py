@@ -1,0 +1,192 @@
+"""Weight-only quantization while loading: TorchAoConfig quantizes a float checkpoint's linear layers as their
+tensors stream in, and GPTQ and AWQ checkpoints' packed 4-bit tensors become the same int4 weights (weight_only.py).
+
+The packed layouts, as AutoGPTQ / GPTQModel and AutoAWQ write them (each int32 holds eight 4-bit values, the first
+in the lowest bits), with w = scale * (q - zero) per group of inputs:
+- GPTQ: qweight (in / 8, out), eight consecutive inputs per int32; qzeros (groups, out / 8), eight consecutive
+  outputs per int32, stored minus one in the v1 "gptq" layout (a historical offset, not in "gptq_v2"); scales
+  (groups, out); g_idx (in,), each input's group: act-order checkpoints (desc_act) permute it, which the int4
+  product cannot follow, so only the plain order i // group_size loads.
+- AWQ (GEMM): qweight (in, out / 8) and qzeros (groups, out / 8), eight outputs per int32 in the order
+  0, 2, 4, 6, 1, 3, 5, 7; scales (groups, out).
+As int4 weights, (q - 8) * scale + zero', that is zero' = scale * (8 - zero). A group size the int4 product does not
+take but that is a multiple of one it does (-1, one group per row, included) is split exactly into those groups.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..loading.checkpoint import Shard
+from ..loading.layout import Layout
+from ..loading.placement import DeviceMap, device_for
+from .config import PackedInt4Config, TorchAoConfig
+from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, QuantizedLinear, modules_not_to_convert, quantize_int4,
+                          quantize_int8, skipped)
+
+PIECES = ("qweight", "qzeros", "scales", "g_idx")
+SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+AWQ_COLUMNS = [0, 4, 1, 5, 2, 6, 3, 7]  # the nibble holding each of eight outputs (AWQ packs them 0, 2, 4, 6, 1, ...)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., n) int32 -> (..., n, 8) values 0..15, lowest bits first."""
+    return (packed[..., None] >> SHIFTS.to(packed.device)) & 15
+
+
+def unpack(pieces: dict[str, torch.Tensor], config: PackedInt4Config, name: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values (out, in), scales (groups, out), zeros (groups, out)) of one layer's GPTQ or AWQ tensors."""
+    qweight, qzeros, scales = pieces["qweight"], pieces["qzeros"], pieces["scales"]
+    if config.quant_method == "gptq":
+        values = _nibbles(qweight.T).flatten(1)
+        zeros = _nibbles(qzeros).flatten(1) + config.zero_offset
+    else:
+        values = _nibbles(qweight)[..., AWQ_COLUMNS].flatten(1).T
+        zeros = _nibbles(qzeros)[..., AWQ_COLUMNS].flatten(1)
+    cols, groups = values.shape[1], scales.shape[0]
+    group_size = cols if config.group_size == -1 else config.group_size
+    if groups * group_size != cols or zeros.shape != scales.shape or scales.shape[1] != values.shape[0]:
+        raise ValueError(f"{name}: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)} and scales "
+                         f"{list(scales.shape)} do not describe one {config.quant_method} layer of group_size "
+                         f"{config.group_size}")
+    g_idx = pieces.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(cols, device=g_idx.device) // group_size):
+        raise NotImplementedError(f"{name}.g_idx orders the inputs in another order than their groups (an act-order "
+                                  "checkpoint, desc_act=True); maestrale loads GPTQ checkpoints with desc_act=False")
+    return values, scales, zeros
+
+
+def int4_weight(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype, kind: str
+                ) -> Int4Weight:
+    """The int4 weight of w = scale * (q - zero), groups split into the largest size the int4 product takes."""
+    group_size = values.shape[1] // scales.shape[0]
+    split = next((size for size in reversed(INT4_GROUPS) if group_size % size == 0), None)
+    if split is None:
+        raise NotImplementedError(f"{kind} group_size={group_size} is not supported: torch's int4 products take "
+                                  f"groups of {', '.join(map(str, INT4_GROUPS))} inputs, or whole multiples of them")
+    scale = scales.T.float()
+    zero = scale * (8 - zeros.T.float())
+    repeat = group_size // split
+    return Int4Weight(kind, values, scale.repeat_interleave(repeat, 1).to(dtype),
+                      zero.repeat_interleave(repeat, 1).to(dtype))
+
+
+class WeightOnlyLoad:
+    """Swaps a meta model's linear layers for QuantizedLinear ones and gives them int8/int4 weights: quantized from
+    a float checkpoint's tensors (TorchAoConfig), or read from a GPTQ or AWQ checkpoint's packed tensors.
+
+    The swapped layers' tensors are kept out of the loader's plan and handed here (`intercept`) as they stream in.
+    """
+
+    def __init__(self, model: nn.Module, config: TorchAoConfig | PackedInt4Config, placement: DeviceMap,
+                 shards: list[Shard]):
+        self.model, self.config, self.placement, self.dtype = model, config, placement, model.config.dtype
+        self.layout = Layout(model)  # before the weights are held out: it maps checkpoint names onto them
+        self.pre_quantized = isinstance(config, PackedInt4Config)
+        self.expected: dict[str, set[str]] = defaultdict(set)  # weight name -> the packed pieces the checkpoint has
+        modules = dict(model.named_modules())
+        if self.pre_quantized:
+            for shard in shards:
+                for name in shard.infos():
+                    base, _, piece = name.rpartition(".")
+                    slot = self.layout.slot(f"{base}.weight") if piece in PIECES else None
+                    if slot is not None:
+                        self.expected[slot.param].add(piece)
+            if not self.expected:
+                raise ValueError(f"quantization_config says {config.quant_method}, but no tensor of "
+                                 f"{shards[0].path.parent} is the qweight of a layer of {type(model).__name__}; the "
+                                 "checkpoint does not fit its config")
+            owners = [param.removesuffix(".weight") for param in self.expected]
+            for owner in owners:
+                if type(modules.get(owner)) not in LINEARS:
+                    raise NotImplementedError(f"{config.quant_method} tensors for {owner}, which maestrale holds in "
+                                              "another form than a linear layer (e.g. Mixtral's stacked experts)")
+        else:
+            keep = modules_not_to_convert(model, config.modules_to_not_convert, "TorchAoConfig: modules_to_not_convert")
+            head = model.get_output_embeddings()
+            tied = getattr(model.config, "tie_word_embeddings", False)
+            # torchao leaves a layer in float when its inputs are not whole groups
+            owners = [name for name, module in modules.items()
+                      if type(module) in LINEARS and not skipped(name, keep) and not (tied and module is head)
+                      and (config.group_size is None or module.in_features % config.group_size == 0)]
+        self.linears: dict[str, QuantizedLinear] = {}
+        for owner in owners:
+            module = modules[owner]
+            new = QuantizedLinear(module.in_features, module.out_features, module.bias)
+            model.set_submodule(owner, new)
+            self.linears[f"{owner}.weight"] = new
+        self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def intercept(self, shards: list[Shard]) -> list[Shard]:
+        return [InterceptedShard(shard, self) for shard in shards]
+
+    def owner(self, name: str) -> tuple[str, str] | None:
+        """(weight name, piece) for a checkpoint tensor of a swapped layer: piece "" for a float weight."""
+        base, piece = name, ""
+        if self.pre_quantized:
+            base, _, piece = name.rpartition(".")
+            if piece not in PIECES:
+                return None
+            base += ".weight"
+        slot = self.layout.slot(base)
+        return (slot.param, piece) if slot is not None and slot.param in self.linears else None
+
+    def take(self, param: str, piece: str, tensor: torch.Tensor) -> None:
+        device = device_for(self.placement, param)
+        layer = self.linears[param]
+        if not self.pre_quantized:  # quantized on its device, from the model's dtype, as transformers does
+            weight = tensor.to(device=device, dtype=self.dtype)
+            group = self.config.group_size
+            if group is None:
+                layer.weight = quantize_int8(weight)
+            else:
+                algorithm = self.config.int4_algorithm
+                kind = f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "")
+                layer.weight = quantize_int4(weight, group, algorithm, kind)
+            return
+        pieces = self.pieces[param]
+        pieces[piece] = tensor.to(device)
+        if pieces.keys() == self.expected[param]:
+            name = param.removesuffix(".weight")
+            layer.weight = int4_weight(*unpack(pieces, self.config, name), self.dtype, self.config.quant_method)
+            del self.pieces[param]
+
+    def finish(self, origin: str) -> list[str]:
+        """Check that every packed layer got its tensors; draw (then quantize) the float weights a checkpoint lacks,
+        as a new model would, and return their names."""
+        missing = [name for name, layer in self.linears.items() if layer.weight is None]
+        if missing and self.pre_quantized:
+            lacking = sorted(set(PIECES[:3]) - self.expected[missing[0]])
+            raise ValueError(f"{origin} has no {', '.join(lacking)} for {missing[0].removesuffix('.weight')} (and "
+                             f"{len(missing) - 1} more layers); a {self.config.quant_method} layer needs qweight, "
+                             "qzeros and scales")
+        for name in missing:
+            layer = self.linears[name]
+            fresh = torch.empty(layer.out_features, layer.in_features, dtype=self.dtype)
+            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
+        self.model.config.quantization_config = self.config
+        return missing
+
+
+class InterceptedShard:
+    """A shard that hides the quantized layers' tensors from the loader's plan and hands them to `load`, which has
+    `owner(name)` and `take(param, piece, tensor)`."""
+
+    def __init__(self, shard: Shard, load):
+        self.shard, self.load, self.path = shard, load, shard.path
+
+    def infos(self):
+        return {name: info for name, info in self.shard.infos().items() if self.load.owner(name) is None}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.shard.tensors():
+            owner = self.load.owner(name)
+            if owner is None:
+                yield name, tensor
+            else:
+                self.load.take(*owner, tensor)

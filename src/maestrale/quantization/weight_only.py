@@ -1,0 +1,301 @@
+"""Weight-only int8 and int4 weights: the one quantized representation behind TorchAoConfig, GPTQ and AWQ
+checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
+
+int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
+w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's), on CPU
+(_weight_int4pack_mm_for_cpu) and CUDA (_weight_int4pack_mm) alike. The values are held in the packed layout of the
+product on the device they sit on; .to(device) unpacks and packs them again when that layout changes. int8 holds int8
+values with one scale per row (torch's _weight_int8pack_mm, but for float32 on CPU) or per group of 16 or 32 (GGUF's
+Q6_K and Q8_0, which no torch kernel takes): the other products dequantize row chunks small enough to stay in cache. Scales are held in the
+dtype the product runs in, the model's.
+
+A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
+Parameter, and the engine, finding no Parameter, runs the layer's forward.
+
+`quantize_int4` and `quantize_int8` are torchao's weight-only rules (Int4WeightOnlyConfig with its tinygemm or HQQ
+parameters, Int8WeightOnlyConfig per row), computed the way torchao computes them, so both libraries hold the same
+values and scales.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.linear import Linear
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
+INT4_ROWS = 16  # both int4 layouts take whole tiles of rows (16 on CPU, 8 on CUDA): rows are padded, cut from products
+CHUNK_VALUES = 1 << 20  # grouped int8 weights dequantize this many values at a time: 4 MB of float32
+LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
+
+
+class PackedWeight(nn.Module):
+    """A (rows, cols) weight held quantized; `matmul` is x @ weight.T, `dequantize` the float matrix."""
+
+    def __init__(self, kind: str, shape: tuple[int, int]):
+        super().__init__()
+        self.kind, self.shape = kind, shape  # kind: where the values came from ("Q4_K", "int4", "gptq", ...)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, shape={self.shape}"
+
+
+class Int4Weight(PackedWeight):
+    """4-bit values in groups along the input, each group with a scale and a zero point."""
+
+    def __init__(self, kind: str, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """values: (rows, cols) integers 0..15; scale, zero: (rows, cols / group_size), in the product's dtype."""
+        rows, cols = values.shape
+        super().__init__(kind, (rows, cols))
+        self.group_size = cols // scale.shape[1]
+        if self.group_size not in INT4_GROUPS or cols % self.group_size:
+            raise ValueError(f"int4 weight of shape {(rows, cols)} with {scale.shape[1]} groups per row: torch's int4 "
+                             f"products take groups of {', '.join(map(str, INT4_GROUPS))} inputs")
+        pad = -rows % INT4_ROWS  # zero rows (scale and zero 0)
+        self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad))))
+        scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
+        self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale_and_zeros.dtype).contiguous()
+        product = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = product(x, self.packed, self.group_size, self.scale_and_zeros)
+        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
+
+    def values(self) -> torch.Tensor:
+        """The (rows, cols) values 0..15, as uint8."""
+        rows = self.scale_and_zeros.shape[1]
+        return _unpack_int4(self.packed, rows, self.shape[1])[:self.shape[0]]
+
+    def dequantize(self) -> torch.Tensor:
+        scale, zero = self.scale_and_zeros[:, :self.shape[0]].float().transpose(0, 1).unbind(-1)
+        groups = (self.values().float() - 8).unflatten(1, (-1, self.group_size))
+        return (groups * scale[..., None] + zero[..., None]).flatten(1).to(self.scale_and_zeros.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        scale_and_zeros = fn(self.scale_and_zeros)
+        if scale_and_zeros.device.type != self.packed.device.type:  # the other device's product reads another layout
+            rows = self.scale_and_zeros.shape[1]
+            self.packed = _pack_int4(fn(_unpack_int4(self.packed, rows, self.shape[1]).to(torch.int32)))
+        else:
+            self.packed = fn(self.packed)
+        self.scale_and_zeros = scale_and_zeros
+        return self
+
+
+class Int8Weight(PackedWeight):
+    """int8 values with a scale per row (one group) or per group of inputs."""
+
+    def __init__(self, kind: str, values: torch.Tensor, scales: torch.Tensor):
+        """values: (rows, cols) int8; scales: (rows, groups) in the product's dtype."""
+        super().__init__(kind, tuple(values.shape))
+        self.register_buffer("values", values)
+        self.register_buffer("scales", scales)
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The dequantized rows at `index` (any shape): an embedding lookup."""
+        values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
+        return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scales.dtype)
+        # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
+        # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)
+        if self.scales.shape[1] == 1 and (x.is_cuda or x.dtype != torch.float32):
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
+        step = max(1, CHUNK_VALUES // self.shape[1])
+        return torch.cat([F.linear(x, self.rows(slice(start, start + step)))
+                          for start in range(0, self.shape[0], step)], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(slice(None))
+
+
+def _pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
+    if values.is_cuda:
+        cols = values.shape[1]
+        inner_k_tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)  # cols are whole groups of 32 or more
+        pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
+
+
+def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The (rows, cols) uint8 values of a packed int4 weight."""
+    if packed.is_cuda:
+        # The product with the identity, at scale 1 and zero 8: each value exactly, as bfloat16 holds 0..15 exactly.
+        groups = cols // INT4_GROUPS[0]
+        ones = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=packed.device).expand(groups, rows, 2).contiguous()
+        eye = torch.eye(cols, dtype=torch.bfloat16, device=packed.device)
+        parts = [torch.ops.aten._weight_int4pack_mm(part, packed, INT4_GROUPS[0], ones) for part in eye.split(4096)]
+        return torch.cat(parts).T.round().to(torch.uint8).contiguous()
+    # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
+    # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
+    # (the last) pairs neighbouring rows.
+    capability = torch.backends.cpu.get_cpu_capability()
+    block = 64 if capability == "AVX512" else 32
+    flat, start, out = packed.reshape(-1), 0, []
+    for first in range(0, rows, block):
+        size = min(block, rows - first)
+        data = flat[start:start + cols * size // 2].reshape(cols, size // 2)
+        start += cols * size // 2
+        low, high = data & 15, data >> 4
+        if size == block == 64:
+            values = torch.cat([low[:, :16], low[:, 16:], high[:, :16], high[:, 16:]], dim=1)
+        elif size == block and capability == "AVX2":
+            values = torch.cat([low, high], dim=1)
+        else:
+            values = torch.stack([low, high], dim=-1).reshape(cols, size)
+        out.append(values.T)
+    return torch.cat(out).contiguous()
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, algorithm: str = "tinygemm", kind: str = "int4"
+                  ) -> Int4Weight:
+    """torchao's int4 weight-only quantization, by its `int4_choose_qparams_algorithm`: "tinygemm" (min-max, in the
+    weight's dtype: per group, scale = (max - min) / 15 (at least 1e-6), zero = min + 8 * scale,
+    q = round((w - (zero - 8 * scale)) / scale) in 0..15) or "hqq" (see _hqq)."""
+    if algorithm == "hqq":
+        values, scale, zero = _hqq(weight, group_size)
+        return Int4Weight(kind, values, scale, zero)
+    groups = weight.unflatten(1, (-1, group_size))
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = torch.clamp((high - low) / 15.0, min=1e-6)
+    zero = low + scale * 8.0
+    minimum = (zero - scale * 8.0)[..., None]
+    values = torch.clamp(torch.round((groups - minimum) / scale[..., None]), 0, 15)
+    return Int4Weight(kind, values.flatten(1).to(torch.int32), scale, zero)
+
+
+def _hqq(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half-quadratic quantization as torchao runs it: min-max parameters with a rounded zero point, then up to 20
+    proximal steps that move each group's zero point to lower the l0.7 error of the dequantized weight (stopping when
+    the mean error stops falling), in float32 (float16 on CUDA); the result in tinygemm's form, in the weight's
+    dtype."""
+    w = weight.float().reshape(-1, group_size)
+    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    inverse = (15 / (high - low)).clamp(max=2e4)
+    zero = torch.round(-low * inverse)
+    work = torch.float16 if weight.is_cuda else torch.float32
+    w_work, inverse, zero = w.to(work), inverse.to(work), zero.to(work)
+    beta, best = 10.0, 1e4
+    for _ in range(20):
+        q = torch.round(w_work * inverse + zero).clamp(0, 15)
+        error = w_work - (q - zero) / inverse
+        shrunk = torch.sign(error) * F.relu(torch.abs(error) - (1.0 / beta) * torch.pow(torch.abs(error), 0.7 - 1))
+        zero = torch.mean(q - (w_work - shrunk) * inverse, dim=1, keepdim=True)
+        beta *= 1.01
+        mean_error = float(torch.abs(error).mean())
+        if mean_error >= best:
+            break
+        best = mean_error
+    values = torch.round(w * inverse + zero).clamp(0, 15)
+    scale = 1.0 / inverse
+    zero = ((8 - zero.float()) * scale.float()).to(zero.dtype)
+    rows = weight.shape[0]
+    return (values.reshape(weight.shape).to(torch.int32), scale.to(weight.dtype).reshape(rows, -1),
+            zero.to(weight.dtype).reshape(rows, -1))
+
+
+def quantize_int8(weight: torch.Tensor, kind: str = "int8") -> Int8Weight:
+    """torchao's int8 weight-only quantization (symmetric, per row): scale = max(|min|, |max|, 0) / 127.5 in the
+    weight's dtype (at least float32's eps), then in float32: q = round(w / scale) in -128..127."""
+    low = torch.min(weight.amin(1, keepdim=True), torch.zeros(1, dtype=weight.dtype, device=weight.device))
+    high = torch.max(weight.amax(1, keepdim=True), torch.zeros(1, dtype=weight.dtype, device=weight.device))
+    scale = torch.clamp(torch.max(-low, high) / 127.5, min=torch.finfo(torch.float32).eps).float()
+    values = torch.clamp(torch.round(weight * (1.0 / scale)), -128, 127).to(torch.int8)
+    return Int8Weight(kind, values, scale.to(weight.dtype))
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is a PackedWeight; the bias, if any, stays a float Parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: PackedWeight | None = None  # set by the loader, or shared by tie_weights()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.weight.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding whose table is an int8 weight (GGUF Q8_0 or Q6_K)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight: Int8Weight | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(input_ids)
+
+
+def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:
+    """{module name: packed weight} of the model's quantized layers (a tied weight once)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, PackedWeight)}
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace each quantized layer by a Linear or nn.Embedding holding its dequantized weight in `dtype`; a weight
+    tied between the embedding and the head stays one Parameter."""
+    floats: dict[int, nn.Parameter] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            continue
+        weight = floats.get(id(module.weight))
+        if weight is None:
+            weight = floats[id(module.weight)] = nn.Parameter(module.weight.dequantize().to(dtype), requires_grad=False)
+        if isinstance(module, QuantizedEmbedding):
+            new = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+        else:
+            new = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            new.bias = module.bias
+        new.weight = weight
+        model.set_submodule(name, new)
+
+
+def refuse_save(model: nn.Module) -> None:
+    kinds = sorted({weight.kind for weight in packed_weights(model).values()})
+    if kinds:
+        raise ValueError(f"save_pretrained: {type(model).__name__} holds weights kept quantized ({', '.join(kinds)}), "
+                         "which maestrale does not save; call model.dequantize() first to save a float checkpoint, or "
+                         "save the float model and quantize it again when loading")
+
+
+def skipped(name: str, patterns: list[str]) -> bool:
+    """Whether a module name matches a pattern as transformers matches modules not to convert: as a prefix ending at a
+    module boundary ("layers.1" takes "layers.1.mlp", not "layers.11"), as a regex with that boundary, or as a
+    suffix."""
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
+
+
+def modules_not_to_convert(model: nn.Module, patterns: list[str] | None, option: str) -> list[str]:
+    """The modules a quantization leaves in float: `patterns` (each must match a module; `option` names them in the
+    error), or by default the output head and the module of the last parameter (and tied weights), as transformers
+    picks them."""
+    if patterns is not None:
+        names = [name for name, _ in model.named_modules() if name]
+        for pattern in patterns:
+            if not any(skipped(name, [pattern]) for name in names):
+                raise ValueError(f"{option} names {pattern!r}, which matches no module of {type(model).__name__}; use "
+                                 "names such as 'lm_head' or 'self_attn.o_proj'")
+        return list(patterns)
+    head = model.get_output_embeddings()
+    keep = {name for name, module in model.named_modules() if head is not None and module is head}
+    keep.add(list(model.named_parameters())[-1][0].removesuffix(".weight"))
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        keep.add(next(name for name, module in model.named_modules() if module is model.get_input_embeddings()))
+    return sorted(keep)

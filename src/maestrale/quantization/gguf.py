@@ -162,7 +162,12 @@ def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight:
-    """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`."""
+    """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`: maestrale's own
+    kernels on the blocks as they are (gguf_kernels.py) where they are built, torch's on re-packed blocks otherwise."""
+    from . import gguf_kernels  # it subclasses PackedWeight
+
+    if gguf_type in gguf_kernels.GGML_TYPES and gguf_kernels.available():
+        return gguf_kernels.BlocksWeight(gguf_type, data, dtype)
     raw = data.numpy()
     if gguf_type in ("Q8_0", "Q6_K"):
         if gguf_type == "Q8_0":

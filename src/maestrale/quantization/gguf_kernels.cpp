@@ -14,7 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -76,64 +76,80 @@ inline __m256i nibbles(const uint8_t* qs) {
 }
 #endif
 
-// sum_b d_w * d_x * (sum q_w q_x) + sum_b offset_w * s_x, where offset_w is -8 d_w (Q4_0) or m (Q4_1).
+// One weight row against R activation rows (each weight block unpacked once for all R):
+// sum_b d_w d_x (sum q_w q_x) + sum_b offset_w s_x, with offset_w = -8 d_w (Q4_0), m (Q4_1) or none (Q8_0).
+template <typename Block, int R>
+void dot_rows(const Block* w, const Row* x, int64_t blocks, float* out, int64_t stride) {
+  constexpr bool q8 = std::is_same_v<Block, BlockQ8_0>;
+  float offset[R] = {};
+#ifdef MAESTRALE_AVX2
+  // Two accumulators per row, for even and odd blocks: one alone would wait on its previous fma every block.
+  __m256 acc[R][2];
+  float offset2[R][2] = {};
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const auto block = [&](int64_t b, int slot) {
+    const float dw = half(w[b].d);
+    __m256i q, u;
+    if constexpr (q8) {
+      q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
+      u = _mm256_sign_epi8(q, q);  // maddubs takes one unsigned operand: |q|, then y with q's sign
+    } else {
+      u = nibbles(w[b].qs);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].q + b * QK));
+      if constexpr (q8) y = _mm256_sign_epi8(y, q);
+      acc[r][slot] = _mm256_fmadd_ps(dot_bytes(u, y), _mm256_set1_ps(dw * x[r].d[b]), acc[r][slot]);
+      if constexpr (std::is_same_v<Block, BlockQ4_1>) offset2[r][slot] += half(w[b].m) * x[r].s[b];
+      else if constexpr (!q8) offset2[r][slot] -= 8.f * dw * x[r].s[b];
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    block(b, 0);
+    block(b + 1, 1);
+  }
+  if (b < blocks) block(b, 0);
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][1]);
+    offset[r] = offset2[r][0] + offset2[r][1];
+  }
+  for (int r = 0; r < R; ++r) out[r * stride] = hsum(acc[r][0]) + offset[r];
+#else
+  float total[R] = {};
+  int values[QK];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float dw = half(w[b].d);
+    for (int i = 0; i < QK; ++i) {
+      if constexpr (q8) values[i] = w[b].qs[i];
+      else values[i] = i < 16 ? w[b].qs[i] & 15 : w[b].qs[i - 16] >> 4;
+    }
+    for (int r = 0; r < R; ++r) {
+      int sum = 0;
+      for (int i = 0; i < QK; ++i) sum += values[i] * x[r].q[b * QK + i];
+      total[r] += dw * x[r].d[b] * static_cast<float>(sum);
+      if constexpr (std::is_same_v<Block, BlockQ4_1>) offset[r] += half(w[b].m) * x[r].s[b];
+      else if constexpr (!q8) offset[r] -= 8.f * dw * x[r].s[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * stride] = total[r] + offset[r];
+#endif
+}
+
 template <typename Block>
-float dot_q4(const Block* w, const Row& x, int64_t blocks) {
-  float offset = 0.f;
-#ifdef MAESTRALE_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float dw = half(w[b].d);
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * QK));
-    acc = _mm256_fmadd_ps(dot_bytes(nibbles(w[b].qs), y), _mm256_set1_ps(dw * x.d[b]), acc);
-    if constexpr (sizeof(Block) == sizeof(BlockQ4_1)) offset += half(w[b].m) * x.s[b];
-    else offset -= 8.f * dw * x.s[b];
-  }
-  return hsum(acc) + offset;
-#else
-  float total = 0.f;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float dw = half(w[b].d);
-    const int8_t* y = x.q + b * QK;
-    int sum = 0;
-    for (int i = 0; i < 16; ++i) sum += (w[b].qs[i] & 15) * y[i] + (w[b].qs[i] >> 4) * y[i + 16];
-    total += dw * x.d[b] * static_cast<float>(sum);
-    if constexpr (sizeof(Block) == sizeof(BlockQ4_1)) offset += half(w[b].m) * x.s[b];
-    else offset -= 8.f * dw * x.s[b];
-  }
-  return total + offset;
-#endif
-}
-
-float dot_q8_0(const BlockQ8_0* w, const Row& x, int64_t blocks) {
-#ifdef MAESTRALE_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * QK));
-    // maddubs takes one unsigned operand: |q| times y with q's sign
-    const __m256 dot = dot_bytes(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
-    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(half(w[b].d) * x.d[b]), acc);
-  }
-  return hsum(acc);
-#else
-  float total = 0.f;
-  for (int64_t b = 0; b < blocks; ++b) {
-    int sum = 0;
-    for (int i = 0; i < QK; ++i) sum += w[b].qs[i] * x.q[b * QK + i];
-    total += half(w[b].d) * x.d[b] * static_cast<float>(sum);
-  }
-  return total;
-#endif
-}
-
-template <typename Block, typename Dot>
-void product(const Block* w, const std::vector<Row>& rows, float* out, int64_t n, int64_t blocks, Dot dot) {
+void product(const Block* w, const std::vector<Row>& rows, float* out, int64_t n, int64_t blocks) {
+  const int64_t m = static_cast<int64_t>(rows.size());
   // Enough rows per task that a thread's share outweighs waking it (~32 KB of blocks).
-  const int64_t grain = std::max<int64_t>(1, 32768 / (blocks * sizeof(Block) * static_cast<int64_t>(rows.size())));
+  const int64_t grain = std::max<int64_t>(1, 32768 / (blocks * static_cast<int64_t>(sizeof(Block))));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (size_t m = 0; m < rows.size(); ++m) out[m * n + r] = dot(w + r * blocks, rows[m], blocks);
+    for (int64_t r = begin; r < end; ++r) {
+      const Block* row = w + r * blocks;
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) dot_rows<Block, 4>(row, &rows[i], blocks, out + i * n + r, n);
+      if (m - i == 3) dot_rows<Block, 3>(row, &rows[i], blocks, out + i * n + r, n);
+      if (m - i == 2) dot_rows<Block, 2>(row, &rows[i], blocks, out + i * n + r, n);
+      if (m - i == 1) dot_rows<Block, 1>(row, &rows[i], blocks, out + i * n + r, n);
+    }
   });
 }
 
@@ -160,9 +176,9 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& weight, int64_t typ
   at::Tensor out = at::empty({m, n}, x.options());
   const void* data = w.data_ptr();
   float* o = out.data_ptr<float>();
-  if (type == Q4_0) product(static_cast<const BlockQ4_0*>(data), rows, o, n, blocks, dot_q4<BlockQ4_0>);
-  else if (type == Q4_1) product(static_cast<const BlockQ4_1*>(data), rows, o, n, blocks, dot_q4<BlockQ4_1>);
-  else product(static_cast<const BlockQ8_0*>(data), rows, o, n, blocks, dot_q8_0);
+  if (type == Q4_0) product(static_cast<const BlockQ4_0*>(data), rows, o, n, blocks);
+  else if (type == Q4_1) product(static_cast<const BlockQ4_1*>(data), rows, o, n, blocks);
+  else product(static_cast<const BlockQ8_0*>(data), rows, o, n, blocks);
   return out;
 }
 

@@ -43,13 +43,22 @@ def cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def library(simd: bool, namespace: str = "maestrale") -> tuple[Path, list[str]]:
+    """Where the library built from this source, torch version and flags is cached, and those flags."""
+    flags = (SIMD_FLAGS if simd else []) + [f"-DMAESTRALE_OPS={namespace}"]
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:16]
+    return cache_dir() / f"gguf_kernels-{namespace}-{key}.so", flags
+
+
+def cached() -> bool:
+    return library(cpu_has_avx2())[0].exists()
+
+
 def build(simd: bool, namespace: str = "maestrale") -> Path:
     """The compiled library (built now unless cached); raises RuntimeError with the compiler's message."""
     from torch.utils import cpp_extension
 
-    flags = (SIMD_FLAGS if simd else []) + [f"-DMAESTRALE_OPS={namespace}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:16]
-    target = cache_dir() / f"gguf_kernels-{namespace}-{key}.so"
+    target, flags = library(simd, namespace)
     if target.exists():
         return target
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")

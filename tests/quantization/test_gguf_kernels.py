@@ -133,13 +133,18 @@ def test_packed_smollm2_logits_and_memory(smollm2_path):  # noqa: F811 (the fixt
           f"({footprint / size:.2f}x)")
     assert footprint <= 1.3 * size
     floats = load(smollm2_path, gguf_file=GGUF_NAME)
-    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2, 45, 1000, 30000]])
+    tokenizer = maestrale.AutoTokenizer.from_pretrained(smollm2_path, gguf_file=GGUF_NAME)
+    ids = tokenizer("The capital of France is Paris. It is famous for the Eiffel Tower, its museums and its food.",
+                    return_tensors="pt").input_ids
     with torch.no_grad():
         ours, plain = packed(ids).logits, floats(ids).logits
     # int8 activations through 30 layers: where one product's float rounding flips an int8 rounding downstream, the
     # tiny model's exact check (above) no longer holds; what is left to check is the answer (perplexity: BENCHMARKS.md)
     print(f"logits (up to {plain.abs().max():.1f}) move by {(ours - plain).abs().max():.2f} with int8 activations")
-    assert (ours.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+    agree = (ours.argmax(-1) == plain.argmax(-1)).float().mean()
+    print(f"top tokens agree at {agree:.0%} of {ids.shape[1]} positions")
+    assert agree >= 0.9
+    assert (ours.argmax(-1)[..., None] == plain.topk(3, dim=-1).indices).any(-1).all()  # near-ties swap, no more
 
 
 @pytest.mark.slow

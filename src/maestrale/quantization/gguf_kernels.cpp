@@ -83,11 +83,9 @@ void dot_rows(const Block* w, const Row* x, int64_t blocks, float* out, int64_t 
   constexpr bool q8 = std::is_same_v<Block, BlockQ8_0>;
   float offset[R] = {};
 #ifdef MAESTRALE_AVX2
-  // Two accumulators per row, for even and odd blocks: one alone would wait on its previous fma every block.
-  __m256 acc[R][2];
-  float offset2[R][2] = {};
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const auto block = [&](int64_t b, int slot) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
     const float dw = half(w[b].d);
     __m256i q, u;
     if constexpr (q8) {
@@ -99,22 +97,12 @@ void dot_rows(const Block* w, const Row* x, int64_t blocks, float* out, int64_t 
     for (int r = 0; r < R; ++r) {
       __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].q + b * QK));
       if constexpr (q8) y = _mm256_sign_epi8(y, q);
-      acc[r][slot] = _mm256_fmadd_ps(dot_bytes(u, y), _mm256_set1_ps(dw * x[r].d[b]), acc[r][slot]);
-      if constexpr (std::is_same_v<Block, BlockQ4_1>) offset2[r][slot] += half(w[b].m) * x[r].s[b];
-      else if constexpr (!q8) offset2[r][slot] -= 8.f * dw * x[r].s[b];
+      acc[r] = _mm256_fmadd_ps(dot_bytes(u, y), _mm256_set1_ps(dw * x[r].d[b]), acc[r]);
+      if constexpr (std::is_same_v<Block, BlockQ4_1>) offset[r] += half(w[b].m) * x[r].s[b];
+      else if constexpr (!q8) offset[r] -= 8.f * dw * x[r].s[b];
     }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) {
-    block(b, 0);
-    block(b + 1, 1);
   }
-  if (b < blocks) block(b, 0);
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][1]);
-    offset[r] = offset2[r][0] + offset2[r][1];
-  }
-  for (int r = 0; r < R; ++r) out[r * stride] = hsum(acc[r][0]) + offset[r];
+  for (int r = 0; r < R; ++r) out[r * stride] = hsum(acc[r]) + offset[r];
 #else
   float total[R] = {};
   int values[QK];

@@ -53,16 +53,6 @@ def quantization_for(args):
     return None
 
 
-def packed_kernels() -> bool:
-    """Whether maestrale's GGUF CPU kernels run here: the default model then keeps its blocks packed, which decodes
-    faster than float32 on CPU (BENCHMARKS.md). The first call compiles them (once, ~30 s)."""
-    from .quantization import gguf_kernels
-
-    if not gguf_kernels.cached():
-        print("maestrale: compiling its GGUF CPU kernels, once (~30 s)", file=sys.stderr, flush=True)
-    return gguf_kernels.available()
-
-
 def load(model: str | None, device: str | None, dtype: str, quantization_config=None, keep_quantized: bool = False):
     """(model, tokenizer) for a hub id, a local folder or a .gguf file (its blocks kept packed with keep_quantized)."""
     from . import AutoModelForCausalLM, AutoTokenizer
@@ -74,8 +64,6 @@ def load(model: str | None, device: str | None, dtype: str, quantization_config=
     if os.path.isfile(source) and not source.endswith(".gguf"):
         raise CliError(f"--model {source}: a file must be a .gguf checkpoint; otherwise pass its folder")
     kwargs = {}
-    if model is None and dtype == "auto" and quantization_config is None and pick_device(device) == "cpu":
-        keep_quantized = keep_quantized or packed_kernels()
     if source.endswith(".gguf"):
         folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(source))
     elif keep_quantized:
@@ -308,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="quantize the linear layers to 8-bit (LLM.int8) with bitsandbytes while loading")
             weights.add_argument("--keep-quantized", action="store_true",
                                  help="keep a .gguf file's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K blocks packed instead of "
-                                      "dequantizing them (the default model on CPU does so unless --dtype is given)")
+                                      "dequantizing them")
             p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
             p.add_argument("--temperature", type=float,
                            help="sample at this temperature; 0 decodes greedily (default: the model's generation "

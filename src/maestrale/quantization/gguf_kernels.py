@@ -50,10 +50,6 @@ def library(simd: bool, namespace: str = "maestrale") -> tuple[Path, list[str]]:
     return cache_dir() / f"gguf_kernels-{namespace}-{key}.so", flags
 
 
-def cached() -> bool:
-    return library(cpu_has_avx2())[0].exists()
-
-
 def build(simd: bool, namespace: str = "maestrale") -> Path:
     """The compiled library (built now unless cached); raises RuntimeError with the compiler's message."""
     from torch.utils import cpp_extension

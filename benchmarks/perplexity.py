@@ -4,8 +4,9 @@
 
 The text is the GNU GPL version 3 that ships inside torch's wheel (a license of one of its third-party test folders,
 about 5,600 words). Non-overlapping windows of --window tokens, each scored from its second token on. The packed model
-runs as benchmarks/cpu_decode.py runs it (Q4_1 and Q8_0 blocks, bfloat16 scales and activations); the reference is
-the file dequantized to float32. Also prints both models' greedy answers to the README's question.
+runs as benchmarks/cpu_decode.py runs it (Q4_1 and Q8_0 blocks; maestrale's kernels with int8 activations in a
+float32 model, or torch's int4 product in bfloat16 where those do not build); the reference is the file dequantized
+to float32. Also prints both models' greedy answers to the README's question.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from cpu_decode import GGUF_NAME, fixture_folder
+from cpu_decode import GGUF_NAME, fixture_folder, packed_dtype
 
 TEXT_SUFFIX = "cpr/test/LICENSE"  # GPL-3.0 text in torch's dist-info
 QUESTION = "What is the capital of France, and what is it famous for?"  # README's first command
@@ -61,7 +62,8 @@ def main() -> None:
     print(f"{path}: {len(text.split())} words, {ids.numel()} tokens scored in windows of {args.window}")
     load = maestrale.AutoModelForCausalLM.from_pretrained
     models = {"float32 (dequantized)": load(folder, gguf_file=GGUF_NAME, dtype=torch.float32),
-              "packed Q4_1 (bfloat16)": load(folder, gguf_file=GGUF_NAME, dtype=torch.bfloat16, keep_quantized=True)}
+              f"packed Q4_1 ({str(packed_dtype())[6:]})": load(folder, gguf_file=GGUF_NAME, dtype=packed_dtype(),
+                                                               keep_quantized=True)}
     results = {}
     for name, model in models.items():
         start = time.perf_counter()

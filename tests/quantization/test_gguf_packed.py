@@ -12,11 +12,20 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
 import maestrale
+from maestrale.quantization import gguf_kernels
 from maestrale.quantization.gguf import pack
 from maestrale.quantization.weight_only import PackedWeight, QuantizedLinear
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TYPES = (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    """These tests check torch's kernels on re-packed blocks, the path without maestrale's own (test_gguf_kernels.py)."""
+    monkeypatch.setattr(gguf_kernels, "available", lambda: False)
+
+
 # K-quants: random bytes, with their float16 super-block scales made finite and small (byte offsets)
 K_QUANTS = {Q.Q4_K: (144, (0, 2)), Q.Q6_K: (210, (208,))}
 

@@ -5,7 +5,8 @@ a ring of exactly the window's size for sliding-window layers. Each later token 
 product, rotary with the cache write and flash-decoding attention (kernels.py), the output product and the
 feed-forward, whose residual add carries the next layer's norm. On CUDA
 the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
-token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it).
+token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
+generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
 
 Quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
 own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
@@ -124,7 +125,7 @@ def capacity_for(length: int) -> int:
 class StaticDecoder:
     """Decodes `batch` rows of up to `capacity` tokens; called like the model by generate's decode loop."""
 
-    def __init__(self, model, batch: int, capacity: int):
+    def __init__(self, model, batch: int, capacity: int, compile_step: bool = False):
         config, base = model.config, model.base_model
         self.model, self.batch, self.capacity = model, batch, capacity
         embed = base.embed_tokens  # run as a module: its table may be packed (GGUF, keep_quantized=True)
@@ -156,6 +157,11 @@ class StaticDecoder:
         compiled = self.on_cuda and not quantized_linears(model)
         compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
         self.part = {name: compile_(f) for name, f in STEP_PARTS.items()}
+        # On CPU, on request (compile_config): the whole step as one graph, its glue fused into C++ loops around the
+        # layers' products. Dynamo traces every layer: minutes on 2 cores the first time, ~40 s with inductor's disk
+        # cache warm, so a first short answer is faster eager.
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile_step else self._step
+        self.key = (batch, capacity, dtype, compile_step)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.fingerprint = self._fingerprint()
@@ -219,7 +225,7 @@ class StaticDecoder:
             self.positions.copy_(position_ids[:, 0])
         self.t.fill_(self.length)
         if not self.on_cuda:
-            self.logits = self._step()
+            self.logits = self.step()
         else:
             if self.graph is None:
                 self._capture()
@@ -252,8 +258,8 @@ class StaticDecoder:
 def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
     """The model's static decoder for this generation, or None where the reference path runs.
 
-    `cache_implementation` picks: "static" always (it runs eagerly off CUDA), "dynamic" never, None (the default)
-    on CUDA whenever the generation allows it.
+    `cache_implementation` picks: "static" always (it runs eagerly off CUDA, compiled on CPU when `compile_config`
+    is set), "dynamic" never, None (the default) on CUDA whenever the generation allows it.
     """
     choice = getattr(run.config, "cache_implementation", None)
     if choice not in (None, "static", "dynamic"):
@@ -276,10 +282,11 @@ def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:
             raise ValueError(f"cache_implementation='static' cannot be used with {', '.join(found)}; "
                              "drop them or use cache_implementation='dynamic'")
         return None
-    key = (input_ids.shape[0], capacity_for(run.max_length), model.base_model.norm.weight.dtype)
+    compile_step = model.device.type == "cpu" and getattr(run.config, "compile_config", None) is not None
+    key = (input_ids.shape[0], capacity_for(run.max_length), model.base_model.norm.weight.dtype, compile_step)
     decoder = model.__dict__.get("_static_decoder")
-    if decoder is None or (decoder.batch, decoder.capacity, decoder.dtype) != key or not decoder.current():
+    if decoder is None or decoder.key != key or not decoder.current():
         model.__dict__.pop("_static_decoder", None)  # free the old caches and graph first
-        decoder = model.__dict__["_static_decoder"] = StaticDecoder(model, key[0], key[1])
+        decoder = model.__dict__["_static_decoder"] = StaticDecoder(model, key[0], key[1], compile_step)
     decoder.length = 0
     return decoder

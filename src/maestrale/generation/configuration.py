@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "use_cache": True,
     "cache_implementation": None,  # None: the static CUDA decoder on CUDA; "static" anywhere; "dynamic" never
     "prefill_chunk_size": None,  # None: one forward, or on CUDA chunks when a sliding window is shorter than the prompt
+    "compile_config": None,  # with "static" on CPU: any value compiles the decoder's step (minutes the first time)
     # logits processing
     "temperature": 1.0,
     "top_k": 50,
@@ -71,7 +72,6 @@ INERT: dict[str, str] = {
     "assistant_lookbehind": "assistants with another tokenizer only, which maestrale refuses",
     "target_lookbehind": "assistants with another tokenizer only, which maestrale refuses",
     "max_cache_len": "sizes transformers' static cache; maestrale sizes its own to max_length",
-    "compile_config": "compilation settings: speed only",
     "disable_compile": "compilation settings: speed only",
     "continuous_batching_config": "settings of transformers' generate_batch server loop, not of generate()",
 }

@@ -22,6 +22,7 @@ from torch import nn
 from ..loading.gguf import GGUFShard
 from ..loading.layout import Layout
 from ..models.linear import Linear
+from . import gguf_kernels
 from .weight_only import Int4Weight, Int8Weight, PackedWeight, QuantizedEmbedding, QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,11 @@ def _q6_k(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight:
-    """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`."""
+    """A PackedWeight from a GGUF tensor's raw bytes (rows, bytes per row), scales in `dtype`: maestrale's own
+    kernels on the blocks as they are (gguf_kernels.py) where they are built, torch's on re-packed blocks otherwise."""
+
+    if gguf_type in gguf_kernels.GGML_TYPES and gguf_kernels.available():
+        return gguf_kernels.BlocksWeight(gguf_type, data, dtype)
     raw = data.numpy()
     if gguf_type in ("Q8_0", "Q6_K"):
         if gguf_type == "Q8_0":

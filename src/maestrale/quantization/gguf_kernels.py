@@ -1,0 +1,121 @@
+"""maestrale's own CPU product on GGUF blocks as stored in the file (Q4_0, Q4_1, Q8_0): gguf_kernels.cpp.
+
+The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
+per source, torch version and instruction set: AVX2 + FMA + F16C when the CPU has them, a scalar loop otherwise) and
+loaded as the torch operator torch.ops.maestrale.gguf_mm, which Dynamo traces like any other. Without a compiler,
+keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a one-line notice.
+
+Activations are quantized to int8 per block of 32 inside the product, as llama.cpp does: each value moves by at most
+half a step, max |x| / 254 over its block, so x @ W.T moves by at most sum over blocks of that step times the block's
+sum of |w| (tests/quantization/test_gguf_kernels.py asserts this bound).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .weight_only import PackedWeight
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # GGML's numbers, which the C++ operator takes
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 values
+SIMD_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maestrale" / "kernels"
+
+
+def cpu_has_avx2() -> bool:
+    """AVX2 with FMA and F16C, which torch's AVX2 capability implies on the CPUs it reports it for."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def library(simd: bool, namespace: str = "maestrale") -> tuple[Path, list[str]]:
+    """Where the library built from this source, torch version and flags is cached, and those flags."""
+    flags = (SIMD_FLAGS if simd else []) + [f"-DMAESTRALE_OPS={namespace}"]
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:16]
+    return cache_dir() / f"gguf_kernels-{namespace}-{key}.so", flags
+
+
+def build(simd: bool, namespace: str = "maestrale") -> Path:
+    """The compiled library (built now unless cached); raises RuntimeError with the compiler's message."""
+    from torch.utils import cpp_extension
+
+    target, flags = library(simd, namespace)
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", *flags,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{path}" for path in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}",
+               str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = os.path.join(scratch, target.name)
+        result = subprocess.run([*command, "-o", built], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
+    return target
+
+
+@cache
+def available() -> bool:
+    """Whether torch.ops.maestrale.gguf_mm is loaded (compiling it on the first call); a notice when it cannot be."""
+    try:
+        torch.ops.load_library(str(build(simd=cpu_has_avx2())))
+    except (RuntimeError, OSError) as error:
+        logger.warning(f"keep_quantized: maestrale's GGUF CPU kernels did not build, torch's int4/int8 kernels run "
+                       f"instead (slower): {str(error).splitlines()[0]}")
+        return False
+    torch.library.register_fake("maestrale::gguf_mm")(_fake_mm)
+    return True
+
+
+def _fake_mm(x: torch.Tensor, weight: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+class BlocksWeight(PackedWeight):
+    """A Q4_0, Q4_1 or Q8_0 weight held as the file's blocks, (rows, bytes per row) uint8, run by gguf_mm."""
+
+    def __init__(self, gguf_type: str, blocks: torch.Tensor, dtype: torch.dtype):
+        super().__init__(gguf_type, (blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[gguf_type] * 32))
+        self.ggml_type, self.dtype = GGML_TYPES[gguf_type], dtype
+        self.register_buffer("blocks", blocks.contiguous())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.maestrale.gguf_mm(x, self.blocks, self.ggml_type)
+
+    def rows(self, index) -> torch.Tensor:
+        """The dequantized rows at `index` (any shape): an embedding lookup."""
+        blocks = self.blocks[index]
+        blocks = blocks.unflatten(-1, (-1, BLOCK_BYTES[self.kind]))
+        d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+        if self.kind == "Q8_0":
+            values = blocks[..., 2:].contiguous().view(torch.int8).float() * d
+        else:
+            qs = blocks[..., -16:].int()
+            values = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+            zero = blocks[..., 2:4].contiguous().view(torch.float16).float() if self.kind == "Q4_1" else -8 * d
+            values = values * d + zero
+        return values.flatten(-2).to(self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(slice(None))

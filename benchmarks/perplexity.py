@@ -33,6 +33,12 @@ def english_text() -> tuple[str, str]:
     return str(path), open(path, encoding="utf-8").read()
 
 
+def english_ids(tokenizer, max_tokens: int | None) -> tuple[str, str, torch.Tensor]:
+    """(path, text, its first max_tokens token ids)."""
+    path, text = english_text()
+    return path, text, torch.tensor(tokenizer(text).input_ids)[:max_tokens]
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, window: int) -> float:
     total, count = 0.0, 0
@@ -56,9 +62,8 @@ def main() -> None:
     import maestrale
 
     folder = fixture_folder()
-    path, text = english_text()
     tokenizer = maestrale.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    ids = torch.tensor(tokenizer(text).input_ids)[: args.max_tokens]
+    path, text, ids = english_ids(tokenizer, args.max_tokens)
     print(f"{path}: {len(text.split())} words, {ids.numel()} tokens scored in windows of {args.window}")
     load = maestrale.AutoModelForCausalLM.from_pretrained
     models = {"float32 (dequantized)": load(folder, gguf_file=GGUF_NAME, dtype=torch.float32),

@@ -23,7 +23,7 @@ import time
 import torch
 
 from cpu_decode import GGUF_NAME, fixture_folder
-from perplexity import english_text, perplexity
+from perplexity import english_ids, perplexity
 
 BARS = {"int8": 0.005, "int4 g128": 0.03}  # the bars, relative to float32
 
@@ -42,9 +42,7 @@ def main() -> None:
     from maestrale.quantization.weight_only import packed_weights
 
     folder = fixture_folder()
-    path, text = english_text()
-    tokenizer = maestrale.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    ids = torch.tensor(tokenizer(text).input_ids)[: args.max_tokens]
+    path, text, ids = english_ids(maestrale.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME), args.max_tokens)
     print(f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), torchao "
           f"{importlib.metadata.version('torchao')}, {args.threads} threads; {path}: {len(text.split())} words, "
           f"{ids.numel()} tokens scored in windows of {args.window}")

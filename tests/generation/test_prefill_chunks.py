@@ -18,14 +18,20 @@ def pair(request):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("chunk", [1, 3, 5])
-def test_chunked_prefill_matches_one_forward(pair, chunk, cache):
+def test_chunked_prefill_matches_one_forward(pair, chunk, cache, monkeypatch):
     """Left-padded prompts of 7 tokens in chunks shorter than, equal to and longer than the windows (4 to 6)."""
     ref, ours = pair
     ids, mask = prompts(True)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None,
                   output_scores=True, return_dict_in_generate=True)
+    lengths = []  # of the inputs the model's forward sees: the prompt's chunks first (a hook would stop "static")
+    forward = ours.forward
+    monkeypatch.setattr(ours, "forward",
+                        lambda ids, *args, **kw: lengths.append(ids.shape[1]) or forward(ids, *args, **kw))
     a = ref.generate(ids, **kwargs)
     b = ours.generate(ids, prefill_chunk_size=chunk, cache_implementation=cache, **kwargs)
+    chunks = -(-ids.shape[1] // chunk)
+    assert lengths[:chunks] == [chunk] * (chunks - 1) + [ids.shape[1] - chunk * (chunks - 1)]
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(torch.stack(b.scores), torch.stack(a.scores), rtol=1e-5, atol=1e-5)
 

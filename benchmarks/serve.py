@@ -7,8 +7,12 @@ and time between tokens (p50/p99). Then 16 concurrent clients against one client
 
     PYTHONPATH=src python benchmarks/serve.py                       # CPU defaults: short prompts and replies
     PYTHONPATH=src python benchmarks/serve.py --compare-transformers --num-prompts 32 --rates inf,1
-    PYTHONPATH=src python benchmarks/serve.py --model mistralai/Mistral-7B-v0.3 --dtype bfloat16 --num-prompts 500 \\
-        --input-mean 200 --output-mean 200 --rates inf,8                 # a GPU run
+    PYTHONPATH=src python benchmarks/serve.py --random-model --dtype bfloat16 --num-prompts 500 \\
+        --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers \\
+        --server-args "--device cuda --max-num-seqs 256 --max-num-batched-tokens 4096"   # a GPU run
+
+--random-model writes Mistral-7B-v0.3's shape with random weights (and mistral-common's v3 tokenizer) to a folder
+both servers load.
 """
 
 from __future__ import annotations
@@ -34,6 +38,32 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 MAESTRALE_EXTRA = {"ignore_eos": True}
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point number "
          "group problem fact river garden music window story ocean forest letter mountain").split()
+
+
+# Mistral-7B-v0.3's config.json fields (its vocabulary is the v3 tokenizer's 32,768).
+MISTRAL_7B_V03 = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, sliding_window=None, max_position_embeddings=32768,
+                      rope_theta=1e6, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def random_mistral(folder: str, layers: int) -> None:
+    """A checkpoint folder at Mistral-7B-v0.3's shape (`layers` of them), random bfloat16 weights, a real tokenizer."""
+    import importlib.util
+
+    import torch
+
+    from maestrale import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    tokenizer_dir = tempfile.mkdtemp(prefix="tokenizer-")
+    shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", Path(tokenizer_dir) / "tokenizer.model")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    shutil.rmtree(tokenizer_dir)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # from_config draws N(0, 0.02) weights
+        model = MistralForCausalLM.from_config(MistralConfig(**dict(MISTRAL_7B_V03, num_hidden_layers=layers)),
+                                               dtype=torch.bfloat16)
+    model.save_pretrained(folder)
 
 
 def free_port() -> int:
@@ -131,6 +161,8 @@ async def clients(url: str, model: str, count: int, requests_each: int, max_toke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id, folder or .gguf (default: the SmolLM2 GGUF)")
+    parser.add_argument("--random-model", action="store_true", help="Mistral-7B-v0.3's shape, random weights")
+    parser.add_argument("--random-layers", type=int, default=32, help="layers of --random-model")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-mean", type=int, default=48, help="mean prompt length in words")
@@ -149,7 +181,10 @@ def main() -> None:
     prompts = workload(args.num_prompts, args.input_mean, args.output_mean, seed=0)
     rates = [float(r) for r in args.rates.split(",")]
     folder = None
-    if args.compare_transformers and source.endswith(".gguf"):
+    if args.random_model:
+        folder = source = tempfile.mkdtemp(prefix="serve-bench-")
+        random_mistral(folder, args.random_layers)
+    elif args.compare_transformers and source.endswith(".gguf"):
         # The same weights, dequantized, as a folder with its tokenizer, which both servers load.
         from maestrale import AutoTokenizer
         from maestrale.loading import convert_gguf
@@ -167,7 +202,8 @@ def main() -> None:
                                                 "cpu" if "cuda" not in args.server_args else "auto", "--dtype",
                                                 args.dtype, "--port", str(port), "--host", "127.0.0.1", served]
 
-    print(f"model {args.model or default_model()}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
+    name = f"random Mistral-7B-v0.3 shape, {args.random_layers} layers" if args.random_model else args.model or default_model()
+    print(f"model {name}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
           f"{args.output_mean} tokens out; load average {os.getloadavg()[0]:.2f}")
     results = {}
     for name, command in servers.items():

@@ -83,6 +83,75 @@ def test_rotary_cache_write(heads, kv_heads, head_dim, rot, capacity, t, dtype):
     assert torch.equal(caches[0][:, :, slot + 1:].double(), expected[0][:, :, slot + 1:])
 
 
+def paged_pool(lengths, kv_heads, head_dim, block_size, dtype, seed=0):
+    """A pool of shuffled blocks holding each row's keys and values at its block table's slots, the same tokens as
+    contiguous (row, kv_heads, length, head_dim) tensors, and the (rows, width) tables."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block_size) for n in lengths) + 1  # a spare column the rows never reach
+    num_blocks = len(lengths) * width + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = order[: len(lengths) * width].view(len(lengths), width).to(torch.int32)
+    pools = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen, dtype=dtype) for _ in range(2)]
+    seqs = []
+    for pool in pools:
+        flat, rows = pool.view(-1, kv_heads, head_dim), []
+        for row, n in enumerate(lengths):
+            slots = tables[row, torch.arange(n) // block_size].long() * block_size + torch.arange(n) % block_size
+            rows.append(flat[slots].transpose(0, 1))
+        seqs.append(rows)
+    return [p.to(DEVICE) for p in pools], seqs, tables.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size,span", [(16, 1 << 30), (16, 20), (8, 5)])  # full attention; windows
+def test_paged_decode_attention(block_size, span, dtype):
+    """Each row attends to its last `span` tokens, found through its block table, as SDPA over its contiguous keys."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
+    heads, kv_heads, head_dim = 8, 2, 64
+    lengths = [1, 37, 16, 70]
+    (k_pool, v_pool), (keys, values), tables = paged_pool(lengths, kv_heads, head_dim, block_size, dtype)
+    batch = len(lengths) + 1  # the last row is unused (t = -1), as a CUDA graph's padding row
+    q = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype)
+    t = torch.tensor(lengths + [-1], device=DEVICE) - torch.tensor([1] * len(lengths) + [0], device=DEVICE)
+    tables = torch.cat([tables, tables[:1]])
+    out = kernels.decode_attention(q, k_pool, v_pool, None, t, 0.125, tables, span)
+    ref = kernels.decode_attention_torch(q, k_pool, v_pool, None, t, 0.125, tables, span)
+    for row, n in enumerate(lengths):
+        k, v = keys[row][:, max(0, n - span):].to(DEVICE), values[row][:, max(0, n - span):].to(DEVICE)
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            q[row, :, None].double(), k.double(), v.double(), scale=0.125, enable_gqa=True)[:, 0]
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_error(out[row], exact) < tolerance and rel_error(ref[row], exact) < tolerance
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # an unused row reads nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_rotary_cache_write(dtype):
+    """Row b's k and v land at its token t's slot through its block table; an unused row (t = -1) writes nothing."""
+    heads, kv_heads, head_dim, block_size = 6, 2, 64, 16
+    lengths = [5, 33, 16]
+    (k_pool, v_pool), _, tables = paged_pool(lengths, kv_heads, head_dim, block_size, dtype)
+    batch = len(lengths) + 1
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    angles = torch.rand(batch, head_dim, device=DEVICE) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    t = torch.tensor(lengths + [-1], device=DEVICE)
+    tables = torch.cat([tables, tables[:1]])
+    pools, expected = [k_pool.clone(), v_pool.clone()], [k_pool.double(), v_pool.double()]
+    q = kernels.rotary_cache_write(qkv, cos, sin, *pools, t, heads, tables)
+    q_ref = kernels.rotary_cache_write_torch(qkv.double(), cos.double(), sin.double(), *expected, t, heads, tables)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_error(q, q_ref) < tolerance
+    assert rel_error(pools[0], expected[0]) < tolerance and torch.equal(pools[1].double(), expected[1])
+    v = qkv.view(batch, heads + 2 * kv_heads, head_dim)[:, heads + kv_heads:]
+    for row, n in enumerate(lengths):  # independently of the torch version: v copied to the slot of token n
+        slot = tables[row, n // block_size].long() * block_size + n % block_size
+        assert torch.equal(pools[1].view(-1, kv_heads, head_dim)[slot], v[row])
+    changed = (pools[1] != v_pool).any(-1).any(-1).flatten().nonzero().flatten().tolist()
+    assert len(changed) == len(lengths)  # the unused row wrote no slot
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(96, 64), (40, 200), (9000, 32)])  # k not a multiple of the block; n neither
 @pytest.mark.parametrize("gated", [False, True])

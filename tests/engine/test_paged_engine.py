@@ -6,6 +6,7 @@ import torch
 
 import maestrale
 from maestrale.engine.block_manager import BlockManager
+from maestrale.engine.decode import PagedDecoder
 from maestrale.engine.llm_engine import LLMEngine
 from maestrale.engine.sampling import SamplingParams
 from maestrale.engine.scheduler import Sequence
@@ -69,6 +70,23 @@ def test_batched_requests_equal_generate_alone(name, one_thread):
         assert results[(request_id, 0)] == alone(model, prompt, params.max_tokens), request_id
     assert engine.blocks.num_used == 0
     assert engine.blocks.prefix_hits > 0  # the shared 5 tokens: one full block of 4 found cached
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_paged_decode_step_equals_generate_alone(name, one_thread, monkeypatch):
+    """The engine's one decode step on block tables (PagedDecoder, what CUDA captures; eager here) gives each request
+    generate()'s tokens: windows cut across blocks, rows of different lengths, prefills beside it."""
+    model = build(name)
+    engine = LLMEngine(model, block_size=4, num_blocks=128, max_num_batched_tokens=7)
+    decoder = PagedDecoder(model, engine.runner.pools, 4, engine.scheduler.max_num_seqs, -(-engine.max_model_len // 4))
+    rows = []
+    monkeypatch.setattr(decoder, "run", lambda ids, *args: rows.append(len(ids)) or PagedDecoder.run(decoder, ids, *args))
+    engine.runner.decoder = decoder
+    requests = {str(i): (p, SamplingParams(max_tokens=4 + i % 5, temperature=0)) for i, p in enumerate(prompts(6, 5))}
+    results = run(engine, requests, join_every=2)
+    for request_id, (prompt, params) in requests.items():
+        assert results[(request_id, 0)] == alone(model, prompt, params.max_tokens), request_id
+    assert max(rows) > 1 and sum(rows) >= sum(p.max_tokens - 1 for _, p in requests.values())
 
 
 def test_preemption_recomputes_and_keeps_tokens(one_thread):

@@ -122,48 +122,31 @@ def capacity_for(length: int) -> int:
     return max(MIN_CAPACITY, 1 << (length - 1).bit_length())
 
 
-class StaticDecoder:
-    """Decodes `batch` rows of up to `capacity` tokens; called like the model by generate's decode loop."""
+class DecodeStep:
+    """The one decode step: every row's next token through all layers, as one function of preallocated buffers
+    (`ids`, `positions`, `t`), so it can be compiled and captured. Subclasses own the keys and values: `_attention`
+    writes the token's and attends to those a row may see (static ring caches, or the server's paged pools)."""
 
-    def __init__(self, model, batch: int, capacity: int, compile_step: bool = False):
+    def __init__(self, model, dynamic: bool = False):
         config, base = model.config, model.base_model
-        self.model, self.batch, self.capacity = model, batch, capacity
+        self.model = model
         embed = base.embed_tokens  # run as a module: its table may be packed (GGUF, keep_quantized=True)
-        device, dtype = base.norm.weight.device, base.norm.weight.dtype
+        self.device, self.dtype = base.norm.weight.device, base.norm.weight.dtype
         self.eps, self.act = config.rms_norm_eps, ACT_FNS[config.hidden_act]
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
         self.scale = self.head_dim**-0.5
         self.top_k = getattr(config, "num_experts_per_tok", None)
         self.rotary = base.rotary_emb
-        self.embed, self.dtype = embed, dtype
+        self.embed = embed
         self.final_norm, self.lm_head = base.norm.weight.detach(), _weights(model.lm_head)
         self.layers = [_LayerWeights.of(layer) for layer in base.layers]
-
         window = config.sliding_window
         self.window_of = [window if kind == "sliding_attention" else None for kind in config.attention_layer_types]
-        cache_shape = (batch, self.kv_heads, self.head_dim)
-        self.k_cache, self.v_cache = [], []
-        for w in self.window_of:
-            size = capacity if w is None else min(w, capacity)
-            self.k_cache.append(torch.zeros(*cache_shape[:2], size, self.head_dim, device=device, dtype=dtype))
-            self.v_cache.append(torch.zeros_like(self.k_cache[-1]))
-        self.seq_mask = torch.ones(batch, capacity, dtype=torch.int8, device=device)  # 0 for padding tokens
-        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.t = torch.zeros((), dtype=torch.long, device=device)  # sequence index of the token being decoded
-        self.length = 0  # tokens in the cache (host copy of t)
 
-        self.on_cuda = device.type == "cuda"
+        self.on_cuda = self.device.type == "cuda"
         compiled = self.on_cuda and not quantized_linears(model)
-        compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled else (lambda f: f)
+        compile_ = (lambda f: torch.compile(f, fullgraph=True, dynamic=dynamic)) if compiled else (lambda f: f)
         self.part = {name: compile_(f) for name, f in STEP_PARTS.items()}
-        # On CPU, on request (compile_config): the whole step as one graph, its glue fused into C++ loops around the
-        # layers' products. Dynamo traces every layer: minutes on 2 cores the first time, ~40 s with inductor's disk
-        # cache warm, so a first short answer is faster eager.
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile_step else self._step
-        self.key = (batch, capacity, dtype, compile_step)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> tuple:
@@ -173,19 +156,18 @@ class StaticDecoder:
         """Whether the model still has the weights this decoder reads (not moved, cast or replaced since)."""
         return self._fingerprint() == self.fingerprint
 
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+    def _attention(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the fused q/k/v row, store k and v, attend: (batch, heads, head_dim)."""
+        raise NotImplementedError
 
-    # ----- the step -----
     def _step(self) -> torch.Tensor:
         part, eps = self.part, self.eps
         x = self.embed(self.ids)
         cos, sin = self.rotary(x[:, None], self.positions[:, None])
         h = part["rms_norm"](x, self.layers[0].input_norm, eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
-        for w, next_norm, k_cache, v_cache in zip(self.layers, next_norms, self.k_cache, self.v_cache):
-            q = rotary_cache_write(_product(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)
-            attn = decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
+        for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
+            attn = self._attention(i, _product(h, w.qkv), cos, sin)
             x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
             if w.router is None:
                 x, h = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act, next_norm, eps)
@@ -199,17 +181,56 @@ class StaticDecoder:
                 x, h = part["_mix"](x, matvec(gated, w.down, experts=experts), top_weights, next_norm, eps)
         return _product(h, self.lm_head)
 
-    def _capture(self) -> None:
+    def _graph(self, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The step captured in a CUDA graph, after runs that compile and load every kernel (they write the slot
+        the real step writes, with its values): the graph and its logits."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         # Each model and batch size compiles its own kernels; a process may hold more than Dynamo's default of 8.
         with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=64):
-            for _ in range(2):  # compiles and loads every kernel; writes the slot the real step writes, with its values
+            for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._step()
+        return graph, logits
+
+
+class StaticDecoder(DecodeStep):
+    """Decodes `batch` rows of up to `capacity` tokens; called like the model by generate's decode loop."""
+
+    def __init__(self, model, batch: int, capacity: int, compile_step: bool = False):
+        super().__init__(model)
+        self.batch, self.capacity = batch, capacity
+        device, dtype = self.device, self.dtype
+        cache_shape = (batch, self.kv_heads, self.head_dim)
+        self.k_cache, self.v_cache = [], []
+        for w in self.window_of:
+            size = capacity if w is None else min(w, capacity)
+            self.k_cache.append(torch.zeros(*cache_shape[:2], size, self.head_dim, device=device, dtype=dtype))
+            self.v_cache.append(torch.zeros_like(self.k_cache[-1]))
+        self.seq_mask = torch.ones(batch, capacity, dtype=torch.int8, device=device)  # 0 for padding tokens
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # sequence index of the token being decoded
+        self.length = 0  # tokens in the cache (host copy of t)
+
+        # On CPU, on request (compile_config): the whole step as one graph, its glue fused into C++ loops around the
+        # layers' products. Dynamo traces every layer: minutes on 2 cores the first time, ~40 s with inductor's disk
+        # cache warm, so a first short answer is faster eager.
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile_step else self._step
+        self.key = (batch, capacity, dtype, compile_step)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    def _attention(self, layer, qkv, cos, sin):
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        q = rotary_cache_write(qkv, cos, sin, k_cache, v_cache, self.t, self.heads)
+        return decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
 
     # ----- what generate calls -----
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
@@ -228,7 +249,7 @@ class StaticDecoder:
             self.logits = self.step()
         else:
             if self.graph is None:
-                self._capture()
+                self.graph, self.logits = self._graph()
             self.graph.replay()
         self.length += 1
         return CausalLMOutputWithPast(logits=self.logits[:, None].clone())
@@ -253,6 +274,65 @@ class StaticDecoder:
             kept = seen if window is None else min(seen, window - 1)
             slots = torch.arange(seen - kept, seen, device=k_cache.device) % k_cache.shape[2]
             layer.keys, layer.values, layer.seen = k_cache.index_select(2, slots), v_cache.index_select(2, slots), seen
+
+
+class PagedDecoder(DecodeStep):
+    """The server's decode step on CUDA: each row's next token against its KV blocks (the engine's paged pools,
+    (num_blocks * block_size, kv_heads, head_dim) per layer), one CUDA graph per batch-size bucket.
+
+    A bucket's graph runs the first `bucket` rows of the buffers; rows past the batch have t = -1, so they write
+    and read nothing. The rows' inputs go to the device in one copy: (id, position, t, block table) per row.
+    """
+
+    def __init__(self, model, pools: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, max_batch: int,
+                 max_blocks: int):
+        super().__init__(model, dynamic=True)  # one compile of each part for all buckets
+        self.pools = [(k.view(-1, block_size, *k.shape[1:]), v.view(-1, block_size, *v.shape[1:])) for k, v in pools]
+        self.spans = [max_blocks * block_size if w is None else w for w in self.window_of]
+        self.buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+        self.host = torch.zeros(max_batch, 3 + max_blocks, dtype=torch.long, pin_memory=self.on_cuda)
+        self.rows = self.host.numpy()
+        self.inputs = torch.zeros_like(self.host, device=self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _attention(self, layer, qkv, cos, sin):
+        k_pool, v_pool = self.pools[layer]
+        q = rotary_cache_write(qkv, cos, sin, k_pool, v_pool, self.t, self.heads, self.tables)
+        return decode_attention(q, k_pool, v_pool, None, self.t, self.scale, self.tables, self.spans[layer])
+
+    def _use(self, rows: int) -> None:
+        """Point the step's inputs at the buffers' first `rows` rows."""
+        inputs = self.inputs[:rows]
+        self.ids, self.positions, self.t, self.tables = inputs[:, 0], inputs[:, 1], inputs[:, 2], inputs[:, 3:]
+
+    def capture(self) -> None:
+        """Capture every bucket's graph, the largest first so the others reuse its memory."""
+        self.inputs[:, 2] = -1
+        pool = torch.cuda.graph_pool_handle()
+        for rows in reversed(self.buckets):
+            self._use(rows)
+            self.graphs[rows] = self._graph(pool)
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], num_cached: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits (batch, vocab) of each row's token, at index num_cached[i] of its sequence. Off CUDA the step runs
+        eagerly on exactly the batch (how the CPU tests check it)."""
+        batch = len(token_ids)
+        rows = next(b for b in self.buckets if b >= batch) if self.on_cuda else batch
+        host = self.rows
+        host[:batch, 0] = token_ids
+        host[:batch, 1] = num_cached
+        host[:batch, 2] = num_cached
+        host[batch:rows, :3] = (0, 0, -1)
+        for row, table in enumerate(block_tables):
+            host[row, 3 : 3 + len(table)] = table
+        self.inputs[:rows].copy_(self.host[:rows], non_blocking=True)
+        if not self.on_cuda:
+            self._use(rows)
+            return self._step()
+        graph, logits = self.graphs[rows]
+        graph.replay()
+        return logits[:batch]
 
 
 def decoder_for(model, input_ids: torch.Tensor, run) -> StaticDecoder | None:

@@ -1,9 +1,13 @@
 """Triton kernels of the decode step, each beside the plain-torch function it must equal.
 
-The caches are (batch, kv_heads, capacity, head_dim). Slot s of a cache of capacity C holds, at step t (the sequence
-index of the token being decoded), the token t - ((t - s) mod C): a full-attention cache never wraps (C > t, so slot
-s holds token s), a sliding-window cache of exactly the window's size is a ring. A slot is read when that token exists
-(index >= 0) and the padding mask keeps it. `t` lives on the device, so one captured graph serves every step.
+Two cache addressings share the kernels. generate()'s static caches are (batch, kv_heads, capacity, head_dim): slot s
+of a cache of capacity C holds, at step t (the sequence index of the token being decoded, shared by the rows), the
+token t - ((t - s) mod C): a full-attention cache never wraps (C > t, so slot s holds token s), a sliding-window cache
+of exactly the window's size is a ring. A slot is read when that token exists (index >= 0) and the padding mask keeps
+it. The server's paged pools are (num_blocks, block_size, kv_heads, head_dim): row b's token p sits in block
+block_tables[b, p // block_size] at slot p % block_size, t holds each row's own index (-1: a row that is not used),
+and a layer reads the last `span` tokens (its window). The kernels see both as blocks of slots: a static cache is one
+block per row, read as a ring. `t` lives on the device, so one captured graph serves every step.
 """
 
 from __future__ import annotations
@@ -35,23 +39,42 @@ def slot_tokens(t: torch.Tensor, capacity: int) -> torch.Tensor:
     return t - torch.remainder(t - slots, capacity)
 
 
-def rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads: int):
+def paged_slots(block_tables: torch.Tensor, block_size: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Flat pool slot of each row's token index (tokens: (batch, n), non-negative)."""
+    return block_tables.gather(1, tokens // block_size).long() * block_size + tokens % block_size
+
+
+def rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tables=None):
     """Split one token a row of fused q/k/v (batch, (heads + 2 kv_heads) * head_dim), rotate q and k, store k and v
-    at slot t mod capacity; returns the rotated q (batch, heads, head_dim)."""
-    b, kv_heads, _, d = k_cache.shape
+    at token t's slot (see the module's docstring); returns the rotated q (batch, heads, head_dim)."""
+    b, kv_heads, d = qkv.shape[0], k_cache.shape[-2 if block_tables is not None else 1], k_cache.shape[-1]
     q, k, v = qkv.view(b, heads + 2 * kv_heads, 1, d).split([heads, kv_heads, kv_heads], dim=1)
     cos, sin = cos.view(b, 1, -1), sin.view(b, 1, -1)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    slot = torch.remainder(t, k_cache.shape[2]).reshape(1)
-    k_cache.index_copy_(2, slot, k)
-    v_cache.index_copy_(2, slot, v)
+    if block_tables is None:
+        slot = torch.remainder(t, k_cache.shape[2]).reshape(1)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+    else:
+        used = t >= 0
+        slots = paged_slots(block_tables, k_cache.shape[1], t.clamp(min=0)[:, None])[:, 0][used]
+        k_cache.view(-1, kv_heads, d)[slots] = k[used, :, 0]
+        v_cache.view(-1, kv_heads, d)[slots] = v[used, :, 0]
     return q[:, :, 0]
 
 
-def decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale):
+def decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None, span: int | None = None):
     """q (batch, heads, head_dim) attends to the valid slots of the caches; returns (batch, heads, head_dim)."""
-    tokens = slot_tokens(t, k_cache.shape[2])
-    valid = (tokens >= 0) & seq_mask.gather(1, tokens.clamp(min=0).expand(seq_mask.shape[0], -1)).bool()
+    if block_tables is None:
+        tokens = slot_tokens(t, k_cache.shape[2])
+        valid = (tokens >= 0) & seq_mask.gather(1, tokens.clamp(min=0).expand(seq_mask.shape[0], -1)).bool()
+    else:  # every slot the rows' tables can address, the last `span` tokens up to t valid
+        block_size, kv_heads, d = k_cache.shape[1:]
+        tokens = torch.arange(block_tables.shape[1] * block_size, device=q.device).expand(q.shape[0], -1)
+        slots = paged_slots(block_tables, block_size, tokens)
+        valid = (tokens <= t[:, None]) & (tokens > t[:, None] - span)
+        k_cache = k_cache.view(-1, kv_heads, d)[slots].transpose(1, 2)
+        v_cache = v_cache.view(-1, kv_heads, d)[slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=valid[:, None, None, :],
                                          scale=scale, enable_gqa=True)
     return out[:, :, 0]
@@ -77,9 +100,11 @@ def matvec_torch(x, weight, act=None, experts=None, rows_per_x: int = 1):
 if triton is not None:
 
     @triton.jit
-    def _rotary_cache_write_kernel(QKV, COS, SIN, Q, KC, VC, T, C, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                                   D: tl.constexpr, ROT: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One row and one head of the fused projection: rotate a q or k head, copy a v head; k and v go to the cache."""
+    def _rotary_cache_write_kernel(QKV, COS, SIN, Q, KC, VC, T, t_stride, TABLE, table_stride, BS, s_block, s_slot,
+                                   s_head, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                   ROT: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
+        """One row and one head of the fused projection: rotate a q or k head, copy a v head; k and v go to the cache
+        (row b's token t, at slot t mod BS of block b, or of the block its table names)."""
         b = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, BLOCK_D)
@@ -94,28 +119,35 @@ if triton is not None:
             sin = tl.load(SIN + b * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
             rotated = x.to(tl.float32) * cos + tl.where(d < ROT // 2, -other, other) * sin
             x = tl.where(in_rot, rotated, x.to(tl.float32)).to(x.dtype)
-        slot = tl.load(T).to(tl.int32) % C
+        t = tl.load(T + b * t_stride).to(tl.int32)
+        token = tl.maximum(t, 0)
+        if PAGED:
+            block = tl.load(TABLE + b * table_stride + token // BS).to(tl.int64)
+        else:
+            block = b.to(tl.int64)
+        at = block * s_block + (token % BS) * s_slot + d
         if head < HEADS:
             tl.store(Q + (b * HEADS + head) * D + d, x, mask=keep)
         elif head < HEADS + KV_HEADS:
-            tl.store(KC + ((b * KV_HEADS + head - HEADS) * C + slot) * D + d, x, mask=keep)
+            tl.store(KC + at + (head - HEADS) * s_head, x, mask=keep & (t >= 0))
         else:
-            tl.store(VC + ((b * KV_HEADS + head - HEADS - KV_HEADS) * C + slot) * D + d, x, mask=keep)
+            tl.store(VC + at + (head - HEADS - KV_HEADS) * s_head, x, mask=keep & (t >= 0))
 
     @triton.jit
     def _attention_split_kernel(
-        Q, KC, VC, MASK, T, M, L, ACC, scale, C, mask_stride,
-        KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+        Q, KC, VC, MASK, T, M, L, ACC, scale, span, mask_stride, t_stride, TABLE, table_stride, BS, s_block, s_slot,
+        s_head, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        PAGED: tl.constexpr, MASKED: tl.constexpr,
     ):
-        """One (batch, kv head) and one share of the valid slots: running max, sum and weighted values."""
+        """One (batch, kv head) and one share of the row's last `span` tokens: running max, sum and weighted values."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // KV_HEADS
-        t = tl.load(T).to(tl.int32)
-        n = tl.minimum(t + 1, C)
-        share = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
-        start = split * share
+        n = tl.load(T + b * t_stride).to(tl.int32) + 1
+        first = tl.maximum(n - span, 0)
+        share = tl.cdiv(tl.cdiv(n - first, SPLITS), BLOCK_N) * BLOCK_N
+        start = first + split * share
         end = tl.minimum(start + share, n)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
@@ -125,13 +157,18 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        base = row.to(tl.int64) * C * D
-        for s0 in range(start, end, BLOCK_N):
-            s = s0 + tl.arange(0, BLOCK_N)
-            inside = s < end
-            token = t - (t - s) % C
-            valid = inside & (tl.load(MASK + b * mask_stride + token, mask=inside, other=0) != 0)
-            offsets = base + s[:, None] * D + d[None, :]
+        head = (row % KV_HEADS) * s_head
+        for p0 in range(start, end, BLOCK_N):
+            token = p0 + tl.arange(0, BLOCK_N)
+            inside = token < end
+            valid = inside
+            if MASKED:
+                valid = inside & (tl.load(MASK + b * mask_stride + token, mask=inside, other=0) != 0)
+            if PAGED:
+                block = tl.load(TABLE + b * table_stride + token // BS, mask=inside, other=0).to(tl.int64)
+            else:
+                block = b.to(tl.int64)
+            offsets = (block * s_block + (token % BS) * s_slot + head)[:, None] + d[None, :]
             k = tl.load(KC + offsets, mask=inside[:, None] & keep_d[None, :], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -199,15 +236,25 @@ if triton is not None:
         tl.store(OUT + row * N + n, y, mask=keep_n)
 
 
-def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int):
+def _as_blocks(k_cache, v_cache, t, block_tables):
+    """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
+    table (a dummy for static caches: row b is block b) and its row stride."""
+    if block_tables is None:
+        return k_cache.transpose(1, 2), v_cache.transpose(1, 2), 0, t, 0
+    return k_cache, v_cache, 1, block_tables, block_tables.stride(0)
+
+
+def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tables=None):
     """rotary_cache_write_torch in one kernel launch."""
     if not use_triton(qkv):
-        return rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads)
-    b, kv_heads, capacity, d = k_cache.shape
+        return rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads, block_tables)
+    k_blocks, v_blocks, t_stride, table, table_stride = _as_blocks(k_cache, v_cache, t, block_tables)
+    b, (_, block_size, kv_heads, d) = qkv.shape[0], k_blocks.shape
     q = qkv.new_empty(b, heads, d)
     _rotary_cache_write_kernel[(b, heads + 2 * kv_heads)](
-        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, t, capacity,
-        HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1], BLOCK_D=triton.next_power_of_2(d))
+        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_blocks, v_blocks, t, t_stride, table, table_stride,
+        block_size, *k_blocks.stride()[:3], HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1],
+        BLOCK_D=triton.next_power_of_2(d), PAGED=block_tables is not None)
     return q
 
 
@@ -217,20 +264,25 @@ def attention_splits(batch: int, kv_heads: int) -> int:
     return min(32, triton.next_power_of_2(max(1, -(-programs // (batch * kv_heads)))))
 
 
-def decode_attention(q, k_cache, v_cache, seq_mask, t, scale):
-    """Flash-decoding: SPLITS programs per kv head read disjoint shares of the valid slots, a second kernel merges."""
+def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None, span: int | None = None):
+    """Flash-decoding: SPLITS programs per kv head read disjoint shares of the valid slots, a second kernel merges.
+    Static caches take the padding mask `seq_mask` (and read the whole ring); paged pools take `span`."""
     if not use_triton(q):
-        return decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale)
+        return decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale, block_tables, span)
+    k_blocks, v_blocks, t_stride, table, table_stride = _as_blocks(k_cache, v_cache, t, block_tables)
     batch, heads, d = q.shape
-    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    block_size, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
     groups, splits = heads // kv_heads, attention_splits(batch, kv_heads)
     m = q.new_empty(batch * kv_heads, splits, groups, dtype=torch.float32)
     l, acc = torch.empty_like(m), q.new_empty(batch * kv_heads, splits, groups, d, dtype=torch.float32)
     block_d = triton.next_power_of_2(d)
+    masked = seq_mask is not None
     _attention_split_kernel[(batch * kv_heads, splits)](
-        q.contiguous(), k_cache, v_cache, seq_mask, t, m, l, acc, scale, capacity, seq_mask.stride(0),
-        KV_HEADS=kv_heads, GROUPS=groups, SPLITS=splits, D=d, BLOCK_G=max(16, triton.next_power_of_2(groups)),
-        BLOCK_N=32, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        q.contiguous(), k_blocks, v_blocks, seq_mask if masked else t, t, m, l, acc, scale,
+        block_size if block_tables is None else span, seq_mask.stride(0) if masked else 0, t_stride, table,
+        table_stride, block_size, *k_blocks.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups, SPLITS=splits, D=d,
+        BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=32, BLOCK_D=block_d,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PAGED=block_tables is not None, MASKED=masked,
     )
     out = torch.empty_like(q)
     _attention_combine_kernel[(batch * heads,)](m, l, acc, out, GROUPS=groups, SPLITS=splits, D=d, BLOCK_D=block_d)

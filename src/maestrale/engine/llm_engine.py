@@ -82,10 +82,10 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size)
-        self.sampler = Sampler()
         limit = max_model_len or getattr(config, "max_position_embeddings", None) or num_blocks * block_size
         self.max_model_len = min(limit, num_blocks * block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len)
+        self.sampler = Sampler()
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.requests: dict[str, list[Sequence]] = {}

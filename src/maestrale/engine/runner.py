@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import Cache
+from .decode import PagedDecoder
 
 
 class PagedCache(Cache):
@@ -37,10 +38,10 @@ class PagedCache(Cache):
 
 
 class ModelRunner:
-    """Owns the KV pools and runs steps of the eager model (CPU; a CUDA runner with paged-attention kernels
-    and graphs can replace it behind the same `run`)."""
+    """Owns the KV pools and runs steps: prefill chunks through the model's forward; decoding rows, on CUDA, through
+    the engine's decode step in CUDA graphs (PagedDecoder), elsewhere through the forward too."""
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int):
         config = model.config
         self.model, self.block_size = model, block_size
         dtype = next(model.parameters()).dtype
@@ -48,6 +49,11 @@ class ModelRunner:
         self.pools = [(torch.zeros(shape, dtype=dtype, device=model.device),
                        torch.zeros(shape, dtype=dtype, device=model.device))
                       for _ in range(config.num_hidden_layers)]
+        self.decoder = None
+        # 8-bit bitsandbytes layers split outliers on the host, which a CUDA graph cannot capture.
+        if model.device.type == "cuda" and not model.is_loaded_in_8bit:
+            self.decoder = PagedDecoder(model, self.pools, block_size, max_num_seqs, -(-max_model_len // block_size))
+            self.decoder.capture()  # compiles and captures every batch-size bucket before the first request
 
     @staticmethod
     def block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
@@ -69,8 +75,11 @@ class ModelRunner:
         groups = ([decodes] if decodes else []) + [[i] for i, tokens in enumerate(new_tokens) if len(tokens) > 1]
         logits = [None] * len(new_tokens)
         for group in groups:
-            out = self._forward([new_tokens[i] for i in group], [num_cached[i] for i in group],
-                                [block_tables[i] for i in group])
+            tokens, cached, tables = ([values[i] for i in group] for values in (new_tokens, num_cached, block_tables))
+            if group is decodes and self.decoder is not None:
+                out = self.decoder.run([t[0] for t in tokens], cached, tables)
+            else:
+                out = self._forward(tokens, cached, tables)
             for i, row in zip(group, out):
                 logits[i] = row
         return torch.stack(logits)

@@ -68,7 +68,16 @@ class Sampler:
 
     def __call__(self, seqs: list, logits: torch.Tensor) -> list[Sampled]:
         logits = logits.float()
-        return [self.sample_one(seq, row[None]) for seq, row in zip(seqs, logits)]
+        # Plain greedy rows share one argmax and one copy to the host (a GPU waits once per step, not per row).
+        plain = [i for i, seq in enumerate(seqs) if self._plain_greedy(seq.params)]
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        return [Sampled(greedy[i]) if i in greedy else self.sample_one(seq, logits[i][None])
+                for i, seq in enumerate(seqs)]
+
+    @staticmethod
+    def _plain_greedy(params: SamplingParams) -> bool:
+        return (params.temperature == 0 and not params.logprobs and not params.presence_penalty
+                and not params.frequency_penalty)
 
     def sample_one(self, seq, logits: torch.Tensor) -> Sampled:
         params: SamplingParams = seq.params

@@ -104,3 +104,44 @@ def test_long_prompt_prefills_in_chunks_with_the_window_in_memory(name):
             assert layer._keys.shape[-2] <= overrides["sliding_window"] + AUTO_PREFILL_CHUNK + ROOM < ids.shape[1]
         else:
             assert layer.kept == ids.shape[1]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_paged_engine_decodes_in_graphs_as_the_reference(name):
+    """The server's engine on CUDA: requests of different lengths join and leave a batch decoded by the paged step in
+    CUDA graphs (windows of 40/48 roll across blocks); each chosen token's log-probability is the reference
+    forward's on the same sequence, within bfloat16 tolerance, and the token is the reference's argmax or a near tie."""
+    from maestrale.engine.llm_engine import LLMEngine
+    from maestrale.engine.sampling import SamplingParams
+
+    config_class, overrides = FAMILIES[name]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = maestrale.AutoModelForCausalLM.from_config(config_class(**{**MEDIUM, **overrides}),
+                                                           dtype=torch.bfloat16).eval()
+    engine = LLMEngine(model, block_size=16, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=96)
+    assert sorted(engine.runner.decoder.graphs) == [1, 2, 4, 8]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1000, (5 + 11 * i,), generator=g).tolist() for i in range(10)]
+    params = SamplingParams(max_tokens=70, temperature=0, logprobs=True, ignore_eos=True)
+    outputs, pending = {}, list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        if pending:
+            i, prompt = pending.pop(0)
+            engine.add_request(str(i), prompt, params)
+        for out in engine.step():
+            outputs.setdefault(int(out.request_id), []).extend(out.logprobs)
+    errors, margins = [], []
+    for i, prompt in enumerate(prompts):
+        tokens = [s.token_id for s in outputs[i]]
+        assert len(tokens) == 70
+        ids = torch.tensor([prompt + tokens], device="cuda")
+        with torch.no_grad():
+            ref = model(ids[:, :-1]).logits[0, len(prompt) - 1:].float().log_softmax(-1)
+        chosen = ref.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+        errors.append((chosen - torch.tensor([s.logprob for s in outputs[i]], device="cuda")).abs())
+        margins.append(ref.max(-1).values - chosen)
+    errors, margins = torch.cat(errors), torch.cat(margins)
+    assert engine.blocks.num_used == 0
+    assert errors.median() < 2e-2 and errors.quantile(0.9) < (1e-1 if name == "mixtral" else 5e-2), errors.sort().values[-10:]
+    assert margins.quantile(0.9) < 5e-2, margins.sort().values[-10:]

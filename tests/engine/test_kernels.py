@@ -114,6 +114,7 @@ def test_paged_decode_attention(block_size, span, dtype):
     batch = len(lengths) + 1  # the last row is unused (t = -1), as a CUDA graph's padding row
     q = torch.randn(batch, heads, head_dim, device=DEVICE, dtype=dtype)
     t = torch.tensor(lengths + [-1], device=DEVICE) - torch.tensor([1] * len(lengths) + [0], device=DEVICE)
+    t = t.repeat_interleave(2)[::2]  # a column of the decoder's input rows is strided
     tables = torch.cat([tables, tables[:1]])
     out = kernels.decode_attention(q, k_pool, v_pool, None, t, 0.125, tables, span)
     ref = kernels.decode_attention_torch(q, k_pool, v_pool, None, t, 0.125, tables, span)
@@ -136,7 +137,7 @@ def test_paged_rotary_cache_write(dtype):
     qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
     angles = torch.rand(batch, head_dim, device=DEVICE) * 6
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    t = torch.tensor(lengths + [-1], device=DEVICE)
+    t = torch.tensor(lengths + [-1], device=DEVICE).repeat_interleave(2)[::2]
     tables = torch.cat([tables, tables[:1]])
     pools, expected = [k_pool.clone(), v_pool.clone()], [k_pool.double(), v_pool.double()]
     q = kernels.rotary_cache_write(qkv, cos, sin, *pools, t, heads, tables)

@@ -241,7 +241,7 @@ def _as_blocks(k_cache, v_cache, t, block_tables):
     table (a dummy for static caches: row b is block b) and its row stride."""
     if block_tables is None:
         return k_cache.transpose(1, 2), v_cache.transpose(1, 2), 0, t, 0
-    return k_cache, v_cache, 1, block_tables, block_tables.stride(0)
+    return k_cache, v_cache, t.stride(0), block_tables, block_tables.stride(0)
 
 
 def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tables=None):

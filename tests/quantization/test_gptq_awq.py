@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from parity import model_pair
 
@@ -145,3 +145,13 @@ def test_gptq_config_cannot_quantize_a_float_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="gptq configs describe checkpoints quantized beforehand"):
         maestrale.AutoModelForCausalLM.from_pretrained(
             tmp_path, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+
+
+def test_a_layer_without_its_qzeros_is_named(tmp_path):
+    build(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="has no qzeros for model.layers.1.mlp.up_proj; a gptq layer needs"):
+        maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from parity import mistral_v3_tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -43,19 +44,7 @@ class Scripted(Sampler):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    import importlib.util
-    import shutil
-
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.skip("mistral-common (which ships Mistral's tokenizer files) is not installed")
-    folder = tmp_path_factory.mktemp("mistral_v3")
-    shutil.copy(Path(spec.submodule_search_locations[0]) / "data" / "mistral_instruct_tokenizer_240323.model.v3",
-                folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>", "legacy": False, "chat_template": TEMPLATE.read_text()}))
-    return maestrale.AutoTokenizer.from_pretrained(folder)
+    return mistral_v3_tokenizer(tmp_path_factory.mktemp("mistral_v3"), chat_template=TEMPLATE.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,31 @@ class StepOutput:
 
 
 class _Text:
-    """Incremental detokenisation of one sequence's output, cut at the first stop string."""
+    """Incremental detokenisation of one sequence's output, cut at the first stop string.
+
+    A step decodes only the tokens since the last two settled points, where the text ended in a whole character:
+    output_ids[prefix:] less output_ids[prefix:read] is the new text. Decoding from `prefix`, not `read`, gives the
+    first new token its context (a SentencePiece word's leading space, the rest of a character split over byte
+    tokens), so the text equals decode(output_ids) at every step.
+    """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
         self.text, self.sent = "", 0
+        self.settled = 0  # how much of the text later tokens cannot change
+        self.prefix = self.read = 0
 
     def update(self, output_ids: list[int]) -> bool:
-        """Decode the output so far; True when it now contains a stop string (the text ends before it)."""
+        """Decode the new tokens; True when the text now contains a stop string (the text ends before it)."""
         if self.tokenizer is None:
             return False
-        self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        known = self.tokenizer.decode(output_ids[self.prefix : self.read], skip_special_tokens=True)
+        window = self.tokenizer.decode(output_ids[self.prefix :], skip_special_tokens=True)
+        searched = self.settled  # no stop string lies within the settled text: it would have stopped
+        self.text = self.text[: self.settled] + window[len(known) :]
+        if not self.text.endswith("\ufffd"):  # else the last character's bytes are not all in
+            self.settled, self.prefix, self.read = len(self.text), self.read, len(output_ids)
+        cuts = [i for i in (self.text.find(s, max(0, searched - len(s) + 1)) for s in self.stop) if i >= 0]
         if cuts:
             self.text = self.text[: min(cuts)]
         return bool(cuts)
@@ -48,10 +61,8 @@ class _Text:
     def delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
-            # Hold back what may be the start of a stop string, or of a character whose bytes are incomplete.
-            end -= max(map(len, self.stop), default=1) - 1
-            if self.text.endswith("\ufffd"):
-                end = min(end, len(self.text) - 1)
+            # Hold back what may be the start of a stop string, or characters whose bytes are incomplete.
+            end = min(end - max(map(len, self.stop), default=1) + 1, self.settled)
         end = max(end, self.sent)
         piece, self.sent = self.text[self.sent : end], end
         return piece

@@ -9,17 +9,14 @@ quantization_config) is read as it was saved. bitsandbytes is imported here only
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 
 import torch
 from torch import nn
 
-from ..loading.checkpoint import Shard
-from ..loading.layout import Layout
 from ..loading.placement import DeviceMap, device_for
 from ..models.linear import Linear
 from .config import BitsAndBytesConfig
-from .load import InterceptedShard
+from .load import LinearSwapLoad
 from .weight_only import LINEARS, modules_not_to_convert, skipped
 
 INSTALL = "pip install 'maestrale[bnb]'"
@@ -109,11 +106,12 @@ def _bnb_linear(bnb, linear: nn.Linear, config: BitsAndBytesConfig) -> nn.Module
     return new.requires_grad_(False)  # frozen, as transformers leaves them: train adapters or unquantized layers
 
 
-class QuantizedLoad:
+class QuantizedLoad(LinearSwapLoad):
     """Swaps a meta model's linear layers for bitsandbytes ones and fills their weights from the checkpoint.
 
     The swapped layers' weights are held out of the model until their tensors arrive, so the loader neither
-    allocates float storage for them nor plans their (packed) shapes: `intercept` hands their tensors here instead.
+    allocates float storage for them nor plans their (packed) shapes. A pre-quantized layer's quant-state pieces
+    vary with its config, so its weight is built in `finish`, once all the checkpoint's tensors are in.
     """
 
     def __init__(self, model: nn.Module, config: BitsAndBytesConfig, pre_quantized: bool, placement: DeviceMap,
@@ -122,72 +120,47 @@ class QuantizedLoad:
             raise ValueError("BitsAndBytesConfig: neither load_in_4bit nor load_in_8bit is True; set one of them, or "
                              "drop quantization_config")
         self.bnb = require_bitsandbytes()
-        self.model, self.config, self.pre_quantized, self.placement = model, config, pre_quantized, placement
-        self.layout = Layout(model)  # before the weights are held out: it maps checkpoint names onto them
+        super().__init__(model, config, pre_quantized, placement)
         keep = modules_to_keep(model, config, device_map)
-        self.linears: dict[str, nn.Module] = {}  # weight name -> its bitsandbytes layer
-        for name, module in list(model.named_modules()):
-            if type(module) in LINEARS and not skipped(name, keep):
-                new = _bnb_linear(self.bnb, module, config)
-                # Held out until the checkpoint's tensor arrives; a meta stand-in (not a parameter) meanwhile, which
-                # the loader neither allocates nor plans, and on which a fresh init of the layer's bias is a no-op.
-                new.weight = new._parameters.pop("weight").as_subclass(torch.Tensor)
-                model.set_submodule(name, new)
-                self.linears[f"{name}.weight"] = new
-        self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.swap([name for name, module in model.named_modules()
+                   if type(module) in LINEARS and not skipped(name, keep)], self._held_out)
 
-    def intercept(self, shards: list[Shard]) -> list[Shard]:
-        return [InterceptedShard(shard, self) for shard in shards]
+    def _held_out(self, linear: nn.Module) -> nn.Module:
+        new = _bnb_linear(self.bnb, linear, self.config)
+        # Held out until the checkpoint's tensor arrives; a meta stand-in (not a parameter) meanwhile, which the
+        # loader neither allocates nor plans, and on which a fresh init of the layer's bias is a no-op.
+        new.weight = new._parameters.pop("weight").as_subclass(torch.Tensor)
+        return new
 
-    def owner(self, name: str) -> tuple[str, str] | None:
-        """(weight name, piece) for a checkpoint tensor of a quantized layer: piece "" for the weight itself."""
-        base, piece = name, ""
-        if self.pre_quantized:
-            for known in PIECES_4BIT:
-                if name.endswith(f".weight.{known}"):
-                    base, piece = name.removesuffix(f".{known}"), known
-            for known in PIECES_8BIT:
-                if name.endswith(f".{known}"):
-                    base, piece = name.removesuffix(known) + "weight", known
-        slot = self.layout.slot(base)
-        return (slot.param, piece) if slot is not None and slot.param in self.linears else None
+    def split(self, name: str) -> tuple[str, str]:
+        for known in PIECES_4BIT:
+            if name.endswith(f".weight.{known}"):
+                return name.removesuffix(f".{known}"), known
+        for known in PIECES_8BIT:
+            if name.endswith(f".{known}"):
+                return name.removesuffix(known) + "weight", known
+        return name, ""
 
-    def take(self, param: str, piece: str, tensor: torch.Tensor) -> None:
-        if self.pre_quantized:
-            self.pieces[param][piece] = tensor
-            return
-        # The checkpoint's float weight, in the model's dtype, quantized on its device (bitsandbytes does that on
-        # the first move).
+    def quantize(self, param: str, tensor: torch.Tensor) -> None:
+        # In the model's dtype, quantized on its device (bitsandbytes does that on the first move).
         module, device = self.linears[param], device_for(self.placement, param)
-        weight = tensor.to(self.model.config.dtype)
+        weight = tensor.to(self.dtype)
         if self.config.load_in_8bit:
             new = self.bnb.nn.Int8Params(weight, requires_grad=False,
                                          has_fp16_weights=self.config.llm_int8_has_fp16_weight)
         else:
-            new = self.bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=self.config.bnb_4bit_use_double_quant,
+            new = self.bnb.nn.Params4bit(weight, requires_grad=False,
+                                         compress_statistics=self.config.bnb_4bit_use_double_quant,
                                          quant_type=self.config.bnb_4bit_quant_type,
                                          quant_storage=self.config.bnb_4bit_quant_storage, module=module)
         module.weight = new.to(device)
 
-    def finish(self, origin: str) -> list[str]:
-        """Build the pre-quantized weights from their pieces; draw (then quantize) the weights a float checkpoint
-        lacks, as a new model would, and return their names."""
-        for param, pieces in self.pieces.items():
-            module, device = self.linears[param], device_for(self.placement, param)
-            data = pieces.pop("")
-            if self.config.load_in_8bit:
-                module.weight = self.bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False,
-                                                       SCB=pieces["SCB"]).to(device)
-            else:
-                module.weight = self.bnb.nn.Params4bit.from_prequantized(data, pieces, requires_grad=False,
-                                                                         device=device, module=module)
-        missing = [name for name, module in self.linears.items() if "weight" not in module._parameters]
-        if missing and self.pre_quantized:
-            raise ValueError(f"{origin} has no tensor for {len(missing)} quantized weights, e.g. {missing[:3]}; "
-                             "the checkpoint does not fit the model its config describes")
-        for name in missing:
-            module = self.linears[name]
-            fresh = torch.empty(module.out_features, module.in_features, dtype=self.model.config.dtype)
-            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
-        self.model.config.quantization_config = self.config
-        return missing
+    def build(self, param: str, pieces: dict[str, torch.Tensor]) -> None:
+        module, device = self.linears[param], device_for(self.placement, param)
+        data = pieces.pop("")
+        if self.config.load_in_8bit:
+            module.weight = self.bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False,
+                                                   SCB=pieces["SCB"]).to(device)
+        else:
+            module.weight = self.bnb.nn.Params4bit.from_prequantized(data, pieces, requires_grad=False, device=device,
+                                                                     module=module)

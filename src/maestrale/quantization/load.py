@@ -16,7 +16,7 @@ take but that is a multiple of one it does (-1, one group per row, included) is 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -76,31 +76,113 @@ def int4_weight(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       zero.repeat_interleave(repeat, 1).to(dtype))
 
 
-class WeightOnlyLoad:
-    """Swaps a meta model's linear layers for QuantizedLinear ones and gives them int8/int4 weights: quantized from
-    a float checkpoint's tensors (TorchAoConfig), or read from a GPTQ or AWQ checkpoint's packed tensors.
+class LinearSwapLoad:
+    """What the loaders that swap a meta model's linear layers for quantized ones share (WeightOnlyLoad here,
+    bitsandbytes' QuantizedLoad): the swapped layers' checkpoint tensors are kept out of the loader's plan and handed
+    here (`intercept`) as they stream in; a float weight is quantized at once, a pre-quantized layer's pieces are
+    gathered until `complete` (else until `finish`) and then built.
 
-    The swapped layers' tensors are kept out of the loader's plan and handed here (`intercept`) as they stream in.
+    A subclass says how: `split` (a pre-quantized tensor's weight name and piece), `quantize` (a float weight) and
+    `build` (a layer's pieces).
     """
+
+    def __init__(self, model: nn.Module, config, pre_quantized: bool, placement: DeviceMap):
+        self.model, self.config, self.pre_quantized, self.placement = model, config, pre_quantized, placement
+        self.dtype = model.config.dtype
+        self.layout = Layout(model)  # before the weights are held out: it maps checkpoint names onto them
+        self.linears: dict[str, nn.Module] = {}  # weight name -> its new layer
+        self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # weight name -> the pieces so far
+        self.filled: set[str] = set()
+
+    def swap(self, owners: list[str], new_layer: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each module named in `owners` by `new_layer(module)`."""
+        modules = dict(self.model.named_modules())
+        for owner in owners:
+            new = new_layer(modules[owner])
+            self.model.set_submodule(owner, new)
+            self.linears[f"{owner}.weight"] = new
+
+    def intercept(self, shards: list[Shard]) -> list[Shard]:
+        return [InterceptedShard(shard, self) for shard in shards]
+
+    def split(self, name: str) -> tuple[str, str] | None:
+        """(weight name, piece) of a pre-quantized checkpoint's tensor, None for a tensor of no quantized layer."""
+        raise NotImplementedError
+
+    def quantize(self, param: str, tensor: torch.Tensor) -> None:
+        """Give the layer of `param` the quantized form of its float weight `tensor`."""
+        raise NotImplementedError
+
+    def build(self, param: str, pieces: dict[str, torch.Tensor]) -> None:
+        """Give the layer of `param` its weight from a pre-quantized checkpoint's `pieces`."""
+        raise NotImplementedError
+
+    def complete(self, param: str, pieces: dict[str, torch.Tensor]) -> bool:
+        """Whether `pieces` are all a layer's; those never complete are built in `finish`."""
+        return False
+
+    def owner(self, name: str) -> tuple[str, str] | None:
+        """(weight name, piece) for a checkpoint tensor of a swapped layer: piece "" for a float weight."""
+        split = self.split(name) if self.pre_quantized else (name, "")
+        slot = self.layout.slot(split[0]) if split is not None else None
+        return (slot.param, split[1]) if slot is not None and slot.param in self.linears else None
+
+    def take(self, param: str, piece: str, tensor: torch.Tensor) -> None:
+        if not self.pre_quantized:
+            self.quantize(param, tensor)
+            self.filled.add(param)
+            return
+        pieces = self.pieces[param]
+        pieces[piece] = tensor
+        if self.complete(param, pieces):
+            self.build(param, self.pieces.pop(param))
+            self.filled.add(param)
+
+    def finish(self, origin: str) -> list[str]:
+        """Build the layers whose pieces are all in; draw (then quantize) the weights a float checkpoint lacks, as a
+        new model would, and return their names."""
+        for param, pieces in self.pieces.items():
+            self.build(param, pieces)
+            self.filled.add(param)
+        self.pieces.clear()
+        missing = [name for name in self.linears if name not in self.filled]
+        if missing and self.pre_quantized:
+            raise ValueError(f"{origin} has no tensor for {len(missing)} quantized weights, e.g. {missing[:3]}; "
+                             "the checkpoint does not fit the model its config describes")
+        for name in missing:
+            layer = self.linears[name]
+            fresh = torch.empty(layer.out_features, layer.in_features, dtype=self.dtype)
+            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
+        self.model.config.quantization_config = self.config
+        return missing
+
+
+class WeightOnlyLoad(LinearSwapLoad):
+    """Swaps a meta model's linear layers for QuantizedLinear ones and gives them int8/int4 weights: quantized from
+    a float checkpoint's tensors (TorchAoConfig), or read from a GPTQ or AWQ checkpoint's packed tensors."""
 
     def __init__(self, model: nn.Module, config: TorchAoConfig | PackedInt4Config, placement: DeviceMap,
                  shards: list[Shard]):
-        self.model, self.config, self.placement, self.dtype = model, config, placement, model.config.dtype
-        self.layout = Layout(model)  # before the weights are held out: it maps checkpoint names onto them
-        self.pre_quantized = isinstance(config, PackedInt4Config)
+        super().__init__(model, config, isinstance(config, PackedInt4Config), placement)
         self.expected: dict[str, set[str]] = defaultdict(set)  # weight name -> the packed pieces the checkpoint has
         modules = dict(model.named_modules())
         if self.pre_quantized:
             for shard in shards:
                 for name in shard.infos():
-                    base, _, piece = name.rpartition(".")
-                    slot = self.layout.slot(f"{base}.weight") if piece in PIECES else None
+                    split = self.split(name)
+                    slot = self.layout.slot(split[0]) if split is not None else None
                     if slot is not None:
-                        self.expected[slot.param].add(piece)
+                        self.expected[slot.param].add(split[1])
             if not self.expected:
                 raise ValueError(f"quantization_config says {config.quant_method}, but no tensor of "
                                  f"{shards[0].path.parent} is the qweight of a layer of {type(model).__name__}; the "
                                  "checkpoint does not fit its config")
+            for param, pieces in self.expected.items():
+                lacking = sorted(set(PIECES[:3]) - pieces)
+                if lacking:
+                    raise ValueError(f"{shards[0].path.parent} has no {', '.join(lacking)} for "
+                                     f"{param.removesuffix('.weight')}; a {config.quant_method} layer needs qweight, "
+                                     "qzeros and scales")
             owners = [param.removesuffix(".weight") for param in self.expected]
             for owner in owners:
                 if type(modules.get(owner)) not in LINEARS:
@@ -114,70 +196,37 @@ class WeightOnlyLoad:
             owners = [name for name, module in modules.items()
                       if type(module) in LINEARS and not skipped(name, keep) and not (tied and module is head)
                       and (config.group_size is None or module.in_features % config.group_size == 0)]
-        self.linears: dict[str, QuantizedLinear] = {}
-        for owner in owners:
-            module = modules[owner]
-            new = QuantizedLinear(module.in_features, module.out_features, module.bias)
-            model.set_submodule(owner, new)
-            self.linears[f"{owner}.weight"] = new
-        self.pieces: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.swap(owners, lambda module: QuantizedLinear(module.in_features, module.out_features, module.bias))
 
-    def intercept(self, shards: list[Shard]) -> list[Shard]:
-        return [InterceptedShard(shard, self) for shard in shards]
+    def split(self, name: str) -> tuple[str, str] | None:
+        base, _, piece = name.rpartition(".")
+        return (f"{base}.weight", piece) if piece in PIECES else None
 
-    def owner(self, name: str) -> tuple[str, str] | None:
-        """(weight name, piece) for a checkpoint tensor of a swapped layer: piece "" for a float weight."""
-        base, piece = name, ""
-        if self.pre_quantized:
-            base, _, piece = name.rpartition(".")
-            if piece not in PIECES:
-                return None
-            base += ".weight"
-        slot = self.layout.slot(base)
-        return (slot.param, piece) if slot is not None and slot.param in self.linears else None
+    def quantize(self, param: str, tensor: torch.Tensor) -> None:
+        # on its device, from the model's dtype, as transformers does
+        weight = tensor.to(device=device_for(self.placement, param), dtype=self.dtype)
+        group = self.config.group_size
+        if group is None:
+            self.linears[param].weight = quantize_int8(weight)
+        else:
+            algorithm = self.config.int4_algorithm
+            kind = f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "")
+            self.linears[param].weight = quantize_int4(weight, group, algorithm, kind)
 
-    def take(self, param: str, piece: str, tensor: torch.Tensor) -> None:
+    def complete(self, param: str, pieces: dict[str, torch.Tensor]) -> bool:
+        return pieces.keys() == self.expected[param]
+
+    def build(self, param: str, pieces: dict[str, torch.Tensor]) -> None:
         device = device_for(self.placement, param)
-        layer = self.linears[param]
-        if not self.pre_quantized:  # quantized on its device, from the model's dtype, as transformers does
-            weight = tensor.to(device=device, dtype=self.dtype)
-            group = self.config.group_size
-            if group is None:
-                layer.weight = quantize_int8(weight)
-            else:
-                algorithm = self.config.int4_algorithm
-                kind = f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "")
-                layer.weight = quantize_int4(weight, group, algorithm, kind)
-            return
-        pieces = self.pieces[param]
-        pieces[piece] = tensor.to(device)
-        if pieces.keys() == self.expected[param]:
-            name = param.removesuffix(".weight")
-            layer.weight = int4_weight(*unpack(pieces, self.config, name), self.dtype, self.config.quant_method)
-            del self.pieces[param]
-
-    def finish(self, origin: str) -> list[str]:
-        """Check that every packed layer got its tensors; draw (then quantize) the float weights a checkpoint lacks,
-        as a new model would, and return their names."""
-        missing = [name for name, layer in self.linears.items() if layer.weight is None]
-        if missing and self.pre_quantized:
-            lacking = sorted(set(PIECES[:3]) - self.expected[missing[0]])
-            raise ValueError(f"{origin} has no {', '.join(lacking)} for {missing[0].removesuffix('.weight')} (and "
-                             f"{len(missing) - 1} more layers); a {self.config.quant_method} layer needs qweight, "
-                             "qzeros and scales")
-        for name in missing:
-            layer = self.linears[name]
-            fresh = torch.empty(layer.out_features, layer.in_features, dtype=self.dtype)
-            self.take(name, "", fresh.normal_(0.0, self.model.config.initializer_range))
-        self.model.config.quantization_config = self.config
-        return missing
+        pieces = {piece: tensor.to(device) for piece, tensor in pieces.items()}
+        values = unpack(pieces, self.config, param.removesuffix(".weight"))
+        self.linears[param].weight = int4_weight(*values, self.dtype, self.config.quant_method)
 
 
 class InterceptedShard:
-    """A shard that hides the quantized layers' tensors from the loader's plan and hands them to `load`, which has
-    `owner(name)` and `take(param, piece, tensor)`."""
+    """A shard that hides the quantized layers' tensors from the loader's plan and hands them to `load`."""
 
-    def __init__(self, shard: Shard, load):
+    def __init__(self, shard: Shard, load: LinearSwapLoad):
         self.shard, self.load, self.path = shard, load, shard.path
 
     def infos(self):

@@ -176,7 +176,8 @@ def main() -> None:
     sys.path.insert(0, str(SRC))
     from maestrale.cli import default_model
 
-    source = args.model or default_model()
+    source = args.model or (None if args.random_model else default_model())
+    name = f"random Mistral-7B-v0.3 shape, {args.random_layers} layers" if args.random_model else source
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     prompts = workload(args.num_prompts, args.input_mean, args.output_mean, seed=0)
     rates = [float(r) for r in args.rates.split(",")]
@@ -202,7 +203,6 @@ def main() -> None:
                                                 "cpu" if "cuda" not in args.server_args else "auto", "--dtype",
                                                 args.dtype, "--port", str(port), "--host", "127.0.0.1", served]
 
-    name = f"random Mistral-7B-v0.3 shape, {args.random_layers} layers" if args.random_model else args.model or default_model()
     print(f"model {name}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
           f"{args.output_mean} tokens out; load average {os.getloadavg()[0]:.2f}")
     results = {}

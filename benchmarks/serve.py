@@ -178,7 +178,7 @@ def main() -> None:
 
     source = args.model or (None if args.random_model else default_model())
     name = f"random Mistral-7B-v0.3 shape, {args.random_layers} layers" if args.random_model else source
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     prompts = workload(args.num_prompts, args.input_mean, args.output_mean, seed=0)
     rates = [float(r) for r in args.rates.split(",")]
     folder = None

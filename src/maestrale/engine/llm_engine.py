@@ -151,7 +151,9 @@ class LLMEngine:
                 ready.append(seq)
                 rows.append(row)
         outputs = []
-        for seq, sampled in zip(ready, self.sampler(ready, logits[rows])) if ready else ():
+        if len(rows) < len(batch):  # else every row, as is: no copy of (batch, vocab) logits
+            logits = logits[rows]
+        for seq, sampled in zip(ready, self.sampler(ready, logits)) if ready else ():
             outputs.append(self._append(seq, sampled))
         return outputs
 

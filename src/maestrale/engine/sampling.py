@@ -67,11 +67,13 @@ class Sampler:
     """
 
     def __call__(self, seqs: list, logits: torch.Tensor) -> list[Sampled]:
-        logits = logits.float()
         # Plain greedy rows share one argmax and one copy to the host (a GPU waits once per step, not per row).
         plain = [i for i, seq in enumerate(seqs) if self._plain_greedy(seq.params)]
-        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
-        return [Sampled(greedy[i]) if i in greedy else self.sample_one(seq, logits[i][None])
+        greedy = {}
+        if plain:
+            tokens = (logits if len(plain) == len(seqs) else logits[plain]).argmax(-1).tolist()
+            greedy = dict(zip(plain, tokens))
+        return [Sampled(greedy[i]) if i in greedy else self.sample_one(seq, logits[i][None].float())
                 for i, seq in enumerate(seqs)]
 
     @staticmethod

@@ -18,6 +18,11 @@ from .metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
+
+
 class QueueFull(Exception):
     """More requests are in flight than the server takes."""
 
@@ -72,14 +77,20 @@ class AsyncEngine:
                     engine.abort(request_id)
                     self._deliver(request_id, RuntimeError(f"the model step failed: {e}"))
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all([(out.request_id, out) for out in outputs])
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            loop, q, _ = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's outputs to their requests' queues: one wake-up of each event loop, not one per output."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     def _send(self, *command) -> None:
         self._commands.put(command)

@@ -300,8 +300,11 @@ class PreTrainedTokenizerFast:
         return self._tokenizer.decoder.decode(list(tokens)) if self._tokenizer.decoder else " ".join(tokens)
 
     def _check_ids(self, ids: list) -> None:
+        # The base vocabulary's size is cheap to ask; the whole one's is not (tokenizers counts the added tokens).
+        if not ids or (min(ids) >= 0 and max(ids) < self.vocab_size):
+            return
         size = len(self)
-        if ids and (min(ids) < 0 or max(ids) >= size):
+        if min(ids) < 0 or max(ids) >= size:
             bad = next(i for i in ids if not 0 <= i < size)
             raise ValueError(f"Token id {bad} is outside the vocabulary of this tokenizer (ids 0..{size - 1})")
 

@@ -63,7 +63,7 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_batched_requests_equal_generate_alone(name, one_thread):
+def test_batched_requests_equal_generate_alone(name):
     model = build(name)
     # Small blocks and a small step budget: prompts span blocks and are prefilled in chunks beside decodes.
     engine = LLMEngine(model, block_size=4, num_blocks=128, max_num_batched_tokens=7)
@@ -75,7 +75,7 @@ def test_batched_requests_equal_generate_alone(name, one_thread):
     assert engine.blocks.prefix_hits > 0  # the shared 5 tokens: one full block of 4 found cached
 
 
-def test_preemption_recomputes_and_keeps_tokens(one_thread):
+def test_preemption_recomputes_and_keeps_tokens():
     model = build("mistral-window5")
     # 12 blocks of 4 tokens cannot hold six sequences of up to 24 tokens: running ones get preempted.
     engine = LLMEngine(model, block_size=4, num_blocks=12, max_num_batched_tokens=64)
@@ -87,7 +87,7 @@ def test_preemption_recomputes_and_keeps_tokens(one_thread):
     assert engine.blocks.num_used == 0
 
 
-def test_chunked_prefill_equals_one_shot(one_thread):
+def test_chunked_prefill_equals_one_shot():
     model = build("ministral-mixed-window6")
     prompt = prompts(1, 30)[0]
     logits = {}
@@ -106,7 +106,7 @@ def test_chunked_prefill_equals_one_shot(one_thread):
                                torch.tensor([v for _, v in one_shot.top_logprobs]), rtol=1e-5, atol=1e-5)
 
 
-def test_seeded_sampling_repeats_and_n_choices_differ(one_thread):
+def test_seeded_sampling_repeats_and_n_choices_differ():
     model = build("mistral-window5")
     params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7, n=2, presence_penalty=0.5,
                             frequency_penalty=0.5)
@@ -118,7 +118,7 @@ def test_seeded_sampling_repeats_and_n_choices_differ(one_thread):
     assert outputs[0][("a", 0)] != outputs[0][("a", 1)]
 
 
-def test_abort_frees_blocks_at_once(one_thread):
+def test_abort_frees_blocks_at_once():
     model = build("mistral-window5")
     engine = LLMEngine(model, block_size=4, num_blocks=64)
     for i, p in enumerate(prompts(3)):

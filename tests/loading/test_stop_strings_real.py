@@ -5,15 +5,14 @@ import pytest
 import torch
 import transformers
 
-from conftest import GGUF_NAME
 from maestrale.generation import StopStringCriteria
 
 TEXT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid."
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_folder):
-    return transformers.AutoTokenizer.from_pretrained(smollm2_folder, gguf_file=GGUF_NAME)
+def tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer()
 
 
 @pytest.mark.parametrize("stops", [[" capital"], ["Rome"], ["al of"], ["."], ["is M", "xyz"]])
@@ -26,8 +25,8 @@ def test_stop_string_criterion_fires_where_transformers_does(tokenizer, stops):
     assert sum(expected) >= 1
 
 
-def test_generation_stops_at_a_stop_string_seen_before(smollm2, smollm2_folder, tokenizer):
-    reference = transformers.AutoModelForCausalLM.from_pretrained(smollm2_folder, gguf_file=GGUF_NAME).eval()
+def test_generation_stops_at_a_stop_string_seen_before(smollm2, hf_smollm2_model, tokenizer):
+    reference = hf_smollm2_model
     inputs = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt")
     kwargs = dict(max_new_tokens=20, do_sample=False, stop_strings=[" capital"], tokenizer=tokenizer)
     with torch.no_grad():

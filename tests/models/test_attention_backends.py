@@ -18,8 +18,6 @@ CASES = {  # windows shorter than the sequences, grouped-query heads, mixed laye
     "phi3-window5": ("phi3", {"sliding_window": 5}),
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def pair(case: str, backend: str, **extra):
     family, overrides = CASES[case]

@@ -106,9 +106,9 @@ def test_return_unused_kwargs_and_overrides(auto, tmp_path):
     assert isinstance(plain, maestrale.MistralConfig) and plain.num_labels == 3
 
 
-def test_autoconfig_from_gguf(smollm2_gguf):
+def test_autoconfig_from_gguf(smollm2_gguf, hf_smollm2_model):
     folder, name = smollm2_gguf
-    ref = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+    ref = hf_smollm2_model.config  # transformers' AutoConfig read of the GGUF, shared with the tests of its weights
     ours = maestrale.AutoConfig.from_pretrained(folder, gguf_file=name)
     # transformers reads SmolLM2 as a Llama config; maestrale as a Mistral without a sliding window.
     assert isinstance(ours, maestrale.MistralConfig) and ours.sliding_window is None

@@ -33,8 +33,6 @@ def run_example(name: str, folder: Path, monkeypatch, source: str | None = None)
     return runpy.run_path(str(script), run_name="__main__")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the models are tiny
-
 @pytest.mark.parametrize("name", GENERATE)
 def test_generate_examples_run(name, seed_fixtures, monkeypatch, capsys):
     scope = run_example(name, seed_fixtures, monkeypatch)

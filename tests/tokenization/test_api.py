@@ -17,9 +17,8 @@ PAIRS = ["Second part.", "b", "c c c c c c c", "d"]
 @pytest.fixture(scope="module", params=["smollm2", "v3", "phi3"])
 def pair(request, folders):
     if request.param == "smollm2":
-        folder = smollm2_folder()
-        return (AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF),
-                HFAutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF))
+        return (AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF),
+                request.getfixturevalue("hf_smollm2_tokenizer")())
     ours, ref = AutoTokenizer.from_pretrained(folders[request.param]), HFAutoTokenizer.from_pretrained(folders[request.param])
     if ours.pad_token is None:
         ours.pad_token = ref.pad_token = "</s>"

@@ -2,15 +2,13 @@
 
 import pytest
 from conftest import SMOLLM2_GGUF, smollm2_folder
-from transformers import AutoTokenizer as HFAutoTokenizer
 
 from maestrale.tokenization import AutoTokenizer, tokenizer_from_gguf
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    folder = smollm2_folder()
-    return folder, HFAutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+def smollm2(hf_smollm2_tokenizer):
+    return smollm2_folder(), hf_smollm2_tokenizer()
 
 
 def test_gguf_metadata_tokenizer_matches_transformers(smollm2, corpus):

@@ -5,6 +5,7 @@ before and after every special and control token, and on the mixed corpus."""
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import MODEL_FILES, TEKKEN_FILES, llama_folder, mistral_common_data
@@ -30,29 +31,41 @@ def special_token_corpus(tokens: list[str]) -> list[str]:
     return lines
 
 
-def saved(tmp_path, name: str, source_config: dict, tokenizer_config: dict | None) -> "Path":
-    """transformers loads the mistral-common file `name` with `source_config` and saves it (tokenizer.json, no
-    tokenizer.model); then `tokenizer_config` (when given) replaces the fields it names in the saved config."""
-    if name in MODEL_FILES:
-        source = llama_folder(tmp_path / "source", MODEL_FILES[name], **source_config)
-    else:
-        source = tmp_path / "source"
-        source.mkdir()
-        shutil.copy(mistral_common_data() / TEKKEN_FILES[name], source / "tekken.json")
-    folder = tmp_path / "saved"
-    HFAutoTokenizer.from_pretrained(source).save_pretrained(folder)
-    (folder / "tokenizer.model").unlink(missing_ok=True)
-    assert (folder / "tokenizer.json").is_file()
-    if tokenizer_config is not None:
-        path = folder / "tokenizer_config.json"
-        config = json.loads(path.read_text())
-        for key, value in tokenizer_config.items():
-            if value is None:
-                config.pop(key, None)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """saved(name, source_config, tokenizer_config): a folder of the mistral-common file `name` as transformers loads
+    it with `source_config` and saves it (tokenizer.json, no tokenizer.model); then `tokenizer_config` (when given)
+    replaces the fields it names in the saved config. transformers converts each source once (seconds each)."""
+    sources = {}
+
+    def make(name: str, source_config: dict, tokenizer_config: dict | None) -> Path:
+        key = (name, json.dumps(source_config, sort_keys=True))
+        if key not in sources:
+            root = tmp_path_factory.mktemp("source")
+            if name in MODEL_FILES:
+                source = llama_folder(root, MODEL_FILES[name], **source_config)
             else:
-                config[key] = value
-        path.write_text(json.dumps(config))
-    return folder
+                source = root / "source"
+                source.mkdir()
+                shutil.copy(mistral_common_data() / TEKKEN_FILES[name], source / "tekken.json")
+            sources[key] = root / "saved"
+            HFAutoTokenizer.from_pretrained(source).save_pretrained(sources[key])
+            (sources[key] / "tokenizer.model").unlink(missing_ok=True)
+            assert (sources[key] / "tokenizer.json").is_file()
+        folder = tmp_path_factory.mktemp("saved")
+        shutil.copytree(sources[key], folder, dirs_exist_ok=True)
+        if tokenizer_config is not None:
+            path = folder / "tokenizer_config.json"
+            config = json.loads(path.read_text())
+            for field, value in tokenizer_config.items():
+                if value is None:
+                    config.pop(field, None)
+                else:
+                    config[field] = value
+            path.write_text(json.dumps(config))
+        return folder
+
+    return make
 
 
 def assert_same(ours, ref, lines: list[str]) -> None:
@@ -84,9 +97,9 @@ LLAMA_CASES = [({"legacy": legacy}, None) for legacy in (True, False)] + [
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODEL_FILES))
 @pytest.mark.parametrize("case", range(len(LLAMA_CASES)))
-def test_saved_sentencepiece_json_matches_transformers(name, case, tmp_path, corpus):
+def test_saved_sentencepiece_json_matches_transformers(name, case, saved, corpus):
     source_config, tokenizer_config = LLAMA_CASES[case]
-    folder = saved(tmp_path, name, source_config, tokenizer_config)
+    folder = saved(name, source_config, tokenizer_config)
     ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
     assert ours.get_vocab() == ref.get_vocab()
     assert_same(ours, ref, special_token_corpus(specials_of(ref)))
@@ -97,17 +110,17 @@ def test_saved_sentencepiece_json_matches_transformers(name, case, tmp_path, cor
 @pytest.mark.parametrize("name", list(TEKKEN_FILES))
 @pytest.mark.parametrize("tokenizer_config", [None, {"legacy": True, "add_prefix_space": True},
                                               {"add_prefix_space": False, "add_bos_token": True, "add_eos_token": True}])
-def test_saved_tekken_json_matches_transformers(name, tokenizer_config, tmp_path, corpus):
-    folder = saved(tmp_path, name, {}, tokenizer_config)
+def test_saved_tekken_json_matches_transformers(name, tokenizer_config, saved, corpus):
+    folder = saved(name, {}, tokenizer_config)
     ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
     assert ours.get_vocab() == ref.get_vocab()
     assert_same(ours, ref, special_token_corpus(specials_of(ref)))
     assert_same(ours, ref, corpus[::10])
 
 
-def test_text_after_a_control_token_gets_no_prefix_piece(tmp_path):
+def test_text_after_a_control_token_gets_no_prefix_piece(saved):
     """The case of the report: v3 saved as tokenizer.json, text glued to [/INST]."""
-    folder = saved(tmp_path, "v3", {"legacy": True, "add_bos_token": True}, None)
+    folder = saved("v3", {"legacy": True, "add_bos_token": True}, None)
     text = "[INST] not a control token [/INST]aaaa"
     ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
     assert ours.tokenize(text) == ref.tokenize(text)

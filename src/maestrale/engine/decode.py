@@ -27,6 +27,8 @@ from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
+from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
+from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
 from .kernels import decode_attention, matvec, rotary_cache_write
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
@@ -36,6 +38,8 @@ def _product(x, weights):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
     if isinstance(weights, torch.Tensor):
         return F.linear(x, weights)
+    if isinstance(weights, BlocksWeight):  # GGUF blocks of one or more layers (stacked_blocks)
+        return weights.matmul(x).to(x.dtype)
     return torch.cat([layer(x) for layer in weights], dim=-1)
 
 
@@ -85,9 +89,11 @@ STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _rou
 
 def _weights(*linears) -> torch.Tensor | tuple:
     """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy); the layers
-    themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product."""
+    themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product, unless
+    they all hold GGUF blocks of one type, which are laid out as one weight the same way."""
     if any(type(linear.weight) is not torch.nn.Parameter for linear in linears):
-        return linears
+        stacked = stacked_blocks(linears)
+        return stacked if stacked is not None else linears
     if len(linears) == 1:
         return linears[0].weight.detach()
     stacked = stacked_weight(linears)
@@ -138,6 +144,9 @@ class StaticDecoder:
         self.embed, self.dtype = embed, dtype
         self.final_norm, self.lm_head = base.norm.weight.detach(), _weights(model.lm_head)
         self.layers = [_LayerWeights.of(layer) for layer in base.layers]
+        # A model with GGUF blocks on CPU has maestrale's kernels built: their attention reads only the valid slots.
+        blocks = device.type == "cpu" and dtype == torch.float32 and isinstance(self.lm_head, BlocksWeight)
+        self.attention = blocks_decode_attention if blocks else decode_attention
 
         window = config.sliding_window
         self.window_of = [window if kind == "sliding_attention" else None for kind in config.attention_layer_types]
@@ -185,7 +194,7 @@ class StaticDecoder:
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for w, next_norm, k_cache, v_cache in zip(self.layers, next_norms, self.k_cache, self.v_cache):
             q = rotary_cache_write(_product(h, w.qkv), cos, sin, k_cache, v_cache, self.t, self.heads)
-            attn = decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
+            attn = self.attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
             x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
             if w.router is None:
                 x, h = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act, next_norm, eps)

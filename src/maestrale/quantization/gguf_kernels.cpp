@@ -9,13 +9,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -200,9 +203,73 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& weight, int64_t typ
   return out;
 }
 
+// One decode step's attention on CPU: q (batch, heads, d) against the cache slots that hold a token of the
+// sequence (slot s holds token t - ((t - s) mod slots), valid where >= 0 and seq_mask is 1 there), each kv head
+// serving heads / kv_heads query heads. Only those slots are read, where SDPA reads all of a static cache's.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& seq_mask, const at::Tensor& t_now, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: q must be (batch, heads, d), the caches (batch, kv_heads, slots, d), got ", q.sizes(),
+              ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "decode_attention: q and the caches must be float32");
+  TORCH_CHECK(seq_mask.scalar_type() == at::kChar && seq_mask.dim() == 2, "decode_attention: seq_mask must be int8");
+  const at::Tensor qc = q.contiguous(), k = k_cache.contiguous(), v = v_cache.contiguous(), mask = seq_mask.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k.size(1), slots = k.size(2);
+  const int64_t groups = heads / kv_heads, columns = mask.size(1), t = t_now.item<int64_t>();
+  TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && k.size(3) == d, "decode_attention: shapes disagree");
+  at::Tensor out = at::empty_like(qc);
+  const float *qp = qc.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int8_t* mp = mask.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> valid;
+    std::vector<float> p;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads;
+      valid.clear();
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t token = t - (((t - s) % slots) + slots) % slots;
+        if (token >= 0 && token < columns && mp[b * columns + token]) valid.push_back(s);
+      }
+      p.resize(valid.size());
+      const float* kh = kp + task * slots * d;
+      const float* vh = vp + task * slots * d;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* qh = qp + (task * groups + g) * d;  // query head h * groups + g reads kv head h
+        float top = -INFINITY, total = 0.f;
+        for (size_t j = 0; j < valid.size(); ++j) {
+          const float* kr = kh + valid[j] * d;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t e = 0; e < d; ++e) dot += qh[e] * kr[e];
+          p[j] = dot * static_cast<float>(scale);
+          top = std::max(top, p[j]);
+        }
+        for (float& x : p) total += (x = std::exp(x - top));
+        float* o = op + (task * groups + g) * d;
+        std::fill(o, o + d, 0.f);
+        for (size_t j = 0; j < valid.size(); ++j) {
+          const float* vr = vh + valid[j] * d;
+#pragma omp simd
+          for (int64_t e = 0; e < d; ++e) o[e] += p[j] * vr[e];
+        }
+        for (int64_t e = 0; e < d; ++e) o[e] /= total;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // The namespace is set by the build (maestrale, or maestrale_scalar for the scalar build the tests load beside it).
-TORCH_LIBRARY(MAESTRALE_OPS, m) { m.def("gguf_mm(Tensor x, Tensor weight, int type) -> Tensor"); }
+TORCH_LIBRARY(MAESTRALE_OPS, m) {
+  m.def("gguf_mm(Tensor x, Tensor weight, int type) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_mask, Tensor t, float scale) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(MAESTRALE_OPS, CPU, m) { m.impl("gguf_mm", gguf_mm); }
+TORCH_LIBRARY_IMPL(MAESTRALE_OPS, CPU, m) {
+  m.impl("gguf_mm", gguf_mm);
+  m.impl("decode_attention", decode_attention);
+}

@@ -47,16 +47,48 @@ inline float half(uint16_t h) {
 // block's values for consecutive rows are adjacent): d, the scale, and s, d times the sum of the block's q.
 struct Activations { const int8_t* q; int64_t k; const float* d; const float* s; int64_t stride; };
 
+#ifdef MAESTRALE_AVX2
+inline float hmax(__m256 v) {
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+}
+#endif
+
+// x * 127 / max |x| rounded to nearest even, per block of 32 (cvtps_epi32 rounds as nearbyint does).
 void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s, int64_t stride) {
   for (int64_t b = 0; b < k / QK; ++b, x += QK, q += QK) {
+#ifdef MAESTRALE_AVX2
+    __m256 v[4], top = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[i]));
+    }
+    const float amax = hmax(top);
+#else
     float amax = 0.f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(x[i]));
+#endif
     const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     int sum = 0;
+#ifdef MAESTRALE_AVX2
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+    const __m256i total = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+    // packs work within 128-bit lanes: the 4-value groups come out as a0 b0 c0 d0 a1 b1 c1 d1; put them in order
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
     for (int i = 0; i < QK; ++i) {
       q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
       sum += q[i];
     }
+#endif
     d[b * stride] = scale;
     s[b * stride] = scale * static_cast<float>(sum);
   }

@@ -8,7 +8,9 @@ the glue between the matrix products is fused by torch.compile and the whole ste
 token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
 generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
 
-Quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
+GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
+through the same library's decode_attention (quantization/gguf_kernels.py). Quantized layers (bitsandbytes) are not
+stacked: the step asks each such layer for its product, i.e. runs the layer's
 own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
 would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
 layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the

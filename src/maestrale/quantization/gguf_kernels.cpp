@@ -4,7 +4,8 @@
 // block's dot product is an integer one: 32 byte products summed by maddubs / madd, then scaled by both scales.
 // Q4_0's (q - 8) and Q4_1's + m are folded out of the loop: sum (q - 8) y = sum q y - 8 sum y, with sum y per
 // activation block computed once. Built with AVX2 + FMA + F16C where the CPU has them (maestrale passes -mavx2 ...),
-// with a scalar loop of the same arithmetic otherwise. Registered as the torch operator maestrale::gguf_mm.
+// with a scalar loop of the same arithmetic otherwise. Registered as the torch operator maestrale::gguf_mm, beside
+// maestrale::decode_attention, the attention of the CPU decode step over the valid slots of a static cache.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

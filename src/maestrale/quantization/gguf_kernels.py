@@ -2,7 +2,8 @@
 
 The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
 per source, torch version and instruction set: AVX2 + FMA + F16C when the CPU has them, a scalar loop otherwise) and
-loaded as the torch operator torch.ops.maestrale.gguf_mm, which Dynamo traces like any other. Without a compiler,
+loaded as the torch operators torch.ops.maestrale.gguf_mm and torch.ops.maestrale.decode_attention (the CPU
+decode step's attention over a static cache), which Dynamo traces like any other. Without a compiler,
 keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a one-line notice.
 
 Activations are quantized to int8 per block of 32 inside the product, as llama.cpp does: each value moves by at most

@@ -47,7 +47,7 @@ def test_product_is_the_dequantized_product_within_activation_rounding(qtype, ro
     weight = pack(qtype.name, raw, torch.float32)
     assert isinstance(weight, gguf_kernels.BlocksWeight)
     assert torch.equal(weight.dequantize(), reference)
-    for batch in (1, 3, 8):
+    for batch in range(1, 10):  # every tile of activation rows (4, 3, 2, 1) and their sequences
         x = torch.randn(batch, cols)
         out = weight.matmul(x).double()
         exact = x.double() @ reference.double().T
@@ -163,3 +163,36 @@ def test_compiled_cpu_step_decodes_as_the_eager_step(tmp_path):
     assert torch.equal(compiled.sequences, eager.sequences)
     # fused float glue may round otherwise, and move an int8 activation by one step: scores agree to that
     torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, slots, t", [(1, 9, 3, 256, 40), (3, 4, 4, 16, 15), (2, 6, 2, 8, 21)])
+def test_decode_attention_is_sdpa_over_the_valid_slots(batch, heads, kv_heads, slots, t):
+    """Full caches (t < slots) and rings (t >= slots: every slot holds one of the last tokens), with padding."""
+    from maestrale.engine.kernels import decode_attention_torch
+
+    q, k, v = torch.randn(batch, heads, 40), torch.randn(batch, kv_heads, slots, 40), torch.randn(batch, kv_heads, slots, 40)
+    seq_mask = torch.ones(batch, max(slots, 64), dtype=torch.int8)  # as the decoder's: a column per token
+    seq_mask[-1, :3] = 0  # a left-padded row
+    t = torch.tensor(t)
+    expected = decode_attention_torch(q, k, v, seq_mask, t, 0.3)
+    torch.testing.assert_close(gguf_kernels.decode_attention(q, k, v, seq_mask, t, 0.3), expected)
+
+
+def test_stacked_blocks_run_one_product_on_the_layers_blocks():
+    layers = []
+    for rows, seed in ((64, 0), (32, 1), (32, 2)):
+        layer = QuantizedLinear(96, rows, None)
+        layer.weight = pack("Q4_1", _weight(Q.Q4_1, rows, 96, seed)[0], torch.float32)
+        layers.append(layer)
+    x = torch.randn(3, 96)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    before = [layer.weight.blocks.clone() for layer in layers]
+    stacked = gguf_kernels.stacked_blocks(layers)
+    assert torch.equal(stacked.matmul(x), separate)
+    for layer, blocks in zip(layers, before):  # the layers now read their rows of the stacked blocks, unchanged
+        assert torch.equal(layer.weight.blocks, blocks)
+        assert stacked.blocks.data_ptr() <= layer.weight.blocks.data_ptr() < stacked.blocks.data_ptr() + stacked.blocks.numel()
+    assert gguf_kernels.stacked_blocks(layers).blocks.data_ptr() == stacked.blocks.data_ptr()  # laid out once
+    other = QuantizedLinear(96, 8, None)
+    other.weight = pack("Q8_0", _weight(Q.Q8_0, 8, 96, 3)[0], torch.float32)
+    assert gguf_kernels.stacked_blocks([*layers, other]) is None  # another GGUF type: each layer runs itself

@@ -1,4 +1,6 @@
-"""The decode step beneath generate(): a static KV cache and one CUDA graph per step.
+"""The one decode step, beneath generate() (a static KV cache, one CUDA graph per step) and the server (paged KV
+blocks, one CUDA graph per batch-size bucket): `DecodeStep._step` holds the layer math, the two decoders differ only
+in how `_attention` addresses the keys and values (kernels.py reads both).
 
 The prompt goes through the model's own forward (SDPA); its keys and values are then copied into preallocated caches,
 a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer one q/k/v
@@ -8,7 +10,9 @@ the glue between the matrix products is fused by torch.compile and the whole ste
 token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
 generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
 
-Quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
+GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
+through the same library's decode_attention (quantization/gguf_kernels.py). Quantized layers (bitsandbytes) are not
+stacked: the step asks each such layer for its product, i.e. runs the layer's
 own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
 would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
 layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
@@ -27,6 +31,8 @@ from ..models.linear import stacked_weight
 from ..models.mlp import ACT_FNS
 from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
+from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
+from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
 from .kernels import decode_attention, matvec, rotary_cache_write
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
@@ -36,6 +42,8 @@ def _product(x, weights):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
     if isinstance(weights, torch.Tensor):
         return F.linear(x, weights)
+    if isinstance(weights, BlocksWeight):  # GGUF blocks of one or more layers (stacked_blocks)
+        return weights.matmul(x).to(x.dtype)
     return torch.cat([layer(x) for layer in weights], dim=-1)
 
 
@@ -85,9 +93,11 @@ STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _rou
 
 def _weights(*linears) -> torch.Tensor | tuple:
     """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy); the layers
-    themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product."""
+    themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product, unless
+    they all hold GGUF blocks of one type, which are laid out as one weight the same way."""
     if any(type(linear.weight) is not torch.nn.Parameter for linear in linears):
-        return linears
+        stacked = stacked_blocks(linears)
+        return stacked if stacked is not None else linears
     if len(linears) == 1:
         return linears[0].weight.detach()
     stacked = stacked_weight(linears)
@@ -211,6 +221,9 @@ class StaticDecoder(DecodeStep):
             self.k_cache.append(torch.zeros(*cache_shape[:2], size, self.head_dim, device=device, dtype=dtype))
             self.v_cache.append(torch.zeros_like(self.k_cache[-1]))
         self.seq_mask = torch.ones(batch, capacity, dtype=torch.int8, device=device)  # 0 for padding tokens
+        # A model with GGUF blocks on CPU has maestrale's kernels built: their attention reads only the valid slots.
+        blocks = device.type == "cpu" and dtype == torch.float32 and isinstance(self.lm_head, BlocksWeight)
+        self.decode_attention = blocks_decode_attention if blocks else decode_attention
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.t = torch.zeros((), dtype=torch.long, device=device)  # sequence index of the token being decoded
@@ -230,7 +243,7 @@ class StaticDecoder(DecodeStep):
     def _attention(self, layer, qkv, cos, sin):
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         q = rotary_cache_write(qkv, cos, sin, k_cache, v_cache, self.t, self.heads)
-        return decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
+        return self.decode_attention(q, k_cache, v_cache, self.seq_mask, self.t, self.scale)
 
     # ----- what generate calls -----
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):

@@ -2,7 +2,8 @@
 
 The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
 per source, torch version and instruction set: AVX2 + FMA + F16C when the CPU has them, a scalar loop otherwise) and
-loaded as the torch operator torch.ops.maestrale.gguf_mm, which Dynamo traces like any other. Without a compiler,
+loaded as the torch operators torch.ops.maestrale.gguf_mm and torch.ops.maestrale.decode_attention (the CPU
+decode step's attention over a static cache), which Dynamo traces like any other. Without a compiler,
 keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a one-line notice.
 
 Activations are quantized to int8 per block of 32 inside the product, as llama.cpp does: each value moves by at most
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .weight_only import PackedWeight
+from .weight_only import PackedWeight, QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +86,52 @@ def available() -> bool:
                        f"instead (slower): {str(error).splitlines()[0]}")
         return False
     torch.library.register_fake("maestrale::gguf_mm")(_fake_mm)
+    torch.library.register_fake("maestrale::decode_attention")(_fake_attention)
     return True
 
 
 def _fake_mm(x: torch.Tensor, weight: torch.Tensor, ggml_type: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def _fake_attention(q, k_cache, v_cache, seq_mask, t, scale):
+    return torch.empty_like(q)
+
+
+def decode_attention(q, k_cache, v_cache, seq_mask, t, scale: float) -> torch.Tensor:
+    """engine/kernels.py's decode_attention_torch on CPU in float32, reading only the slots that hold a token."""
+    return torch.ops.maestrale.decode_attention(q, k_cache, v_cache, seq_mask, t, scale)
+
+
+def stacked_blocks(linears) -> BlocksWeight | None:
+    """The GGUF blocks of bias-free QuantizedLinear layers that read the same input, as one BlocksWeight: a decode
+    step then quantizes the input once and runs one product instead of several.
+
+    As models/linear.py's stacked_weight does, the first call copies the blocks into one tensor and points each
+    layer's blocks at its rows, so nothing is stored twice. None where the layers are not all such layers of one
+    GGUF type and dtype.
+    """
+    weights = [linear.weight for linear in linears]
+    if any(type(linear) is not QuantizedLinear or linear.bias is not None or linear._forward_hooks
+           or linear._forward_pre_hooks or not isinstance(w, BlocksWeight) for linear, w in zip(linears, weights)):
+        return None
+    first = weights[0]
+    if any((w.kind, w.dtype, w.blocks.shape[1]) != (first.kind, first.dtype, first.blocks.shape[1]) for w in weights):
+        return None
+    if len(weights) == 1:
+        return first
+    rows = [w.blocks.shape[0] for w in weights]
+    base, offset, laid_out = first.blocks.data_ptr(), 0, True
+    for w, n in zip(weights, rows):
+        laid_out = laid_out and w.blocks.is_contiguous() and w.blocks.data_ptr() == base + offset
+        offset += w.blocks.numel()
+    if not laid_out:
+        with torch.inference_mode(False):
+            stacked = torch.cat([w.blocks for w in weights])
+        for w, part in zip(weights, stacked.split(rows)):
+            w.blocks = part
+    cols = first.blocks.shape[1]
+    return BlocksWeight(first.kind, torch.as_strided(first.blocks, (sum(rows), cols), (cols, 1)), first.dtype)
 
 
 class BlocksWeight(PackedWeight):

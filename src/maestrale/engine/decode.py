@@ -304,7 +304,7 @@ class PagedDecoder(DecodeStep):
         self.spans = [max_blocks * block_size if w is None else w for w in self.window_of]
         self.buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
         self.host = torch.zeros(max_batch, 3 + max_blocks, dtype=torch.long, pin_memory=self.on_cuda)
-        self.rows = self.host.numpy()
+        self.host_rows = self.host.numpy()  # the same memory, filled row by row without torch calls
         self.inputs = torch.zeros_like(self.host, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -332,7 +332,7 @@ class PagedDecoder(DecodeStep):
         eagerly on exactly the batch (how the CPU tests check it)."""
         batch = len(token_ids)
         rows = next(b for b in self.buckets if b >= batch) if self.on_cuda else batch
-        host = self.rows
+        host = self.host_rows
         host[:batch, 0] = token_ids
         host[:batch, 1] = num_cached
         host[:batch, 2] = num_cached

@@ -339,6 +339,7 @@ class PagedDecoder(DecodeStep):
         host[batch:rows, :3] = (0, 0, -1)
         for row, table in enumerate(block_tables):
             host[row, 3 : 3 + len(table)] = table
+        # Asynchronous: the host rows are written again only after the engine has read this step's tokens (a sync).
         self.inputs[:rows].copy_(self.host[:rows], non_blocking=True)
         if not self.on_cuda:
             self._use(rows)

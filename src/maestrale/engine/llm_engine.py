@@ -161,15 +161,15 @@ class LLMEngine:
         seq.token_ids.append(sampled.token_id)
         text = self._texts[seq]
         params, token = seq.params, sampled.token_id
-        reason = None
-        if text.update(seq.output_ids):
+        output_ids, reason = seq.output_ids, None
+        if text.update(output_ids):
             reason = "stop"
         elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif len(output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         out = StepOutput(seq.request_id, seq.index, [token], text.delta(final=reason is not None),
-                         [sampled] if params.logprobs else [], reason, seq.num_prompt_tokens, len(seq.output_ids))
+                         [sampled] if params.logprobs else [], reason, seq.num_prompt_tokens, len(output_ids))
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._texts[seq]

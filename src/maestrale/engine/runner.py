@@ -80,6 +80,8 @@ class ModelRunner:
                 out = self.decoder.run([t[0] for t in tokens], cached, tables)
             else:
                 out = self._forward(tokens, cached, tables)
+            if len(groups) == 1:  # one forward for every row (a step that only decodes): its logits as they are
+                return out
             for i, row in zip(group, out):
                 logits[i] = row
         return torch.stack(logits)

@@ -27,20 +27,18 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self):
-        checks = {
-            "max_tokens": self.max_tokens >= 1,
-            "temperature": 0 <= self.temperature <= 2,
-            "top_p": 0 < self.top_p <= 1,
-            "n": self.n >= 1,
-            "presence_penalty": -2 <= self.presence_penalty <= 2,
-            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
-            "top_logprobs": 0 <= self.top_logprobs <= 20,
+        bounds = {  # field: (whether it holds, what it must be)
+            "max_tokens": (self.max_tokens >= 1, ">= 1"),
+            "temperature": (0 <= self.temperature <= 2, "in [0, 2]"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "n": (self.n >= 1, ">= 1"),
+            "presence_penalty": (-2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            "frequency_penalty": (-2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            "top_logprobs": (0 <= self.top_logprobs <= 20, "in [0, 20]"),
         }
-        bounds = {"max_tokens": ">= 1", "temperature": "in [0, 2]", "top_p": "in (0, 1]", "n": ">= 1",
-                  "presence_penalty": "in [-2, 2]", "frequency_penalty": "in [-2, 2]", "top_logprobs": "in [0, 20]"}
-        for name, ok in checks.items():
+        for name, (ok, bound) in bounds.items():
             if not ok:
-                raise ValueError(f"{name} must be {bounds[name]}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be {bound}, got {getattr(self, name)!r}")
 
     def warpers(self) -> LogitsProcessorList:
         warpers = LogitsProcessorList()

@@ -168,38 +168,57 @@ def flex_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float,
     return kernel(q, k, v, block_mask=mask.block_mask(), scale=scaling, enable_gqa=q.shape[1] != k.shape[1]), None
 
 
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def _flash_attn_usable(q: torch.Tensor) -> bool:
-    return q.is_cuda and importlib.util.find_spec("flash_attn") is not None
+    """A flash kernel runs: flash-attn's, or without it torch's own, which computes in half precision only."""
+    return q.is_cuda and (_flash_attn_installed() or q.dtype in (torch.float16, torch.bfloat16))
 
 
 def flash_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
     """flash-attn where it is installed and the tensors are on CUDA; elsewhere torch's kernels, same semantics."""
     if _flash_attn_usable(q):
+        if not _flash_attn_installed():
+            _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on the flash "
+                       "attention kernel that ships with torch (aten._flash_attention_forward)")
         return _flash_attn(q, k, v, mask, scaling, dropout if training else 0.0), None
     if q.is_cuda:
-        _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on torch's flash SDPA "
-                   "kernel where attention is plain causal, and on its FlexAttention where a mask is needed")
-        if mask.is_causal:  # torch's own flash kernel: faster than FlexAttention where nothing is masked
-            return sdpa_attention(q, k, v, mask, scaling, dropout, training)
+        _note_once(f"torch's flash attention kernel computes in float16 or bfloat16 only: "
+                   f"attn_implementation='flash_attention_2' in {q.dtype} runs on torch's FlexAttention")
         return flex_attention(q, k, v, mask, scaling, dropout, training)
     _note_once(f"flash-attn runs on CUDA only: attn_implementation='flash_attention_2' on {q.device.type} runs on "
                "torch's SDPA with the same mask")
     return sdpa_attention(q, k, v, mask, scaling, dropout, training)
 
 
+def _flash_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, dropout: float, scaling: float, window: int | None):
+    """One causal flash attention call, bottom-right aligned (the queries are the last keys' positions), on
+    (batch, tokens, heads, head_dim) tensors or, with cu_q/cu_k, on variable-length sequences packed back to back.
+    flash-attn's kernels where it is installed, else torch's build of the same kernels."""
+    left = -1 if window is None else window - 1
+    if _flash_attn_installed():
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        if cu_q is None:
+            return flash_attn_func(q, k, v, dropout, softmax_scale=scaling, causal=True, window_size=(left, 0))
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout, softmax_scale=scaling, causal=True,
+                                      window_size=(left, 0))
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, True, False,
+                                                   scale=scaling, window_size_left=left, window_size_right=0)[0]
+
+
 def _flash_attn(q, k, v, mask: AttentionMask, scaling: float, dropout: float) -> torch.Tensor:
-    """flash-attn's kernels: padding and packed sequences become its variable-length sequences."""
+    """Flash attention: padding and packed sequences become its variable-length sequences."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"attn_implementation='flash_attention_2' runs flash-attn, which computes in float16 or "
                          f"bfloat16 only, and this model runs in {q.dtype} on CUDA: load it with dtype=torch.bfloat16 "
                          f"(or torch.float16), or pick attn_implementation='flex_attention' or 'sdpa' for {q.dtype}")
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    window = (-1, -1) if mask.window is None else (mask.window - 1, 0)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn's layout: (batch, tokens, heads, head_dim)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash's layout: (batch, tokens, heads, head_dim)
     b, s, heads, d = q.shape
     if mask.padding is None and mask.documents is None:
-        out = flash_attn_func(q, k, v, dropout, softmax_scale=scaling, causal=True, window_size=window)
+        out = _flash_kernel(q, k, v, None, None, s, k.shape[1], dropout, scaling, mask.window)
         return out.transpose(1, 2)
     # Tokens that attend, back to back; segment = row (padding) or row and packed sequence (documents).
     keep_q = keep_k = segment_q = segment_k = None
@@ -216,9 +235,8 @@ def _flash_attn(q, k, v, mask: AttentionMask, scaling: float, dropout: float) ->
     lengths_q = torch.bincount(segment_q[keep_q], minlength=segments)
     lengths_k = torch.bincount(segment_k[keep_k], minlength=segments)
     cu_q, cu_k = (F.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (lengths_q, lengths_k))
-    packed = flash_attn_varlen_func(q[keep_q], k[keep_k], v[keep_k], cu_q, cu_k, int(lengths_q.max()),
-                                    int(lengths_k.max()), dropout, softmax_scale=scaling, causal=True,
-                                    window_size=window)
+    packed = _flash_kernel(q[keep_q], k[keep_k], v[keep_k], cu_q, cu_k, int(lengths_q.max()), int(lengths_k.max()),
+                           dropout, scaling, mask.window)
     out = q.new_zeros(b, s, heads, d)
     out[keep_q] = packed
     return out.transpose(1, 2)

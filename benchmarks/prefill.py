@@ -2,7 +2,7 @@
 flash_attention_2) beside transformers' sdpa, in one run.
 
     python3 benchmarks/prefill.py [--cases mistral-7b:4096,32768 ministral-8b:4096,32768,131072] [--repeats 2]
-                                  [--skip-hf-above 32768] [--chunk 2048]
+                                  [--skip-hf-above 32768] [--chunk 2048] [--profile]
 
 Prefill time is the time to the first token: generate(prompt, max_new_tokens=1), batch 1, best of --repeats after a
 warm-up at the same length (one timed run above 32,768 tokens). Achieved TFLOP/s counts the useful work, the same for both libraries: 2 FLOPs per weight
@@ -11,6 +11,7 @@ window (Ministral-8B: full attention every fourth layer, a 32,768 window elsewhe
 bfloat16 8192 x 8192 x 8192 product on the same device. Peak memory is torch's peak allocation during the prefill.
 maestrale chunks a prompt longer than a sliding window (--chunk tokens a forward); transformers runs it in one
 forward, so its mask grows with the square of the prompt: an out-of-memory there is reported as such.
+--profile prints, for each length, the kernels of one maestrale flash_attention_2 prefill by GPU time.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def time_prefill(model, tokens: int, repeats: int, **generate_kwargs) -> tuple[f
         torch.cuda.empty_cache()
 
 
+def profile_prefill(model, tokens: int) -> None:
+    """The 25 costliest kernels of one prefill, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(3, model.config.vocab_size, (1, tokens), device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def build(library, family: str, fields: dict):
     config = getattr(library, f"{family}Config")(**fields)
     model_class = getattr(library, f"{family}ForCausalLM")
@@ -82,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-hf-above", type=int, default=None, help="skip transformers above this many tokens")
     parser.add_argument("--chunk", type=int, default=None, help="maestrale's prefill_chunk_size (default: automatic)")
+    parser.add_argument("--profile", action="store_true", help="print one flash_attention_2 prefill's kernels")
     args = parser.parse_args()
 
     import transformers
@@ -112,6 +125,8 @@ def main() -> None:
                                                                prefill_chunk_size=args.chunk)
             if args.skip_hf_above is None or tokens <= args.skip_hf_above:
                 results["transformers sdpa"] = time_prefill(hf, tokens, repeats)
+            if args.profile:
+                profile_prefill(ours, tokens)
             reference = results.get("transformers sdpa")
             for library, result in results.items():
                 if isinstance(result, str):

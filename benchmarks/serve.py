@@ -210,7 +210,9 @@ def main() -> None:
         port = free_port()
         proc = start(command(port), port, env)
         url = f"http://127.0.0.1:{port}"
-        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        # transformers serve answers only for the model it was started on, under that name; before 5.24 its
+        # /v1/models listed the HuggingFace cache instead (a 500 where there is none, else other models).
+        model = served if name == "transformers" else httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         try:
             extra = MAESTRALE_EXTRA if name == "maestrale" else {}
             asyncio.run(at_rate(url, extra, model, prompts[:2], float("inf"), 0))  # warm-up

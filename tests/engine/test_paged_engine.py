@@ -12,6 +12,7 @@ import maestrale
 from maestrale.engine.block_manager import BlockManager
 from maestrale.engine.decode import PagedDecoder
 from maestrale.engine.llm_engine import LLMEngine, _Text
+from maestrale.engine.runner import ModelRunner
 from maestrale.engine.sampling import SamplingParams
 from maestrale.engine.scheduler import Sequence
 
@@ -122,6 +123,31 @@ def test_chunked_prefill_equals_one_shot():
     assert [t for t, _ in one_shot.top_logprobs] == [t for t, _ in chunked.top_logprobs]
     torch.testing.assert_close(torch.tensor([v for _, v in chunked.top_logprobs]),
                                torch.tensor([v for _, v in one_shot.top_logprobs]), rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("name", ["ministral-mixed-window6", "mixtral-window7"])
+def test_prefill_chunks_share_forwards_and_equal_each_alone(name, monkeypatch):
+    """A step of a decode row and five prefill chunks, with cached prefixes of different lengths: chunks of similar
+    lengths share one left-padded forward, a much shorter one gets its own, and every row's logits equal the
+    model's forward over that sequence's whole tokens alone (windows shorter than the prefixes)."""
+    model = build(name)
+    runner = ModelRunner(model, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=256)
+    g = torch.Generator().manual_seed(2)
+    cached, new = [9, 0, 4, 7, 13, 2], [1, 12, 11, 10, 9, 3]  # row 0 decodes
+    seqs = [torch.randint(1, 97, (c + n,), generator=g).tolist() for c, n in zip(cached, new)]
+    tables = [list(range(8 * i, 8 * i + 8))[::-1] for i in range(len(seqs))]  # blocks out of order
+    for seq, c, table in zip(seqs, cached, tables):  # the cached prefixes, each in its own blocks
+        if c:
+            runner.run([seq[:c]], [0], [table])
+    forwards = []
+    monkeypatch.setattr(runner, "_forward", lambda *args: forwards.append(len(args[0])) or
+                        ModelRunner._forward(runner, *args))
+    logits = runner.run([seq[c:] for seq, c in zip(seqs, cached)], cached, tables)
+    assert forwards == [1, 4, 1]  # the decode row; chunks of 12, 11, 10 and 9 tokens; the 3-token chunk
+    with torch.no_grad():
+        expected = torch.cat([model(torch.tensor([seq])).logits[:, -1] for seq in seqs])
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_seeded_sampling_repeats_and_n_choices_differ():

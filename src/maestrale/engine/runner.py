@@ -15,6 +15,8 @@ import torch
 from ..cache import Cache
 from .decode import PagedDecoder
 
+MAX_PADDING = 0.25  # of a prefill forward's queries or keys
+
 
 class PagedCache(Cache):
     """A Cache over the paged pools for one forward: `write` (batch, new) and `read` (batch, keys) are slot
@@ -70,9 +72,10 @@ class ModelRunner:
     def run(self, new_tokens: list[list[int]], num_cached: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits (batch, vocab) after each sequence's last new token; sequence i has num_cached[i] tokens in its
         blocks already and its new tokens go right after them. Sequences decoding one token share a forward;
-        each longer chunk (a prefill) runs in its own, so no forward pads a decode row to a prefill's length."""
+        longer chunks (prefills) share forwards of similar lengths (`_prefill_groups`), so no forward pads a
+        decode row to a prefill's length, nor a short prefill to a long one."""
         decodes = [i for i, tokens in enumerate(new_tokens) if len(tokens) == 1]
-        groups = ([decodes] if decodes else []) + [[i] for i, tokens in enumerate(new_tokens) if len(tokens) > 1]
+        groups = ([decodes] if decodes else []) + self._prefill_groups(new_tokens, num_cached)
         logits = [None] * len(new_tokens)
         for group in groups:
             tokens, cached, tables = ([values[i] for i in group] for values in (new_tokens, num_cached, block_tables))
@@ -80,11 +83,32 @@ class ModelRunner:
                 out = self.decoder.run([t[0] for t in tokens], cached, tables)
             else:
                 out = self._forward(tokens, cached, tables)
-            if len(groups) == 1:  # one forward for every row (a step that only decodes): its logits as they are
+            if len(groups) == 1:  # one forward for every row: its logits as they are
                 return out
             for i, row in zip(group, out):
                 logits[i] = row
         return torch.stack(logits)
+
+    @staticmethod
+    def _prefill_groups(new_tokens: list[list[int]], num_cached: list[int]) -> list[list[int]]:
+        """The prefill chunks (more than one new token) in groups that share one left-padded forward: longest
+        first, a chunk joins the current group while at most MAX_PADDING of the group's queries, and of its keys,
+        would be padding. One forward per group rather than per chunk: each forward costs every layer's launches
+        and Python however few its tokens, and stalls the decoding rows."""
+        new = {i: len(tokens) for i, tokens in enumerate(new_tokens) if len(tokens) > 1}
+        total = {i: num_cached[i] + n for i, n in new.items()}
+
+        def fits(group: list[int]) -> bool:
+            return all(sum(length[i] for i in group) >= (1 - MAX_PADDING) * len(group) * max(length[i] for i in group)
+                       for length in (new, total))
+
+        groups = []
+        for i in sorted(new, key=lambda i: (new[i], total[i]), reverse=True):
+            if groups and fits(groups[-1] + [i]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def _forward(self, new_tokens, num_cached, block_tables) -> torch.Tensor:
         batch, new = len(new_tokens), max(map(len, new_tokens))

@@ -223,7 +223,8 @@ def test_weight_only_matmul(bits, n, k, group, m, dtype):
     exact = x.double().cpu() @ weight.T
     assert out.dtype == dtype and out.shape == (m, n)
     bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
-    torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=(2e-3 if dtype == torch.float16 else 1e-2) * bound)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-2
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=tolerance * bound)
 
 
 @pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 4, 4, 1)), (5, (8, 4, 32, 3, 4, 1)), (20, (16, 16, 64, 2, 4, 1))])

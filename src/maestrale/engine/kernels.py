@@ -236,23 +236,27 @@ if triton is not None:
         tl.store(OUT + row * N + n, y, mask=keep_n)
 
     @triton.jit
-    def _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The (BLOCK_N, BLOCK_K) float32 tile of a weight-only weight at rows n, inputs k0..: int4 as (q - 8) * scale
-        + zero (eight values an int32, the first in the low bits), int8 as q * scale. A tile lies in one group, or holds
-        whole groups. Integers become floats by their bits (2^23 + i read as a float, minus 2^23): exact, and cheaper
-        than a conversion instruction."""
+    def _tile_values(Q, n, keep_n, k0, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) integers of a weight-only weight at rows n, inputs k0.., as float32: int4's q - 8
+        (eight values an int32, the first in the low bits), int8's q. Integers become floats by their bits (2^23 + i
+        read as a float, minus 2^23): exact, and cheaper than a conversion instruction."""
         rows = n[:, None].to(tl.int64)
         if BITS == 4:
             i = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             words = tl.load(Q + rows * (K // 8) + i[None, :], mask=keep_n[:, None] & (i < K // 8)[None, :], other=0)
             q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
             q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-            v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8
-        else:
-            k = k0 + tl.arange(0, BLOCK_K)
-            q = tl.load(Q + rows * K + k[None, :], mask=keep_n[:, None] & (k < K)[None, :], other=0).to(tl.int32)
-            v = ((q + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # q
+            return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(Q + rows * K + k[None, :], mask=keep_n[:, None] & (k < K)[None, :], other=0).to(tl.int32)
+        return ((q + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The float32 weight tile of _tile_values: int4 as (q - 8) * scale + zero, int8 as q * scale. A tile lies in
+        one group, or holds whole groups."""
+        v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
         if GROUP >= BLOCK_K:
             at = n * s_row + (k0 // GROUP) * s_group
             w = v * tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)[:, None]
@@ -275,7 +279,8 @@ if triton is not None:
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_M rows of x times BLOCK_N weight rows over one of SPLIT_K shares of the inputs: each weight tile is
         read once and dequantized once for all the rows; tensor-core products from 16 rows up, else sums of
-        broadcast products. One share stores the rounded outputs, several their float32 partial sums."""
+        broadcast products (where a tile lies in one group, of the integers, scaled once a row). One share stores
+        the rounded outputs, several their float32 partial sums."""
         nb = tl.program_id(0)
         mb = tl.program_id(1)
         split = tl.program_id(2)
@@ -288,11 +293,20 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :], mask=keep_m[:, None] & (k < K)[None, :],
                         other=0.0)
-            w = _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)
-            if BLOCK_M >= 16:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+            if BLOCK_M < 16 and GROUP >= BLOCK_K:  # one scale and zero a weight row: out of the sums
+                at = n * s_row + (k0 // GROUP) * s_group
+                x = x.to(tl.float32)
+                v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
+                scale = tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)
+                acc += tl.sum(x[:, None, :] * v[None, :, :], 2) * scale[None, :]
+                if HAS_ZERO:
+                    acc += tl.sum(x, 1)[:, None] * tl.load(Z + at, mask=keep_n, other=0.0).to(tl.float32)[None, :]
             else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
+                w = _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)
+                if BLOCK_M >= 16:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
         at = m[:, None] * N + n[None, :]
         keep = keep_m[:, None] & keep_n[None, :]
         if SPLIT_K == 1:

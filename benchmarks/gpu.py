@@ -17,8 +17,8 @@ its name (the libraries' state dicts share names and shapes). One model is in me
 87 GiB, fits one H200). --quant adds weight-only rows: the bfloat16 model is saved to a temporary folder and loaded
 again with quantization_config=TorchAoConfig(Int8WeightOnlyConfig() or Int4WeightOnlyConfig(group_size=G)), by each
 library with its own TorchAoConfig, as a user would (torchao needed; a failure on transformers' side is printed and the
-run goes on). A quantized row's roofline counts its packed bytes; "x bf16" is its batch-1 speed over maestrale's
-bfloat16 one.
+run goes on). A quantized row's roofline counts maestrale's packed bytes; "x bf16" is a row's batch-1 speed over
+maestrale's bfloat16 one.
 """
 
 from __future__ import annotations
@@ -204,14 +204,16 @@ def main() -> None:
     rows = []
     maestrale = importlib.import_module("maestrale")
     for name in args.models:
-        bf16_speed = None
+        bf16_speed, rooflines = None, {}
 
-        def run(label, make, extra=None):
-            """Build a model, measure it, print its row, free it; a failure on transformers' side is printed."""
+        def run(label, quant, make, extra=None):
+            """Build a model, measure it, print its row, free it; a failure on transformers' side is printed. Both
+            libraries' rows of one quantization share maestrale's roofline (torchao's tensors report their logical
+            size, not their packed bytes)."""
             nonlocal bf16_speed
             try:
                 model = make()
-                roofline = bandwidth / step_bytes(model)
+                roofline = rooflines.setdefault(quant, bandwidth / step_bytes(model))
                 weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
                 if args.profile and label.startswith("maestrale"):
                     profile_step(model, model.config.vocab_size)
@@ -234,11 +236,11 @@ def main() -> None:
                   flush=True)
 
         def runs(quant, make):
-            run(f"maestrale {quant}", lambda: make(maestrale))
+            run(f"maestrale {quant}", quant, lambda: make(maestrale))
             if not args.skip_hf:
-                run(f"transformers {quant}", lambda: make(transformers))
+                run(f"transformers {quant}", quant, lambda: make(transformers))
                 if args.hf_static:
-                    run(f"transformers {quant} static+compile", lambda: make(transformers),
+                    run(f"transformers {quant} static+compile", quant, lambda: make(transformers),
                         {"cache_implementation": "static"})
 
         if "bf16" in args.quant:

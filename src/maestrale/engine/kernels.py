@@ -373,9 +373,9 @@ def matvec_config(rows: int, k: int, gated: bool) -> tuple[int, int, int, int]:
     benchmarks/gpu_kernels.py --sweep on an H200 (the dense layers of Mistral-7B, Ministral-8B and Phi-3-mini): one
     weight row a program (with `gated`, a gate row and its up row), in 4096-wide tiles where the rows are 4096 or 8192
     long, 2048-wide past that (down products); two rows in 1024-wide tiles for Phi-3's 3072. Rows shorter than 1024
-    (small test models) take 16 a program, so that the programs stay few."""
+    (small test models) take 32 a program, so that the programs stay few."""
     if k < 1024:
-        return 8 if gated else 16, triton.next_power_of_2(k), 4, 1
+        return 16 if gated else 32, triton.next_power_of_2(k), 4, 1
     if k % 4096 == 0 and k <= 8192:
         return 1, 4096, 8, 1
     if k > 8192:

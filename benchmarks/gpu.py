@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py [--models mistral-7b ministral-8b phi3-mini-4k phi3-mini-128k mixtral-8x7b]
                              [--mixtral-layers 8] [--new-tokens 128] [--hf-static] [--long-generation 32752]
+                             [--quant bf16 int8 int4-g32 int4-g64 int4-g128]
 
 For each model, bfloat16, both libraries with the same weights: batch-1 decode tokens/s after a 512-token prompt,
 time to first token for 512- and 4096-token prompts, batch-32 decode tokens/s, peak GPU memory. Decode tokens/s
@@ -10,6 +11,14 @@ runs its default (dynamic cache, SDPA) and, with --hf-static, its static cache w
 The roofline is the bytes one decode step must read (every weight but the embedding table; for Mixtral only the
 experts a token uses) over the device's measured copy bandwidth; each batch-1 result is shown as a fraction of it.
 --long-generation N generates N tokens with Mistral-7B's 4096 window (2 layers, to be quick) and prints the cache bytes.
+
+Both libraries get the same weights without a copy between them: each parameter is drawn from a generator seeded by
+its name (the libraries' state dicts share names and shapes). One model is in memory at a time (Mixtral-8x7B whole,
+87 GiB, fits one H200). --quant adds weight-only rows: the bfloat16 model is saved to a temporary folder and loaded
+again with quantization_config=TorchAoConfig(Int8WeightOnlyConfig() or Int4WeightOnlyConfig(group_size=G)), by each
+library with its own TorchAoConfig, as a user would (torchao needed; a failure on transformers' side is printed and the
+run goes on). A quantized row's roofline counts maestrale's packed bytes; "x bf16" is a row's batch-1 speed over
+maestrale's bfloat16 one.
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ import argparse
 import gc
 import importlib
 import statistics
+import tempfile
 import time
+import traceback
+import zlib
 
 import torch
 
@@ -44,6 +56,7 @@ MODELS = {
                                      num_experts_per_tok=2)),
 }
 PROMPT, BATCH = 512, 32
+QUANTS = ["bf16", "int8", "int4-g32", "int4-g64", "int4-g128"]
 
 
 def sync_time(fn) -> float:
@@ -64,11 +77,12 @@ def copy_bandwidth() -> float:
 
 
 def step_bytes(model, batch: int = 1) -> int:
-    """Weight bytes one decode step reads: all but the embedding table; of the experts, those a token uses."""
+    """Weight bytes one decode step reads: all but the embedding table; of the experts, those a token uses (packed
+    weights, which are buffers, by their packed bytes)."""
     config, total = model.config, 0
     embed = model.get_input_embeddings().weight
-    for name, p in model.named_parameters():
-        if p is embed and not config.tie_word_embeddings:
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if (p is embed and not config.tie_word_embeddings) or "rotary" in name:
             continue
         size = p.numel() * p.element_size()
         if ".experts." in name:
@@ -77,22 +91,43 @@ def step_bytes(model, batch: int = 1) -> int:
     return int(total)
 
 
-def build(name: str, mixtral_layers: int):
-    import transformers
-
-    import maestrale
-
+def fields_of(name: str, mixtral_layers: int) -> tuple[str, dict]:
     family, fields = MODELS[name]
-    fields = dict(fields, **({"num_hidden_layers": mixtral_layers} if family == "Mixtral" else {}),
-                  eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
+    return family, dict(fields, **({"num_hidden_layers": mixtral_layers} if family == "Mixtral" else {}),
+                        eos_token_id=None, pad_token_id=0)
+
+
+def build(library, name: str, mixtral_layers: int):
+    """`library`'s model (maestrale or transformers) of `name` on the GPU in bfloat16, each parameter drawn from a
+    generator seeded by its name: norms 1, the rest normal(0, 0.02)."""
+    family, fields = fields_of(name, mixtral_layers)
+    config = getattr(library, f"{family}Config")(**fields)
+    model_class = getattr(library, f"{family}ForCausalLM")
+    make = model_class._from_config if library.__name__ == "transformers" else model_class.from_config
     with torch.device("cuda"):
-        hf = getattr(transformers, f"{family}ForCausalLM")._from_config(
-            getattr(transformers, f"{family}Config")(**fields), dtype=torch.bfloat16).eval()
-        ours = getattr(maestrale, f"{family}ForCausalLM").from_config(
-            getattr(maestrale, f"{family}Config")(**fields), dtype=torch.bfloat16).eval()
-    ours.load_state_dict(hf.state_dict())
-    return hf, ours
+        model = make(config, dtype=torch.bfloat16).eval()
+    g = torch.Generator(device="cuda")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g.manual_seed(zlib.crc32(pname.encode())))
+    return model
+
+
+def load_quantized(library, folder: str, quant: str):
+    """`library`'s model from `folder`, quantized on load with its own TorchAoConfig for `quant` (int8, int4-gG)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    kind = Int8WeightOnlyConfig() if quant == "int8" else Int4WeightOnlyConfig(group_size=int(quant.split("-g")[1]))
+    return library.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, device_map="cuda", quantization_config=library.TorchAoConfig(kind)).eval()
+
+
+def free() -> None:
+    gc.collect()  # the static decoder and the model refer to each other
+    torch.cuda.empty_cache()
 
 
 def measure(model, vocab: int, new_tokens: int, **generate_kwargs) -> dict:
@@ -159,34 +194,66 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="maestrale alone")
     parser.add_argument("--long-generation", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print one maestrale decode step's kernels")
+    parser.add_argument("--quant", nargs="+", default=["bf16"], choices=QUANTS,
+                        help="weights: bfloat16 and/or weight-only int8 / int4 (group size) through TorchAoConfig")
     args = parser.parse_args()
     transformers = importlib.import_module("transformers")
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; bfloat16, prompt {PROMPT}, {args.new_tokens} new tokens")
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; prompt {PROMPT}, {args.new_tokens} new tokens")
     rows = []
+    maestrale = importlib.import_module("maestrale")
     for name in args.models:
-        hf, ours = build(name, args.mixtral_layers)
-        roofline = bandwidth / step_bytes(ours)
-        vocab = ours.config.vocab_size
-        runs = {"maestrale": (ours, {})}
-        if not args.skip_hf:
-            runs["transformers"] = (hf, {})
-            if args.hf_static:
-                runs["transformers static+compile"] = (hf, {"cache_implementation": "static"})
-        weights = sum(p.numel() * p.element_size() for p in ours.parameters())
-        if args.profile:
-            profile_step(ours, vocab)
-        for label, (model, extra) in runs.items():
-            r = measure(model, vocab, args.new_tokens, **extra)
+        bf16_speed, rooflines = None, {}
+
+        def run(label, quant, make, extra=None):
+            """Build a model, measure it, print its row, free it; a failure on transformers' side is printed. Both
+            libraries' rows of one quantization share maestrale's roofline (torchao's tensors report their logical
+            size, not their packed bytes)."""
+            nonlocal bf16_speed
+            try:
+                model = make()
+                roofline = rooflines.setdefault(quant, bandwidth / step_bytes(model))
+                weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+                if args.profile and label.startswith("maestrale"):
+                    profile_step(model, model.config.vocab_size)
+                r = measure(model, model.config.vocab_size, args.new_tokens, **(extra or {}))
+            except Exception:
+                if label.startswith("maestrale"):
+                    raise
+                print(f"  {name:15} {label:34} failed:\n{traceback.format_exc(limit=-4)}", flush=True)
+                return
+            finally:
+                model = None
+                free()
+            if label == "maestrale bf16":
+                bf16_speed = r["decode_1"]
+            speedup = f" {r['decode_1'] / bf16_speed:4.2f}x bf16" if bf16_speed else ""
             rows.append((name, label, r, roofline, weights))
-            print(f"  {name:15} {label:28} b1 {r['decode_1']:7.1f} tok/s ({r['decode_1'] / roofline:5.1%} of "
-                  f"{roofline:.0f})  b32 {r['decode_32']:7.0f} tok/s  TTFT512 {r['ttft_512'] * 1e3:6.1f} ms  "
+            print(f"  {name:15} {label:34} b1 {r['decode_1']:7.1f} tok/s ({r['decode_1'] / roofline:5.1%} of "
+                  f"{roofline:.0f}){speedup}  b32 {r['decode_32']:7.0f} tok/s  TTFT512 {r['ttft_512'] * 1e3:6.1f} ms  "
                   f"TTFT4096 {r['ttft_4096'] * 1e3:6.1f} ms  peak {(weights + r['extra_memory_32']) / 2**30:5.1f} GiB",
                   flush=True)
-        del hf, ours, runs
-        gc.collect()  # the static decoder and the model refer to each other
-        torch.cuda.empty_cache()
+
+        def runs(quant, make):
+            run(f"maestrale {quant}", quant, lambda: make(maestrale))
+            if not args.skip_hf:
+                run(f"transformers {quant}", quant, lambda: make(transformers))
+                if args.hf_static:
+                    run(f"transformers {quant} static+compile", quant, lambda: make(transformers),
+                        {"cache_implementation": "static"})
+
+        if "bf16" in args.quant:
+            runs("bf16", lambda library: build(library, name, args.mixtral_layers))
+        quants = [q for q in QUANTS[1:] if q in args.quant]
+        if quants:
+            with tempfile.TemporaryDirectory() as folder:
+                model = build(maestrale, name, args.mixtral_layers)
+                model.save_pretrained(folder)
+                model = None
+                free()
+                for quant in quants:
+                    runs(quant, lambda library: load_quantized(library, folder, quant))
     if args.long_generation:
         long_generation(args.long_generation)
     print("\n| model | library | batch-1 tok/s | roofline tok/s | fraction | batch-32 tok/s | TTFT 512 ms | "

@@ -1,6 +1,7 @@
-"""matvec's Triton kernel against cuBLAS (F.linear) on the batch-1 decode products of the dense families.
+"""matvec's Triton kernel against cuBLAS (F.linear) on the batch-1 decode products of the dense families; with
+--quant, the weight-only int4/int8 kernel against torch's on Mistral-7B's decode products.
 
-    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep]
+    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant]
 
 The question it answers: can a Triton matrix-vector kernel stream a dense layer's weights faster than cuBLAS's
 batch-1 products (which the decode step uses today), and with which blocks? Each product runs as a CUDA graph of calls
@@ -8,6 +9,12 @@ over enough distinct weight copies (>= 512 MB) that no weight is served from L2,
 median replay over the calls, and TB/s counts the weight bytes read. The gate_up rows time cuBLAS's bare product
 against matvec with the silu gate fused. The device's read and copy bandwidths are printed first. --sweep times every
 block configuration and prints the fastest per shape; without it, matvec_config's choice is timed.
+
+--quant: Mistral-7B's products at 1, 8 and 32 rows: bfloat16 cuBLAS and matvec (one row), torch's int4 tinygemm
+(_weight_int4pack_mm, group 128), maestrale's weight_only_matmul at groups 32/64/128, torch's _weight_int8pack_mm and
+maestrale's int8 (one scale a row): us, TB/s of the bytes each reads (values, scales, zeros) and the speed-up over
+cuBLAS bfloat16. Each of maestrale's is the fastest of a few configurations (weight_only_config's choice among them),
+each checked against the float64 product of the dequantized weight first; the fastest configuration is printed.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from maestrale.engine.kernels import matvec, matvec_config, matvec_torch
+from maestrale.engine.kernels import matvec, matvec_config, matvec_torch, weight_only_config, weight_only_matmul
+from maestrale.quantization.weight_only import pack_nibbles
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
 SHAPES = {
@@ -69,13 +77,105 @@ def bandwidths() -> tuple[float, float]:
     return read, copy
 
 
+QUANT_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+                ("lm_head", 32000, 4096)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside weight_only_config's choice
+# (tiles of 128 inputs lie in one group of 128: their int4 sums are scaled once a row, as int8's always are)
+QUANT_CONFIGS = {
+    1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3), (1, 4, 1024, 1, 4, 3), (1, 16, 256, 1, 4, 3),
+        (1, 32, 128, 4, 4, 3), (1, 16, 128, 2, 4, 3)],
+    8: [(8, 4, 256, 1, 4, 3), (8, 8, 256, 1, 4, 3), (8, 16, 128, 1, 4, 3), (16, 32, 128, 2, 4, 3),
+        (16, 64, 128, 1, 8, 3), (16, 64, 128, 4, 8, 3)],
+    32: [(32, 32, 128, 1, 4, 3), (32, 64, 128, 1, 8, 3), (32, 64, 128, 4, 8, 3), (32, 64, 256, 2, 8, 3),
+         (16, 64, 128, 2, 8, 3), (32, 128, 128, 1, 8, 3)],
+}
+
+
+def copies_of(size: int) -> int:
+    """Distinct weight copies so that one pass reads >= 512 MB: none is served from L2."""
+    return max(2, -(-(512 << 20) // size))
+
+
+def tinygemm_int4(values: torch.Tensor, scale_and_zeros: torch.Tensor):
+    """torch's own CUDA int4 layout (_convert_weight_to_int4pack: byte pairs, 8 inner k-tiles) and its product."""
+    pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, 128, scale_and_zeros)
+
+
+def quant() -> None:
+    """Per shape and row count: a line per kernel, the figures of the docstring."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, n, k in QUANT_SHAPES:
+        bf16_size = n * k * 2
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+                   for _ in range(copies_of(bf16_size))]
+        # int4 at each group size: values 0..15, a bfloat16 scale and zero per (row, group) as Int4Weight holds them
+        values = [torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
+                  for _ in range(copies_of(n * k // 2))]
+        int8 = [torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
+                for _ in range(copies_of(n * k))]
+        scales8 = (torch.rand(n, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
+        int4 = {}
+        for group in (32, 64, 128):
+            scale = (torch.rand(n, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
+            zero = (torch.randn(n, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
+            scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+            s, z = scale_and_zeros.transpose(0, 1).unbind(-1)
+            int4[group] = (scale_and_zeros, s, z, n * k // 2 + 4 * n * k // group)
+        packed = [pack_nibbles(v) for v in values]
+        tiny = [tinygemm_int4(v, int4[128][0]) for v in values]
+        for m in (1, 8, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
+            line = [f"m={m:<2} {name:8} {n:5}x{k:5}"]
+
+            def show(label, seconds, size, config=None):
+                line.append(f"  {label:18} {seconds * 1e6:7.1f} us {size / seconds / 1e12:.2f} TB/s "
+                            f"({cublas / seconds:.2f}x)" + (f" {config}" if config else ""))
+
+            show("bf16 cuBLAS", cublas, bf16_size)
+            if m == 1:
+                show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)]), len(weights)), bf16_size)
+            show("tinygemm int4 g128", graph_time(lambda i: tiny[i](x), len(tiny)), int4[128][3])
+
+            def ours(label, qs, scale, zero, size, reference):
+                group = k // scale.shape[1]
+                timed = []
+                for config in dict.fromkeys([weight_only_config(m, n, k, group)] + QUANT_CONFIGS[m]):
+                    out = weight_only_matmul(x, qs[0], scale, zero, config=config).double()
+                    error = ((out - reference).norm() / reference.norm()).item()
+                    assert error < 1e-2, (name, m, label, config, error)
+                    timed.append((graph_time(lambda i: weight_only_matmul(x, qs[i], scale, zero, config=config),
+                                             len(qs)), config))
+                seconds, config = min(timed)
+                show(label, seconds, size, config)
+
+            for group, (_, s, z, size) in int4.items():
+                w = (values[0].double() - 8) * s.double().repeat_interleave(group, 1)
+                reference = x.double() @ (w + z.double().repeat_interleave(group, 1)).T
+                del w
+                ours(f"int4 g{group}", packed, s, z, size, reference)
+            size8 = n * k + 2 * n
+            show("torch int8", graph_time(lambda i: torch.ops.aten._weight_int8pack_mm(x, int8[i], scales8[:, 0]),
+                                          len(int8)), size8)
+            ours("int8", int8, scales8, None, size8, x.double() @ (int8[0].double() * scales8.double()).T)
+            print(" ".join(line[:1]) + "\n" + "\n".join("   " + part for part in line[1:]), flush=True)
+        del weights, values, packed, tiny, int8, int4
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true")
+    mode.add_argument("--quant", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"read {read / 1e12:.2f} TB/s, copy {copy / 1e12:.2f} TB/s")
+    if args.quant:
+        return quant()
     for model, shapes in SHAPES.items():
         for name, n, k, gated in shapes:
             rows = 2 * n if gated else n

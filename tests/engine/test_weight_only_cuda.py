@@ -1,6 +1,6 @@
-"""int8/int4 weight-only weights on CUDA (torch's tinygemm int4 and int8 products): products against the float
-product of the dequantized weight on odd shapes, moves between CPU and CUDA layouts, and a TorchAoConfig model
-against its dequantized self. Skipped without CUDA."""
+"""int8/int4 weight-only weights on CUDA (maestrale's Triton kernel, engine/kernels.py weight_only_matmul): products
+against the float product of the dequantized weight on odd shapes, decode rows (1, 3) to prefill rows (33, 100), moves
+between CPU and CUDA layouts, and a TorchAoConfig model against its dequantized self. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ def test_int4_product_on_cuda_equals_the_dequantized_product(rows, groups, group
     reference = weight.dequantize().double()
     expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
     torch.testing.assert_close(reference, (values.double() - 8) * expand(scale) + expand(zero), rtol=0, atol=1e-2)
-    for m in (1, 3, 33):
+    for m in (1, 3, 17, 33, 100):
         x = torch.randn(m, groups * group, device="cuda")
         bound = (x.abs().double() @ reference.abs().T).max().item()
         torch.testing.assert_close(weight.matmul(x.bfloat16()).double(), x.double() @ reference.T, rtol=0,
@@ -54,7 +54,19 @@ def test_int8_product_on_cuda_equals_the_dequantized_product(rows, cols):
     weight = quantize_int8(torch.randn(rows, cols, device="cuda").bfloat16() * 0.05)
     assert isinstance(weight, Int8Weight) and weight.values.is_cuda
     reference = weight.dequantize().double()
-    x = torch.randn(3, cols, device="cuda")
+    for m in (1, 3, 17, 33, 100):
+        x = torch.randn(m, cols, device="cuda")
+        bound = (x.abs().double() @ reference.abs().T).max().item()
+        torch.testing.assert_close(weight.matmul(x.bfloat16()).double(), x.double() @ reference.T, rtol=0,
+                                   atol=1e-2 * bound)
+
+
+def test_grouped_int8_product_on_cuda_equals_the_dequantized_product():
+    """int8 with a scale per group of 32 inputs (GGUF's Q8_0) through the same kernel."""
+    values = torch.randint(-128, 128, (45, 256), dtype=torch.int8, device="cuda")
+    weight = Int8Weight("Q8_0", values, (torch.rand(45, 8, device="cuda") * 0.01).bfloat16())
+    reference = weight.dequantize().double()
+    x = torch.randn(5, 256, device="cuda")
     bound = (x.abs().double() @ reference.abs().T).max().item()
     torch.testing.assert_close(weight.matmul(x.bfloat16()).double(), x.double() @ reference.T, rtol=0,
                                atol=1e-2 * bound)

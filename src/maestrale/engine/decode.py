@@ -5,7 +5,8 @@ in how `_attention` addresses the keys and values (kernels.py reads both).
 The prompt goes through the model's own forward (SDPA); its keys and values are then copied into preallocated caches,
 a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer one q/k/v
 product, rotary with the cache write and flash-decoding attention (kernels.py), the output product and the
-feed-forward, whose residual add carries the next layer's norm. On CUDA
+feed-forward, whose residual add carries the next layer's norm. At batch 1 on CUDA the products of matrices run
+matvec's kernel (the silu gate fused into gate/up's), at larger batches cuBLAS. On CUDA
 the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
 token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
 generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
@@ -33,13 +34,21 @@ from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
-from .kernels import decode_attention, matvec, rotary_cache_write
+from .kernels import decode_attention, matvec, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
 
+def _streamed(x, weights) -> bool:
+    """Whether a product runs matvec's kernel: one row (batch-1 decode) by a matrix, on CUDA, where it beats cuBLAS on
+    every dense decode product measured (benchmarks/gpu_kernels.py); more rows go to cuBLAS."""
+    return x.shape[0] == 1 and isinstance(weights, torch.Tensor) and use_triton(x)
+
+
 def _product(x, weights):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
+    if _streamed(x, weights):
+        return matvec(x, weights)
     if isinstance(weights, torch.Tensor):
         return F.linear(x, weights)
     if isinstance(weights, BlocksWeight):  # GGUF blocks of one or more layers (stacked_blocks)
@@ -47,16 +56,10 @@ def _product(x, weights):
     return torch.cat([layer(x) for layer in weights], dim=-1)
 
 
-def _attention_out(x, attn, o_proj, norm, eps: float):
-    """Residual add of the attention output; the normed input of the feed-forward."""
-    x = x + _product(attn.flatten(1), o_proj)
+def _residual_norm(x, out, norm, eps: float):
+    """The residual add of a block's output; the normed input of the next block."""
+    x = x + out
     return x, rms_norm(x, norm, eps)
-
-
-def _gated_mlp(x, h, gate_up, down, act, next_norm, eps: float):
-    """The feed-forward and its residual add; the normed input of the next layer (or of the head)."""
-    x = x + _product(_gate(_product(h, gate_up), act), down)
-    return x, rms_norm(x, next_norm, eps)
 
 
 def _route(h, router, top_k: int):
@@ -88,7 +91,7 @@ def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm
     return x, rms_norm(x, next_norm, eps)
 
 
-STEP_PARTS = {f.__name__: f for f in (rms_norm, _attention_out, _gated_mlp, _route, _mix, _dense_experts)}
+STEP_PARTS = {f.__name__: f for f in (rms_norm, _residual_norm, _gate, _route, _mix, _dense_experts)}
 
 
 def _weights(*linears) -> torch.Tensor | tuple:
@@ -178,9 +181,14 @@ class DecodeStep:
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
             attn = self._attention(i, _product(h, w.qkv), cos, sin)
-            x, h = part["_attention_out"](x, attn, w.o_proj, w.post_norm, eps)
+            x, h = part["_residual_norm"](x, _product(attn.flatten(1), w.o_proj), w.post_norm, eps)
             if w.router is None:
-                x, h = part["_gated_mlp"](x, h, w.gate_up, w.down, self.act, next_norm, eps)
+                if _streamed(h, w.gate_up):  # the gate fused into the kernel
+                    gated = matvec(h, w.gate_up, self.act)
+                else:
+                    gated = part["_gate"](_product(h, w.gate_up), self.act)
+                ffn = _product(gated, w.down)
+                x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)
             if h.shape[0] * self.top_k >= w.gate_up.shape[0]:

@@ -235,6 +235,85 @@ if triton is not None:
             y = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
         tl.store(OUT + row * N + n, y, mask=keep_n)
 
+    @triton.jit
+    def _tile_values(Q, n, keep_n, k0, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) integers of a weight-only weight at rows n, inputs k0.., as float32: int4's q - 8
+        (eight values an int32, the first in the low bits), int8's q. Integers become floats by their bits (2^23 + i
+        read as a float, minus 2^23): exact, and cheaper than a conversion instruction."""
+        rows = n[:, None].to(tl.int64)
+        if BITS == 4:
+            i = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(Q + rows * (K // 8) + i[None, :], mask=keep_n[:, None] & (i < K // 8)[None, :], other=0)
+            q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+            q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+            return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(Q + rows * K + k[None, :], mask=keep_n[:, None] & (k < K)[None, :], other=0).to(tl.int32)
+        return ((q + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
+    def _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The float32 weight tile of _tile_values: int4 as (q - 8) * scale + zero, int8 as q * scale. A tile lies in
+        one group, or holds whole groups."""
+        v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
+        if GROUP >= BLOCK_K:
+            at = n * s_row + (k0 // GROUP) * s_group
+            w = v * tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)[:, None]
+            if HAS_ZERO:
+                w += tl.load(Z + at, mask=keep_n, other=0.0).to(tl.float32)[:, None]
+        else:
+            g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            at = n[:, None] * s_row + g[None, :] * s_group
+            keep = keep_n[:, None] & (g < K // GROUP)[None, :]
+            w = tl.reshape(v, (BLOCK_N, BLOCK_K // GROUP, GROUP))
+            w = w * tl.load(S + at, mask=keep, other=0.0).to(tl.float32)[:, :, None]
+            if HAS_ZERO:
+                w += tl.load(Z + at, mask=keep, other=0.0).to(tl.float32)[:, :, None]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        return w
+
+    @triton.jit
+    def _weight_only_kernel(X, Q, S, Z, OUT, M, N, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
+                            HAS_ZERO: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_M rows of x times BLOCK_N weight rows over one of SPLIT_K shares of the inputs: each weight tile is
+        read once and dequantized once for all the rows; tensor-core products from 16 rows up, else sums of
+        broadcast products (where a tile lies in one group, of the integers, scaled once a row). One share stores
+        the rounded outputs, several their float32 partial sums."""
+        nb = tl.program_id(0)
+        mb = tl.program_id(1)
+        split = tl.program_id(2)
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep_m, keep_n = m < M, n < N
+        share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(split * share, tl.minimum(split * share + share, K), BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :], mask=keep_m[:, None] & (k < K)[None, :],
+                        other=0.0)
+            if BLOCK_M < 16 and GROUP >= BLOCK_K:  # one scale and zero a weight row: out of the sums
+                at = n * s_row + (k0 // GROUP) * s_group
+                x = x.to(tl.float32)
+                v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
+                scale = tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)
+                acc += tl.sum(x[:, None, :] * v[None, :, :], 2) * scale[None, :]
+                if HAS_ZERO:
+                    acc += tl.sum(x, 1)[:, None] * tl.load(Z + at, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                w = _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)
+                if BLOCK_M >= 16:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
+        at = m[:, None] * N + n[None, :]
+        keep = keep_m[:, None] & keep_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(OUT + at, acc.to(OUT.dtype.element_ty), mask=keep)
+        else:
+            tl.store(OUT + split * M * N + at, acc, mask=keep)
+
 
 def _as_blocks(k_cache, v_cache, t, block_tables):
     """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
@@ -290,11 +369,18 @@ def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None,
 
 
 def matvec_config(rows: int, k: int, gated: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of matvec's kernel for a weight of rows x k: a program streams 16
-    or 32 weight rows (the figures behind BENCHMARKS.md's Mixtral rows; benchmarks/gpu_kernels.py --sweep times
-    others)."""
-    block_rows = 16 if rows <= 8192 else 32
-    return block_rows // 2 if gated else block_rows, 256, 4, 3
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of matvec's kernel for a weight of rows x k, the fastest of
+    benchmarks/gpu_kernels.py --sweep on an H200 (the dense layers of Mistral-7B, Ministral-8B and Phi-3-mini): one
+    weight row a program (with `gated`, a gate row and its up row), in 4096-wide tiles where the rows are 4096 or 8192
+    long, 2048-wide past that (down products); two rows in 1024-wide tiles for Phi-3's 3072. Rows shorter than 1024
+    (small test models) take 32 a program, so that the programs stay few."""
+    if k < 1024:
+        return 16 if gated else 32, triton.next_power_of_2(k), 4, 1
+    if k % 4096 == 0 and k <= 8192:
+        return 1, 4096, 8, 1
+    if k > 8192:
+        return 1, 2048, 4, 1
+    return 2, 1024, 4, 3
 
 
 def matvec(x, weight, act=None, experts=None, rows_per_x: int = 1,
@@ -311,3 +397,48 @@ def matvec(x, weight, act=None, experts=None, rows_per_x: int = 1,
         x.contiguous(), weight, experts, out, n, k, GATED=act is not None, EXPERTS=experts is not None,
         ROWS_PER_X=rows_per_x, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
+
+
+def weight_only_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of weight_only_matmul's kernel for m rows of x and
+    an n x k weight with groups of `group` inputs (benchmarks/gpu_kernels.py --quant times others): one row as two
+    weight rows of 4096-wide tiles a program (16-byte loads a thread), up to 8 rows as broadcast sums over 8 weight
+    rows, tensor-core tiles from 16 rows (8 warps: 4 spill registers for sm_90); the inputs split in shares while
+    there are fewer programs than two waves of the multiprocessors would hold."""
+    if m == 1:
+        block_m, block_n, block_k, warps = 1, 2, 4096, 8
+    elif m <= 8:
+        block_m, block_n, block_k, warps = triton.next_power_of_2(m), 8, 256, 4
+    else:
+        block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 128, 8
+    block_k = min(block_k, max(group, 128, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    while programs * split < 512 and k // (block_k * split * 2) >= 4:
+        split *= 2
+    return block_m, block_n, block_k, split, warps, 3
+
+
+def weight_only_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                       config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ w.T, (m, k) by a weight-only (n, k) weight, in x's dtype: values (n, k / 8) int32 holding eight 4-bit q
+    each (the first in the low bits; w = (q - 8) * scale + zero, torch's int4 convention), or (n, k) int8
+    (w = q * scale); scale and zero (n, groups), of any strides (the same for both). For any m: the weight is read
+    once per BLOCK_M rows of x."""
+    bits = 4 if values.dtype == torch.int32 else 8
+    (m, k), (n, groups) = x.shape, scale.shape
+    if values.shape[1] * (8 if bits == 4 else 1) != k or values.shape[0] != n:
+        raise ValueError(f"weight_only_matmul: x of {k} inputs against {bits}-bit values {tuple(values.shape)} and "
+                         f"{n} rows of scales: the weight is not of {k} inputs")
+    group = k // groups
+    block_m, block_n, block_k, split, warps, stages = config or weight_only_config(m, n, k, group)
+    if groups == 1:  # one scale a row: every tile lies in the row's group
+        group = max(k, block_k)
+    elif block_k % group and group % block_k:
+        raise ValueError(f"weight_only_matmul: BLOCK_K {block_k} neither holds whole groups of {group} nor divides one")
+    x = x.contiguous()
+    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
+    _weight_only_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
+        x, values, scale, scale if zero is None else zero, out, m, n, k, *scale.stride(), BITS=bits, GROUP=group,
+        HAS_ZERO=zero is not None, SPLIT_K=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out if split == 1 else out.sum(0).to(x.dtype)

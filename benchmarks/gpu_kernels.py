@@ -1,5 +1,5 @@
 """matvec's Triton kernel against cuBLAS (F.linear) on the batch-1 decode products of the dense families; with
---quant, the weight-only int4/int8 kernel against torch's on Mistral-7B's decode products.
+--quant, the weight-only int4 and int8 products on Mistral-7B's decode products.
 
     PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant]
 
@@ -11,10 +11,11 @@ against matvec with the silu gate fused. The device's read and copy bandwidths a
 block configuration and prints the fastest per shape; without it, matvec_config's choice is timed.
 
 --quant: Mistral-7B's products at 1, 8 and 32 rows: bfloat16 cuBLAS and matvec (one row), torch's int4 tinygemm
-(_weight_int4pack_mm, group 128), maestrale's weight_only_matmul at groups 32/64/128, torch's _weight_int8pack_mm and
-maestrale's int8 (one scale a row): us, TB/s of the bytes each reads (values, scales, zeros) and the speed-up over
-cuBLAS bfloat16. Each of maestrale's is the fastest of a few configurations (weight_only_config's choice among them),
-each checked against the float64 product of the dequantized weight first; the fastest configuration is printed.
+(_weight_int4pack_mm, which Int4Weight runs on CUDA) at groups 32/64/128, torch's _weight_int8pack_mm and maestrale's
+int8_matmul (one scale a row, which Int8Weight runs on CUDA): us, TB/s of the bytes each reads (values, scales,
+zeros) and the speed-up over cuBLAS bfloat16. int8_matmul is the fastest of a few configurations (int8_config's
+choice among them), each checked against the float64 product of the dequantized weight first; the fastest
+configuration is printed.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from maestrale.engine.kernels import matvec, matvec_config, matvec_torch, weight_only_config, weight_only_matmul
-from maestrale.quantization.weight_only import pack_nibbles
+from maestrale.engine.kernels import int8_config, int8_matmul, matvec, matvec_config, matvec_torch
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
 SHAPES = {
@@ -79,8 +79,7 @@ def bandwidths() -> tuple[float, float]:
 
 QUANT_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
                 ("lm_head", 32000, 4096)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside weight_only_config's choice
-# (tiles of 128 inputs lie in one group of 128: their int4 sums are scaled once a row, as int8's always are)
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside int8_config's choice
 QUANT_CONFIGS = {
     1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3), (1, 4, 1024, 1, 4, 3), (1, 16, 256, 1, 4, 3),
         (1, 32, 128, 4, 4, 3), (1, 16, 128, 2, 4, 3)],
@@ -96,11 +95,11 @@ def copies_of(size: int) -> int:
     return max(2, -(-(512 << 20) // size))
 
 
-def tinygemm_int4(values: torch.Tensor, scale_and_zeros: torch.Tensor):
+def tinygemm_int4(values: torch.Tensor, group: int, scale_and_zeros: torch.Tensor):
     """torch's own CUDA int4 layout (_convert_weight_to_int4pack: byte pairs, 8 inner k-tiles) and its product."""
     pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
     packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
-    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, 128, scale_and_zeros)
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, scale_and_zeros)
 
 
 def quant() -> None:
@@ -121,10 +120,8 @@ def quant() -> None:
             scale = (torch.rand(n, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
             zero = (torch.randn(n, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
             scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-            s, z = scale_and_zeros.transpose(0, 1).unbind(-1)
-            int4[group] = (scale_and_zeros, s, z, n * k // 2 + 4 * n * k // group)
-        packed = [pack_nibbles(v) for v in values]
-        tiny = [tinygemm_int4(v, int4[128][0]) for v in values]
+            size = n * k // 2 + 4 * n * k // group
+            int4[group] = ([tinygemm_int4(v, group, scale_and_zeros) for v in values], size)
         for m in (1, 8, 32):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
@@ -137,31 +134,22 @@ def quant() -> None:
             show("bf16 cuBLAS", cublas, bf16_size)
             if m == 1:
                 show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)]), len(weights)), bf16_size)
-            show("tinygemm int4 g128", graph_time(lambda i: tiny[i](x), len(tiny)), int4[128][3])
-
-            def ours(label, qs, scale, zero, size, reference):
-                group = k // scale.shape[1]
-                timed = []
-                for config in dict.fromkeys([weight_only_config(m, n, k, group)] + QUANT_CONFIGS[m]):
-                    out = weight_only_matmul(x, qs[0], scale, zero, config=config).double()
-                    error = ((out - reference).norm() / reference.norm()).item()
-                    assert error < 1e-2, (name, m, label, config, error)
-                    timed.append((graph_time(lambda i: weight_only_matmul(x, qs[i], scale, zero, config=config),
-                                             len(qs)), config))
-                seconds, config = min(timed)
-                show(label, seconds, size, config)
-
-            for group, (_, s, z, size) in int4.items():
-                w = (values[0].double() - 8) * s.double().repeat_interleave(group, 1)
-                reference = x.double() @ (w + z.double().repeat_interleave(group, 1)).T
-                del w
-                ours(f"int4 g{group}", packed, s, z, size, reference)
+            for group, (tiny, size) in int4.items():
+                show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), size)
             size8 = n * k + 2 * n
             show("torch int8", graph_time(lambda i: torch.ops.aten._weight_int8pack_mm(x, int8[i], scales8[:, 0]),
                                           len(int8)), size8)
-            ours("int8", int8, scales8, None, size8, x.double() @ (int8[0].double() * scales8.double()).T)
+            reference = x.double() @ (int8[0].double() * scales8.double()).T
+            timed = []
+            for config in dict.fromkeys([int8_config(m, n, k, k)] + QUANT_CONFIGS[m]):
+                error = ((int8_matmul(x, int8[0], scales8, config=config).double() - reference).norm()
+                         / reference.norm()).item()
+                assert error < 1e-2, (name, m, config, error)
+                timed.append((graph_time(lambda i: int8_matmul(x, int8[i], scales8, config=config), len(int8)), config))
+            seconds, config = min(timed)
+            show("int8", seconds, size8, config)
             print(" ".join(line[:1]) + "\n" + "\n".join("   " + part for part in line[1:]), flush=True)
-        del weights, values, packed, tiny, int8, int4
+        del weights, values, int8, int4
         torch.cuda.empty_cache()
 
 

@@ -187,39 +187,24 @@ def test_matvec_experts(rows_per_x, gated, n, dtype):
     assert rel_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def _weight_only(bits, n, k, group, dtype, seed):
-    """Random weight-only values and scales (zeros for int4), and the float64 weight they stand for."""
-    from maestrale.quantization.weight_only import pack_nibbles
-
+def _int8(n, k, group, dtype, seed):
+    """Random int8 values and scales a (row, group), and the float64 weight they stand for."""
     g = torch.Generator().manual_seed(seed)
-    groups = k // group
-    scale = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(dtype)
-    expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
-    if bits == 8:
-        values = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-        return values.to(DEVICE), scale.to(DEVICE), None, values.double() * expand(scale)
-    values = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
-    zero = (torch.randn(n, groups, generator=g) * 0.05).to(dtype)
-    # as Int4Weight holds them: (groups, rows, 2), read through (rows, groups) views
-    scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(DEVICE)
-    scale_view, zero_view = scale_and_zeros.transpose(0, 1).unbind(-1)
-    return (pack_nibbles(values.to(DEVICE)), scale_view, zero_view,
-            (values.double() - 8) * expand(scale) + expand(zero))
-
-
-WEIGHT_ONLY = [(4, 45, 256, 32), (4, 37, 384, 128), (4, 21, 512, 64), (8, 45, 200, 200), (8, 19, 256, 32)]
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(dtype)
+    values = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    return values.to(DEVICE), scale.to(DEVICE), values.double() * scale.double().repeat_interleave(group, dim=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 17, 33])
-@pytest.mark.parametrize("bits,n,k,group", WEIGHT_ONLY)  # int8 with one scale a row (group = k), or GGUF's groups
-def test_weight_only_matmul(bits, n, k, group, m, dtype):
-    """int4/int8 weight-only products (broadcast sums up to 8 rows, tensor-core tiles from 16) equal the float64
-    product of the dequantized weight to float tolerance, for odd rows and outputs."""
+@pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32), (37, 384, 128)])  # a scale a row, or groups
+def test_int8_matmul(n, k, group, m, dtype):
+    """int8 weight-only products (broadcast sums for one row, tensor-core tiles for more) equal the float64 product
+    of the dequantized weight to float tolerance, for odd rows and outputs."""
     skip_interpreted_bfloat16(dtype)
-    values, scale, zero, weight = _weight_only(bits, n, k, group, dtype, seed=n + k + m)
+    values, scale, weight = _int8(n, k, group, dtype, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    out = kernels.weight_only_matmul(x, values, scale, zero)
+    out = kernels.int8_matmul(x, values, scale)
     exact = x.double().cpu() @ weight.T
     assert out.dtype == dtype and out.shape == (m, n)
     bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
@@ -228,14 +213,14 @@ def test_weight_only_matmul(bits, n, k, group, m, dtype):
 
 
 @pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 4, 4, 1)), (5, (8, 4, 32, 3, 4, 1)), (20, (16, 16, 64, 2, 4, 1))])
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 32), (8, 512)])
-def test_weight_only_matmul_splits_the_inputs(bits, group, m, config):
+@pytest.mark.parametrize("group", [32, 64, 512])
+def test_int8_matmul_splits_the_inputs(group, m, config):
     """Shares of the inputs summed in float32 (SPLIT_K > 1; the last share shorter), tiles within one group or
     holding several."""
     n, k = 13, 512
-    values, scale, zero, weight = _weight_only(bits, n, k, group, torch.float16, seed=m)
+    values, scale, weight = _int8(n, k, group, torch.float16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    out = kernels.weight_only_matmul(x, values, scale, zero, config=config)
+    out = kernels.int8_matmul(x, values, scale, config=config)
     exact = x.double().cpu() @ weight.T
     bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
     torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=2e-3 * bound)

@@ -1,6 +1,7 @@
-"""int8/int4 weight-only weights on CUDA (maestrale's Triton kernel, engine/kernels.py weight_only_matmul): products
-against the float product of the dequantized weight on odd shapes, decode rows (1, 3) to prefill rows (33, 100), moves
-between CPU and CUDA layouts, and a TorchAoConfig model against its dequantized self. Skipped without CUDA."""
+"""int8/int4 weight-only weights on CUDA (torch's tinygemm int4 product, maestrale's Triton int8 kernel,
+engine/kernels.py int8_matmul): products against the float product of the dequantized weight on odd shapes, decode
+rows (1, 3) to prefill rows (33, 100), moves between CPU and CUDA layouts, and a TorchAoConfig model against its
+dequantized self. Skipped without CUDA."""
 
 import pytest
 import torch

@@ -236,49 +236,19 @@ if triton is not None:
         tl.store(OUT + row * N + n, y, mask=keep_n)
 
     @triton.jit
-    def _tile_values(Q, n, keep_n, k0, K, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The (BLOCK_N, BLOCK_K) integers of a weight-only weight at rows n, inputs k0.., as float32: int4's q - 8
-        (eight values an int32, the first in the low bits), int8's q. Integers become floats by their bits (2^23 + i
-        read as a float, minus 2^23): exact, and cheaper than a conversion instruction."""
-        rows = n[:, None].to(tl.int64)
-        if BITS == 4:
-            i = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(Q + rows * (K // 8) + i[None, :], mask=keep_n[:, None] & (i < K // 8)[None, :], other=0)
-            q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-            q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-            return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    def _int8_tile(Q, n, keep_n, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_N, BLOCK_K) int8 values at weight rows n, inputs k0.., as float32: 2^23 + 128 + q read as a
+        float, minus 2^23 + 128, exact and cheaper than a conversion instruction."""
         k = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(Q + rows * K + k[None, :], mask=keep_n[:, None] & (k < K)[None, :], other=0).to(tl.int32)
+        q = tl.load(Q + n[:, None].to(tl.int64) * K + k[None, :], mask=keep_n[:, None] & (k < K)[None, :],
+                    other=0).to(tl.int32)
         return ((q + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
 
     @triton.jit
-    def _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The float32 weight tile of _tile_values: int4 as (q - 8) * scale + zero, int8 as q * scale. A tile lies in
-        one group, or holds whole groups."""
-        v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
-        if GROUP >= BLOCK_K:
-            at = n * s_row + (k0 // GROUP) * s_group
-            w = v * tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)[:, None]
-            if HAS_ZERO:
-                w += tl.load(Z + at, mask=keep_n, other=0.0).to(tl.float32)[:, None]
-        else:
-            g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-            at = n[:, None] * s_row + g[None, :] * s_group
-            keep = keep_n[:, None] & (g < K // GROUP)[None, :]
-            w = tl.reshape(v, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-            w = w * tl.load(S + at, mask=keep, other=0.0).to(tl.float32)[:, :, None]
-            if HAS_ZERO:
-                w += tl.load(Z + at, mask=keep, other=0.0).to(tl.float32)[:, :, None]
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        return w
-
-    @triton.jit
-    def _weight_only_kernel(X, Q, S, Z, OUT, M, N, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
-                            HAS_ZERO: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """BLOCK_M rows of x times BLOCK_N weight rows over one of SPLIT_K shares of the inputs: each weight tile is
-        read once and dequantized once for all the rows; tensor-core products from 16 rows up, else sums of
+    def _int8_kernel(X, Q, S, OUT, M, N, K, s_row, s_group, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_M rows of x times BLOCK_N int8 weight rows over one of SPLIT_K shares of the inputs: each weight
+        tile is read once and dequantized once for all the rows; tensor-core products from 16 rows up, else sums of
         broadcast products (where a tile lies in one group, of the integers, scaled once a row). One share stores
         the rounded outputs, several their float32 partial sums."""
         nb = tl.program_id(0)
@@ -293,20 +263,23 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :], mask=keep_m[:, None] & (k < K)[None, :],
                         other=0.0)
-            if BLOCK_M < 16 and GROUP >= BLOCK_K:  # one scale and zero a weight row: out of the sums
-                at = n * s_row + (k0 // GROUP) * s_group
-                x = x.to(tl.float32)
-                v = _tile_values(Q, n, keep_n, k0, K, BITS, BLOCK_N, BLOCK_K)
-                scale = tl.load(S + at, mask=keep_n, other=0.0).to(tl.float32)
-                acc += tl.sum(x[:, None, :] * v[None, :, :], 2) * scale[None, :]
-                if HAS_ZERO:
-                    acc += tl.sum(x, 1)[:, None] * tl.load(Z + at, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+            v = _int8_tile(Q, n, keep_n, k0, K, BLOCK_N, BLOCK_K)
+            if GROUP >= BLOCK_K:  # one scale a weight row in this tile
+                scale = tl.load(S + n * s_row + (k0 // GROUP) * s_group, mask=keep_n, other=0.0).to(tl.float32)
+                if BLOCK_M < 16:  # scaled out of the sums
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * v[None, :, :], 2) * scale[None, :]
+                    continue
+                w = v * scale[:, None]
             else:
-                w = _weight_tile(Q, S, Z, n, keep_n, k0, K, s_row, s_group, BITS, GROUP, HAS_ZERO, BLOCK_N, BLOCK_K)
-                if BLOCK_M >= 16:
-                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-                else:
-                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
+                g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                keep = keep_n[:, None] & (g < K // GROUP)[None, :]
+                scale = tl.load(S + n[:, None] * s_row + g[None, :] * s_group, mask=keep, other=0.0).to(tl.float32)
+                w = tl.reshape(tl.reshape(v, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None],
+                               (BLOCK_N, BLOCK_K))
+            if BLOCK_M >= 16:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
         at = m[:, None] * N + n[None, :]
         keep = keep_m[:, None] & keep_n[None, :]
         if SPLIT_K == 1:
@@ -399,46 +372,41 @@ def matvec(x, weight, act=None, experts=None, rows_per_x: int = 1,
     return out
 
 
-def weight_only_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of weight_only_matmul's kernel for m rows of x and
-    an n x k weight with groups of `group` inputs (benchmarks/gpu_kernels.py --quant times others): one row as two
-    weight rows of 4096-wide tiles a program (16-byte loads a thread), up to 8 rows as broadcast sums over 8 weight
-    rows, tensor-core tiles from 16 rows (8 warps: 4 spill registers for sm_90); the inputs split in shares while
-    there are fewer programs than two waves of the multiprocessors would hold."""
+def int8_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of int8_matmul's kernel for m rows of x and an
+    n x k weight with groups of `group` inputs, the fastest of benchmarks/gpu_kernels.py --quant on an H200 for
+    Mistral-7B's decode products: one row as broadcast sums over 4 weight rows of 1024-wide tiles a program, more
+    rows as tensor-core tiles of 64 weight rows by 128 inputs (rows padded to 16); the inputs split in shares while
+    there are fewer than 256 programs."""
     if m == 1:
-        block_m, block_n, block_k, warps = 1, 2, 4096, 8
-    elif m <= 8:
-        block_m, block_n, block_k, warps = triton.next_power_of_2(m), 8, 256, 4
+        block_m, block_n, block_k, warps = 1, 4, 1024, 4
     else:
         block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 128, 8
-    block_k = min(block_k, max(group, 128, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    block_k = min(block_k, max(group, 32, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    while programs * split < 512 and k // (block_k * split * 2) >= 4:
+    while programs * split < 256 and k // (block_k * split * 2) >= 4:
         split *= 2
     return block_m, block_n, block_k, split, warps, 3
 
 
-def weight_only_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
-                       config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
-    """x @ w.T, (m, k) by a weight-only (n, k) weight, in x's dtype: values (n, k / 8) int32 holding eight 4-bit q
-    each (the first in the low bits; w = (q - 8) * scale + zero, torch's int4 convention), or (n, k) int8
-    (w = q * scale); scale and zero (n, groups), of any strides (the same for both). For any m: the weight is read
-    once per BLOCK_M rows of x."""
-    bits = 4 if values.dtype == torch.int32 else 8
+def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
+                config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ w.T in x's dtype, (m, k) by an (n, k) int8 weight w = q * scale, scale (n, groups) of any strides. For any
+    m: the weight is read once per BLOCK_M rows of x."""
     (m, k), (n, groups) = x.shape, scale.shape
-    if values.shape[1] * (8 if bits == 4 else 1) != k or values.shape[0] != n:
-        raise ValueError(f"weight_only_matmul: x of {k} inputs against {bits}-bit values {tuple(values.shape)} and "
-                         f"{n} rows of scales: the weight is not of {k} inputs")
+    if tuple(values.shape) != (n, k):
+        raise ValueError(f"int8_matmul: x of {k} inputs against int8 values {tuple(values.shape)} and {n} rows of "
+                         f"scales: the weight is not ({n}, {k})")
     group = k // groups
-    block_m, block_n, block_k, split, warps, stages = config or weight_only_config(m, n, k, group)
+    block_m, block_n, block_k, split, warps, stages = config or int8_config(m, n, k, group)
     if groups == 1:  # one scale a row: every tile lies in the row's group
         group = max(k, block_k)
     elif block_k % group and group % block_k:
-        raise ValueError(f"weight_only_matmul: BLOCK_K {block_k} neither holds whole groups of {group} nor divides one")
+        raise ValueError(f"int8_matmul: BLOCK_K {block_k} neither holds whole groups of {group} nor divides one")
     x = x.contiguous()
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
-    _weight_only_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
-        x, values, scale, scale if zero is None else zero, out, m, n, k, *scale.stride(), BITS=bits, GROUP=group,
-        HAS_ZERO=zero is not None, SPLIT_K=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _int8_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
+        x, values, scale, out, m, n, k, *scale.stride(), GROUP=group, SPLIT_K=split,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -2,14 +2,13 @@
 checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
 
 int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
-w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
-layout of the product on the device they sit on: torch's _weight_int4pack_mm_for_cpu on CPU, maestrale's Triton kernel
-(engine/kernels.py weight_only_matmul, eight values an int32 along the inputs, for decode and prefill alike) on CUDA;
-.to(device) unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per
-group of 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA the same Triton kernel runs them (torch's _weight_int8pack_mm ran
-0.01-0.09x of the bfloat16 product there); on CPU torch's int8 product for 16-bit activations and one scale a row,
-else row chunks dequantized small enough to stay in cache. Scales are held in the
-dtype the product runs in, the model's.
+w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's), on CPU
+(_weight_int4pack_mm_for_cpu) and CUDA (_weight_int4pack_mm) alike. The values are held in the packed layout of the
+product on the device they sit on; .to(device) unpacks and packs them again when that layout changes. int8 holds int8
+values with one scale per row or per group of 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernel runs
+them (engine/kernels.py int8_matmul; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product there); on CPU
+torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small enough to stay in
+cache. Scales are held in the dtype the product runs in, the model's.
 
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
 Parameter, and the engine, finding no Parameter, runs the layer's forward.
@@ -30,7 +29,7 @@ from torch import nn
 from ..models.linear import Linear
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
-INT4_ROWS = 16  # torch's CPU int4 layout takes whole tiles of 16 rows: rows are padded, cut from products
+INT4_ROWS = 16  # both int4 layouts take whole tiles of rows (16 on CPU, 8 on CUDA): rows are padded, cut from products
 CHUNK_VALUES = 1 << 20  # grouped int8 weights dequantize this many values at a time: 4 MB of float32
 LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
 
@@ -64,14 +63,9 @@ class Int4Weight(PackedWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale_and_zeros.dtype).contiguous()
-        rows = self.shape[0]
-        if x.is_cuda:
-            from ..engine.kernels import weight_only_matmul  # here: the engine imports this module
-
-            scale, zero = self.scale_and_zeros[:, :rows].transpose(0, 1).unbind(-1)
-            return weight_only_matmul(x, self.packed[:rows], scale, zero)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
-        return out if out.shape[-1] == rows else out[:, :rows]
+        product = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = product(x, self.packed, self.group_size, self.scale_and_zeros)
+        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
 
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
@@ -111,9 +105,9 @@ class Int8Weight(PackedWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scales.dtype)
         if x.is_cuda:
-            from ..engine.kernels import weight_only_matmul  # here: the engine imports this module
+            from ..engine.kernels import int8_matmul  # here: the engine imports this module
 
-            return weight_only_matmul(x, self.values, self.scales)
+            return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
         # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)
         if self.scales.shape[1] == 1 and x.dtype != torch.float32:
@@ -126,31 +120,25 @@ class Int8Weight(PackedWeight):
         return self.rows(slice(None))
 
 
-def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) values 0..15 as (rows, cols / 8) int32, eight a word along the inputs, the first in the low bits:
-    the CUDA layout, which the Triton kernel reads a row's inputs from in wide loads."""
-    shifts = torch.arange(0, 32, 4, device=values.device)
-    words = (values.long().unflatten(1, (-1, 8)) << shifts).sum(-1)
-    return (words - (words >> 31 << 32)).to(torch.int32)  # the same 32 bits, as a signed int32
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """pack_nibbles' (rows, cols) values, as uint8."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    return ((packed[..., None] >> shifts) & 15).flatten(1).to(torch.uint8)
-
-
 def _pack_int4(values: torch.Tensor) -> torch.Tensor:
     """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
     if values.is_cuda:
-        return pack_nibbles(values)
+        cols = values.shape[1]
+        inner_k_tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)  # cols are whole groups of 32 or more
+        pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
 
 
 def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of a packed int4 weight."""
     if packed.is_cuda:
-        return unpack_nibbles(packed)
+        # The product with the identity, at scale 1 and zero 8: each value exactly, as bfloat16 holds 0..15 exactly.
+        groups = cols // INT4_GROUPS[0]
+        ones = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=packed.device).expand(groups, rows, 2).contiguous()
+        eye = torch.eye(cols, dtype=torch.bfloat16, device=packed.device)
+        parts = [torch.ops.aten._weight_int4pack_mm(part, packed, INT4_GROUPS[0], ones) for part in eye.split(4096)]
+        return torch.cat(parts).T.round().to(torch.uint8).contiguous()
     # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
     # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
     # (the last) pairs neighbouring rows.

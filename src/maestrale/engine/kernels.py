@@ -264,22 +264,23 @@ if triton is not None:
             x = tl.load(X + m[:, None].to(tl.int64) * K + k[None, :], mask=keep_m[:, None] & (k < K)[None, :],
                         other=0.0)
             v = _int8_tile(Q, n, keep_n, k0, K, BLOCK_N, BLOCK_K)
-            if GROUP >= BLOCK_K:  # one scale a weight row in this tile
+            if BLOCK_M < 16 and GROUP >= BLOCK_K:  # one scale a weight row in this tile: out of the sums
                 scale = tl.load(S + n * s_row + (k0 // GROUP) * s_group, mask=keep_n, other=0.0).to(tl.float32)
-                if BLOCK_M < 16:  # scaled out of the sums
-                    acc += tl.sum(x.to(tl.float32)[:, None, :] * v[None, :, :], 2) * scale[None, :]
-                    continue
-                w = v * scale[:, None]
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * v[None, :, :], 2) * scale[None, :]
             else:
-                g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-                keep = keep_n[:, None] & (g < K // GROUP)[None, :]
-                scale = tl.load(S + n[:, None] * s_row + g[None, :] * s_group, mask=keep, other=0.0).to(tl.float32)
-                w = tl.reshape(tl.reshape(v, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale[:, :, None],
-                               (BLOCK_N, BLOCK_K))
-            if BLOCK_M >= 16:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
-            else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
+                if GROUP >= BLOCK_K:
+                    scale = tl.load(S + n * s_row + (k0 // GROUP) * s_group, mask=keep_n, other=0.0).to(tl.float32)
+                    w = v * scale[:, None]
+                else:
+                    g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                    keep = keep_n[:, None] & (g < K // GROUP)[None, :]
+                    scale = tl.load(S + n[:, None] * s_row + g[None, :] * s_group, mask=keep, other=0.0)
+                    w = tl.reshape(tl.reshape(v, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * scale.to(tl.float32)[:, :, None],
+                                   (BLOCK_N, BLOCK_K))
+                if BLOCK_M >= 16:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                else:
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], 2)
         at = m[:, None] * N + n[None, :]
         keep = keep_m[:, None] & keep_n[None, :]
         if SPLIT_K == 1:

@@ -185,12 +185,20 @@ class BlocksWeight(PackedWeight):
         """The dequantized rows at `index` (any shape): an embedding lookup."""
         size = BLOCK_BYTES[self.kind]
         if self.kind == "Q8_0":
-            blocks = self.blocks[index].unflatten(-1, (-1, size))
-        else:  # the rows' groups back to the file's blocks, then each row's of its group
-            index = torch.as_tensor(index, device=self.blocks.device)
-            groups = self.blocks.unflatten(-1, (-1, size * GROUP))[index // GROUP]
-            slot = (index % GROUP)[..., None, None, None]
-            blocks = torch.take_along_dim(deinterleave(self.kind, groups), slot, dim=-3).squeeze(-3)
+            return self._values(self.blocks[index].unflatten(-1, (-1, size)))
+        index = torch.as_tensor(index, device=self.blocks.device)  # the rows' groups as the file's blocks, then each
+        groups = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))[index // GROUP])  # row's own
+        return self._values(torch.take_along_dim(groups, (index % GROUP)[..., None, None, None], dim=-3).squeeze(-3))
+
+    def dequantize(self) -> torch.Tensor:
+        size = BLOCK_BYTES[self.kind]
+        if self.kind == "Q8_0":
+            return self._values(self.blocks.unflatten(-1, (-1, size)))
+        blocks = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))).flatten(0, 1)
+        return self._values(blocks[:self.shape[0]])
+
+    def _values(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Float rows from the file's blocks, (..., blocks, bytes a block)."""
         d = blocks[..., 0:2].contiguous().view(torch.float16).float()
         if self.kind == "Q8_0":
             values = blocks[..., 2:].contiguous().view(torch.int8).float() * d
@@ -200,6 +208,3 @@ class BlocksWeight(PackedWeight):
             zero = blocks[..., 2:4].contiguous().view(torch.float16).float() if self.kind == "Q4_1" else -8 * d
             values = values * d + zero
         return values.flatten(-2).to(self.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.rows(torch.arange(self.shape[0], device=self.blocks.device))

@@ -65,8 +65,9 @@ def test_scalar_build_computes_as_the_simd_build():
     torch.ops.load_library(str(gguf_kernels.build(simd=False, namespace="maestrale_scalar")))
     for qtype in TYPES:
         raw, reference = _weight(qtype, 45, 160, 3)
+        weight = pack(qtype.name, raw, torch.float32)
         x = torch.randn(3, 160)
-        ours = torch.ops.maestrale_scalar.gguf_mm(x, raw, gguf_kernels.GGML_TYPES[qtype.name])
+        ours = torch.ops.maestrale_scalar.gguf_mm(x, weight.blocks, weight.ggml_type, 45)
         bound = 1e-6 * (x.abs() @ reference.abs().T)
         assert ((ours - quantized_activations(x) @ reference.T).abs() <= bound).all()
 
@@ -196,3 +197,34 @@ def test_stacked_blocks_run_one_product_on_the_layers_blocks():
     other = QuantizedLinear(96, 8, None)
     other.weight = pack("Q8_0", _weight(Q.Q8_0, 8, 96, 3)[0], torch.float32)
     assert gguf_kernels.stacked_blocks([*layers, other]) is None  # another GGUF type: each layer runs itself
+
+
+@pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
+def test_interleaved_layout_holds_the_files_blocks(qtype):
+    """13 rows: one whole group of 8 and one of 5 padded with zero blocks; deinterleave gives the file's bytes back."""
+    raw, _ = _weight(qtype, 13, 96, 4)
+    laid_out = gguf_kernels.interleave(qtype.name, raw)
+    size = gguf_kernels.BLOCK_BYTES[qtype.name]
+    assert laid_out.shape == (2, 8 * raw.shape[1]) and laid_out.sum() == raw.sum()
+    back = gguf_kernels.deinterleave(qtype.name, laid_out.unflatten(-1, (-1, 8 * size))).flatten(2).flatten(0, 1)
+    assert torch.equal(back[:13], raw) and not back[13:].any()
+    # the layout as group_tile reads it: block 1 of row 10 (group 1, row 2): d, then its bytes 0-7 in chunk 4
+    group = laid_out[1].unflatten(0, (-1, 8 * size))[1]
+    block = raw[10].unflatten(0, (-1, size))[1]
+    assert torch.equal(group[4:6], block[:2])
+    nibbles = group[8 * (size - 16):]
+    assert torch.equal(nibbles[4 * 8:5 * 8], block[-16:-8]) and torch.equal(nibbles[64 + 4 * 8:64 + 5 * 8], block[-8:])
+
+
+def test_stacked_blocks_of_rows_not_in_whole_groups():
+    """Only the last layer may end in a padded group: elsewhere its zero rows would sit among the outputs."""
+    layers = []
+    for rows, seed in ((16, 0), (8, 1), (5, 2)):
+        layer = QuantizedLinear(64, rows, None)
+        layer.weight = pack("Q4_0", _weight(Q.Q4_0, rows, 64, seed)[0], torch.float32)
+        layers.append(layer)
+    x = torch.randn(2, 64)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    stacked = gguf_kernels.stacked_blocks(layers)
+    assert stacked.shape == (29, 64) and torch.equal(stacked.matmul(x), separate)
+    assert gguf_kernels.stacked_blocks(layers[::-1]) is None

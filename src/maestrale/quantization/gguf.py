@@ -71,7 +71,7 @@ def pack(gguf_type: str, data: torch.Tensor, dtype: torch.dtype) -> PackedWeight
     kernels on the blocks as they are (gguf_kernels.py) where they are built, torch's on re-packed blocks otherwise."""
 
     if gguf_type in gguf_kernels.GGML_TYPES and gguf_kernels.available():
-        return gguf_kernels.BlocksWeight(gguf_type, data, dtype)
+        return gguf_kernels.BlocksWeight.from_file(gguf_type, data, dtype)
     raw = data.numpy()
     if gguf_type in ("Q8_0", "Q6_K"):
         if gguf_type == "Q8_0":

@@ -1,4 +1,5 @@
-// x @ W.T with W in GGUF blocks as stored in the file (Q4_0, Q4_1, Q8_0), for CPU decoding.
+// x @ W.T with W in GGUF blocks (Q4_0, Q4_1, Q8_0), for CPU decoding: Q8_0 as stored in the file, Q4_0 and Q4_1
+// with 8 rows' blocks interleaved at load (see group_tile).
 //
 // As llama.cpp does, each row of x is quantized once per product to int8 blocks of 32 (scale = max |x| / 127), so a
 // block's dot product is an integer one: 32 byte products summed by maddubs / madd, then scaled by both scales.
@@ -31,10 +32,8 @@ namespace {
 constexpr int64_t QK = 32;  // values per block, in every type here
 enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // GGML's numbering, as in the file
 
-struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };  // value j: low nibble of qs[j], value j + 16: high nibble
-struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
-static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34, "GGUF block sizes");
+static_assert(sizeof(BlockQ8_0) == 34, "GGUF block size");
 
 inline float half(uint16_t h) {
 #ifdef MAESTRALE_AVX2
@@ -44,8 +43,8 @@ inline float half(uint16_t h) {
 #endif
 }
 
-// The activations in int8 blocks: q (m rows of k values), and per block b and row r, at b * stride + r (so that a
-// block's values for consecutive rows are adjacent): d, the scale, and s, d times the sum of the block's q.
+// The activations in int8 blocks: q (m rows of k values), and per block b and row r, at b * stride + r: d, the
+// scale, and s, d times the sum of the block's q.
 struct Activations { const int8_t* q; int64_t k; const float* d; const float* s; int64_t stride; };
 
 #ifdef MAESTRALE_AVX2
@@ -101,141 +100,186 @@ inline float hsum(__m256 v) {
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
   return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
-
-// 32 unsigned bytes times 32 signed bytes, summed in 8 int32 lanes, as floats.
-inline __m256 dot_bytes(__m256i u, __m256i s) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
-
-inline __m256i nibbles(const uint8_t* qs) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
-}
 #endif
 
-// NR consecutive weight rows against R activation rows: each weight block is unpacked once for all R, each
-// activation block loaded once for all NR, and the NR * R accumulators are independent chains (one row alone waits
-// on its fmadd latency). Result: sum_b d_w d_x (sum q_w q_x) + sum_b offset_w s_x, with offset_w = -8 d_w (Q4_0),
-// m (Q4_1) or none (Q8_0); the offsets of the R rows are summed in one vector (s_x of a block is adjacent for them).
-template <typename Block, int NR, int R>
-void dot_tile(const Block* w, const Activations& x, int64_t blocks, float* out, int64_t stride) {
-  constexpr bool q8 = std::is_same_v<Block, BlockQ8_0>, q4_1 = std::is_same_v<Block, BlockQ4_1>;
+// Q8_0: one weight row against R activation rows, each weight block loaded once for all R.
+// Result: sum_b d_w d_x (sum q_w q_x).
+template <int R>
+void q8_0_tile(const BlockQ8_0* w, const Activations& x, int64_t blocks, float* out, int64_t stride) {
 #ifdef MAESTRALE_AVX2
-  __m256 acc[NR][R], offset[NR];
-  for (int i = 0; i < NR; ++i) {
-    offset[i] = _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-  }
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const float* dx = x.d + b * x.stride;
-    const __m256 sx = _mm256_loadu_ps(x.s + b * x.stride);  // R <= 8 rows; the stride leaves room for 8
-    for (int i = 0; i < NR; ++i) {
-      const Block& blk = w[i * blocks + b];
-      // A decode step streams ~100 MB of blocks once, from memory: asking 2 KB ahead keeps enough loads in flight
-      // (a batch-1 step's products took 14 ms instead of 21 on one thread, BENCHMARKS.md).
-      _mm_prefetch(reinterpret_cast<const char*>(&blk) + 2048, _MM_HINT_T0);
-      const __m256 dw = _mm256_set1_ps(half(blk.d));
-      __m256i q, u;
-      if constexpr (q8) {
-        q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs));
-        u = _mm256_sign_epi8(q, q);  // maddubs takes one unsigned operand: |q|, then y with q's sign
-      } else {
-        u = nibbles(blk.qs);
-        if constexpr (q4_1) offset[i] = _mm256_fmadd_ps(_mm256_set1_ps(half(blk.m)), sx, offset[i]);
-        else offset[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(-8.f)), sx, offset[i]);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + r * x.k + b * QK));
-        if constexpr (q8) y = _mm256_sign_epi8(y, q);
-        acc[i][r] = _mm256_fmadd_ps(dot_bytes(u, y), _mm256_mul_ps(dw, _mm256_broadcast_ss(dx + r)), acc[i][r]);
-      }
+    _mm_prefetch(reinterpret_cast<const char*>(w + b) + 2048, _MM_HINT_T0);
+    const __m256 dw = _mm256_set1_ps(half(w[b].d));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
+    const __m256i u = _mm256_sign_epi8(q, q);  // maddubs takes one unsigned operand: |q|, then y with q's sign
+    for (int r = 0; r < R; ++r) {
+      const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + r * x.k + b * QK));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(y, q)), _mm256_set1_epi16(1));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_broadcast_ss(dx + r)), acc[r]);
     }
   }
-  for (int i = 0; i < NR; ++i) {
-    alignas(32) float offsets[8];
-    _mm256_store_ps(offsets, offset[i]);
-    for (int r = 0; r < R; ++r) out[r * stride + i] = hsum(acc[i][r]) + (q8 ? 0.f : offsets[r]);
-  }
+  for (int r = 0; r < R; ++r) out[r * stride] = hsum(acc[r]);
 #else
-  float total[NR][R] = {}, offset[NR][R] = {};
-  int values[QK];
+  float total[R] = {};
   for (int64_t b = 0; b < blocks; ++b) {
-    for (int i = 0; i < NR; ++i) {
-      const Block& blk = w[i * blocks + b];
-      const float dw = half(blk.d);
-      for (int j = 0; j < QK; ++j) {
-        if constexpr (q8) values[j] = blk.qs[j];
-        else values[j] = j < 16 ? blk.qs[j] & 15 : blk.qs[j - 16] >> 4;
-      }
-      for (int r = 0; r < R; ++r) {
-        int sum = 0;
-        for (int j = 0; j < QK; ++j) sum += values[j] * x.q[r * x.k + b * QK + j];
-        total[i][r] += dw * x.d[b * x.stride + r] * static_cast<float>(sum);
-        if constexpr (q4_1) offset[i][r] += half(blk.m) * x.s[b * x.stride + r];
-        else if constexpr (!q8) offset[i][r] += -8.f * dw * x.s[b * x.stride + r];
-      }
+    const float dw = half(w[b].d);
+    for (int r = 0; r < R; ++r) {
+      int sum = 0;
+      for (int j = 0; j < QK; ++j) sum += w[b].qs[j] * x.q[r * x.k + b * QK + j];
+      total[r] += dw * x.d[b * x.stride + r] * static_cast<float>(sum);
     }
   }
-  for (int i = 0; i < NR; ++i)
-    for (int r = 0; r < R; ++r) out[r * stride + i] = total[i][r] + offset[i][r];
+  for (int r = 0; r < R; ++r) out[r * stride] = total[r];
 #endif
 }
 
-// Weight rows [begin, end) against R activation rows: NR weight rows at a time, then one at a time.
-template <typename Block, int NR, int R>
-void rows_tile(const Block* w, const Activations& x, float* out, int64_t n, int64_t blocks, int64_t begin,
-               int64_t end) {
-  int64_t r = begin;
-  for (; r + NR <= end; r += NR) dot_tile<Block, NR, R>(w + r * blocks, x, blocks, out + r, n);
-  for (; r < end; ++r) dot_tile<Block, 1, R>(w + r * blocks, x, blocks, out + r, n);
-}
+// Q4_0 and Q4_1 are laid out at load (gguf_kernels.py's interleave) so that one pass streams 8 rows from one place:
+// groups of 8 rows, and within a group, per block of 32 columns, the 8 rows' d (fp16), for Q4_1 their 8 m, then their
+// 8 x 16 bytes of nibbles in 8-byte chunks: first bytes 0-7 of each row, then bytes 8-15, the rows in the order
+// kChunkRow. A 32-byte load then holds 4 rows' values 0-7 (low nibbles) and 16-23 (high), or 8-15 and 24-31, against
+// 8 activation bytes broadcast to each row's quarter; the order makes the last horizontal add leave rows 0-7 in order.
+constexpr int kChunkRow[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // chunk c holds row kChunkRow[c] (and row r chunk kChunkRow[r])
+constexpr int64_t kGroup = 8;
 
-template <typename Block>
-void product(const Block* w, const Activations& x, int64_t m, float* out, int64_t n, int64_t blocks) {
-  // Two weight rows at a time for the 4-bit types; Q8_0's larger blocks run out of registers with two (3x slower).
-  constexpr int NR = std::is_same_v<Block, BlockQ8_0> ? 1 : 2;
-  // Enough rows per task that a thread's share outweighs waking it (~32 KB of blocks).
-  const int64_t grain = std::max<int64_t>(NR, 32768 / (blocks * static_cast<int64_t>(sizeof(Block))));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = 0; i < m;) {
-      const Activations rows{x.q + i * x.k, x.k, x.d + i, x.s + i, x.stride};
-      float* o = out + i * n;
-      switch (std::min<int64_t>(m - i, 4)) {
-        case 4: rows_tile<Block, NR, 4>(w, rows, o, n, blocks, begin, end); i += 4; break;
-        case 3: rows_tile<Block, NR, 3>(w, rows, o, n, blocks, begin, end); i += 3; break;
-        case 2: rows_tile<Block, NR, 2>(w, rows, o, n, blocks, begin, end); i += 2; break;
-        default: rows_tile<Block, NR, 1>(w, rows, o, n, blocks, begin, end); i += 1;
+constexpr int64_t group_bytes(bool has_min) { return (has_min ? 32 : 16) + 128; }  // per block of 32 columns
+
+// One group of 8 weight rows against R activation rows: out[r * stride + i] for i < rows (the group may be padded).
+// Each row's result is sum_b d_w d_x (sum q_w q_x) + sum_b m_w s_x, with m_w = -8 d_w for Q4_0: sum (q - 8) y =
+// sum q y - 8 sum y. Per block, the 8 rows' 32 x 32 byte products are 8 maddubs per activation row, summed in int16
+// (at most 4 x 2 x 15 x 127 = 15240, then pairs: 30480 < 2^15), and their scales apply to the 8 rows at once.
+template <bool has_min, int R>
+void group_tile(const uint8_t* w, const Activations& x, int64_t blocks, float* out, int64_t stride, int64_t rows) {
+  constexpr int64_t bytes = group_bytes(has_min), nibbles_at = has_min ? 32 : 16;
+#ifdef MAESTRALE_AVX2
+  __m256 acc[R], offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = offset[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < blocks; ++b, w += bytes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + 1024, _MM_HINT_T0);
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    // Q4_0: -8 times the sum of d_w s_x, the product by -8 (exact) once at the end
+    const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))) : dw;
+    __m256i v[8];  // per 32-byte chunk c: its low nibbles at 2c, its high nibbles at 2c + 1
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + nibbles_at + 32 * c));
+      v[2 * c] = _mm256_and_si256(raw, low);
+      v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* y = x.q + r * x.k + b * QK;
+      const auto at = [y](int j) { return _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(y + j)); };
+      const __m256i y0 = at(0), y8 = at(8), y16 = at(16), y24 = at(24);
+      // chunks 0 and 1 (bytes 0-7 of rows 0, 1, 4, 5 and of rows 2, 3, 6, 7) hold values 0-7 and 16-23; 2 and 3, 8-31
+      const __m256i a = _mm256_add_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(v[0], y0), _mm256_maddubs_epi16(v[1], y16)),
+          _mm256_add_epi16(_mm256_maddubs_epi16(v[4], y8), _mm256_maddubs_epi16(v[5], y24)));
+      const __m256i c = _mm256_add_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(v[2], y0), _mm256_maddubs_epi16(v[3], y16)),
+          _mm256_add_epi16(_mm256_maddubs_epi16(v[6], y8), _mm256_maddubs_epi16(v[7], y24)));
+      const __m256i sums = _mm256_madd_epi16(_mm256_hadd_epi16(a, c), ones);  // rows 0-7
+      const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcast_ss(x.d + b * x.stride + r));
+      acc[r] = _mm256_fmadd_ps(scaled, dw, acc[r]);
+      offset[r] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(x.s + b * x.stride + r), offset[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float result[kGroup];
+    _mm256_store_ps(result, _mm256_fmadd_ps(offset[r], _mm256_set1_ps(has_min ? 1.f : -8.f), acc[r]));
+    std::copy(result, result + rows, out + r * stride);
+  }
+#else
+  float total[R][kGroup] = {};
+  for (int64_t b = 0; b < blocks; ++b, w += bytes) {
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(w);
+    for (int i = 0; i < kGroup; ++i) {
+      const float dw = half(d[i]), mw = has_min ? half(d[kGroup + i]) : -8.f * dw;
+      const uint8_t* chunks = w + nibbles_at + 8 * kChunkRow[i];  // bytes 0-7 here, 8-15 64 bytes on
+      for (int r = 0; r < R; ++r) {
+        const int8_t* y = x.q + r * x.k + b * QK;
+        int sum = 0;
+        for (int j = 0; j < 16; ++j) {
+          const uint8_t byte = chunks[j < 8 ? j : 64 + j - 8];
+          sum += (byte & 15) * y[j] + (byte >> 4) * y[j + 16];
+        }
+        total[r][i] += dw * x.d[b * x.stride + r] * static_cast<float>(sum) + mw * x.s[b * x.stride + r];
       }
     }
+  }
+  for (int r = 0; r < R; ++r) std::copy(total[r], total[r] + rows, out + r * stride);
+#endif
+}
+
+// Runs tile<R>(activation rows i.., their output) over the m activation rows, 4 at a time while 4 are left.
+template <typename Tile>
+void over_rows(const Activations& x, int64_t m, float* out, int64_t n, Tile tile) {
+  for (int64_t i = 0; i < m;) {
+    const Activations rows{x.q + i * x.k, x.k, x.d + i, x.s + i, x.stride};
+    float* o = out + i * n;
+    switch (std::min<int64_t>(m - i, 4)) {
+      case 4: tile(std::integral_constant<int, 4>{}, rows, o); i += 4; break;
+      case 3: tile(std::integral_constant<int, 3>{}, rows, o); i += 3; break;
+      case 2: tile(std::integral_constant<int, 2>{}, rows, o); i += 2; break;
+      default: tile(std::integral_constant<int, 1>{}, rows, o); i += 1;
+    }
+  }
+}
+
+// Threads split the weight rows (groups of 8 for the 4-bit types) evenly; each streams its share once, all
+// activation rows against each group or row while it is in cache. Tasks hold enough blocks (~32 KB) that a
+// thread's share outweighs waking it.
+template <bool has_min>
+void groups_product(const uint8_t* w, const Activations& x, int64_t m, float* out, int64_t n, int64_t blocks) {
+  const int64_t row_bytes = blocks * group_bytes(has_min), groups = (n + kGroup - 1) / kGroup;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 32768 / row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      over_rows(x, m, out + g * kGroup, n, [&](auto R, const Activations& rows, float* o) {
+        group_tile<has_min, R>(w + g * row_bytes, rows, blocks, o, n, std::min(kGroup, n - g * kGroup));
+      });
   });
 }
 
-at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& weight, int64_t type) {
+void q8_0_product(const BlockQ8_0* w, const Activations& x, int64_t m, float* out, int64_t n, int64_t blocks) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / (blocks * static_cast<int64_t>(sizeof(BlockQ8_0))));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      over_rows(x, m, out + j, n, [&](auto R, const Activations& rows, float* o) {
+        q8_0_tile<R>(w + j * blocks, rows, blocks, o, n);
+      });
+  });
+}
+
+// x @ W.T for W's n rows: Q8_0 as in the file, (n, bytes a row); Q4_0 and Q4_1 interleaved, (groups of 8 rows, bytes).
+at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& weight, int64_t type, int64_t n) {
   TORCH_CHECK(x_in.dim() == 2, "gguf_mm: x must be (tokens, features), got ", x_in.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte, "gguf_mm: weight must be uint8 (rows, bytes)");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor w = weight.contiguous();
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0), blocks = k / QK;
-  const int64_t block_bytes = type == Q4_0 ? 18 : type == Q4_1 ? 20 : type == Q8_0 ? 34 : 0;
-  TORCH_CHECK(block_bytes, "gguf_mm: GGML type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
-  TORCH_CHECK(k % QK == 0 && w.size(1) == blocks * block_bytes, "gguf_mm: x has ", k, " features, the weight ",
-              w.size(1), " bytes a row; they must be ", QK, " values per block of ", block_bytes, " bytes");
+  const int64_t m = x.size(0), k = x.size(1), blocks = k / QK;
+  const int64_t bytes = type == Q4_0 ? group_bytes(false) : type == Q4_1 ? group_bytes(true)
+                        : type == Q8_0 ? static_cast<int64_t>(sizeof(BlockQ8_0)) : 0;
+  TORCH_CHECK(bytes, "gguf_mm: GGML type ", type, " is not one of Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  const int64_t rows = type == Q8_0 ? n : (n + kGroup - 1) / kGroup;
+  TORCH_CHECK(k % QK == 0 && w.size(0) == rows && w.size(1) == blocks * bytes, "gguf_mm: x has ", k,
+              " features, the weight is ", w.sizes(), " for ", n, " rows; it must be (", rows, ", ", k / QK * bytes,
+              ") for ", QK, " values per ", bytes, " bytes");
 
-  // Scales per block for rows padded to a multiple of 8 (plus 8): a tile reads 8 rows' s at once.
-  const int64_t stride = (m + 7) / 8 * 8 + 8;
+  const int64_t stride = m;
   at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
-  at::Tensor scales = at::zeros({2, blocks, stride}, x.options());
+  at::Tensor scales = at::empty({2, blocks, stride}, x.options());
   float* d = scales.data_ptr<float>();
   float* s = d + blocks * stride;
   for (int64_t i = 0; i < m; ++i)
     quantize_row(x.data_ptr<float>() + i * k, k, q.data_ptr<int8_t>() + i * k, d + i, s + i, stride);
-  const Activations rows{q.data_ptr<int8_t>(), k, d, s, stride};
+  const Activations act{q.data_ptr<int8_t>(), k, d, s, stride};
   at::Tensor out = at::empty({m, n}, x.options());
-  const void* data = w.data_ptr();
+  const uint8_t* data = w.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
-  if (type == Q4_0) product(static_cast<const BlockQ4_0*>(data), rows, m, o, n, blocks);
-  else if (type == Q4_1) product(static_cast<const BlockQ4_1*>(data), rows, m, o, n, blocks);
-  else product(static_cast<const BlockQ8_0*>(data), rows, m, o, n, blocks);
+  if (type == Q4_0) groups_product<false>(data, act, m, o, n, blocks);
+  else if (type == Q4_1) groups_product<true>(data, act, m, o, n, blocks);
+  else q8_0_product(reinterpret_cast<const BlockQ8_0*>(data), act, m, o, n, blocks);
   return out;
 }
 
@@ -301,7 +345,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 // The namespace is set by the build (maestrale, or maestrale_scalar for the scalar build the tests load beside it).
 TORCH_LIBRARY(MAESTRALE_OPS, m) {
-  m.def("gguf_mm(Tensor x, Tensor weight, int type) -> Tensor");
+  m.def("gguf_mm(Tensor x, Tensor weight, int type, int rows) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_mask, Tensor t, float scale) -> Tensor");
 }
 

@@ -1,4 +1,6 @@
-"""maestrale's own CPU product on GGUF blocks as stored in the file (Q4_0, Q4_1, Q8_0): gguf_kernels.cpp.
+"""maestrale's own CPU product on GGUF blocks (Q4_0, Q4_1, Q8_0): gguf_kernels.cpp. Q8_0 runs on the file's blocks;
+Q4_0 and Q4_1 are laid out once at load with 8 rows' blocks interleaved (`interleave`), so that one pass streams 8
+rows and reuses each activation block for all of them; the layout holds the same bytes, plus zero rows to a whole group.
 
 The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
 per source, torch version and instruction set: AVX2 + FMA + F16C when the CPU has them, a scalar loop otherwise) and
@@ -24,6 +26,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .weight_only import PackedWeight, QuantizedLinear
 
@@ -90,8 +93,8 @@ def available() -> bool:
     return True
 
 
-def _fake_mm(x: torch.Tensor, weight: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+def _fake_mm(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, rows: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], rows, dtype=torch.float32)
 
 
 def _fake_attention(q, k_cache, v_cache, seq_mask, t, scale):
@@ -101,6 +104,29 @@ def _fake_attention(q, k_cache, v_cache, seq_mask, t, scale):
 def decode_attention(q, k_cache, v_cache, seq_mask, t, scale: float) -> torch.Tensor:
     """engine/kernels.py's decode_attention_torch on CPU in float32, reading only the slots that hold a token."""
     return torch.ops.maestrale.decode_attention(q, k_cache, v_cache, seq_mask, t, scale)
+
+
+GROUP = 8  # rows whose Q4_0 / Q4_1 blocks are interleaved (gguf_kernels.cpp's group_tile)
+CHUNK_ROW = [0, 1, 4, 5, 2, 3, 6, 7]  # the order of a group's rows in its nibbles, its own inverse
+
+
+def interleave(gguf_type: str, blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / Q4_1 blocks from the file, (rows, bytes a row), laid out as group_tile reads them: (groups, bytes),
+    per block of 32 columns the 8 rows' d (and m), then their nibbles in 8-byte chunks (bytes 0-7 of each row in
+    CHUNK_ROW order, then bytes 8-15). Rows are padded with zero blocks to a whole group."""
+    size, rows = BLOCK_BYTES[gguf_type], blocks.shape[0]
+    grouped = F.pad(blocks, (0, 0, 0, -rows % GROUP)).view(-1, GROUP, blocks.shape[1] // size, size)
+    scales = grouped[..., :size - 16].unflatten(-1, (-1, 2)).permute(0, 2, 3, 1, 4)  # (groups, block, d/m, row, 2)
+    nibbles = grouped[:, CHUNK_ROW, :, size - 16:].unflatten(-1, (2, 8)).permute(0, 2, 3, 1, 4)  # (.., half, row, 8)
+    return torch.cat([scales.flatten(2), nibbles.flatten(2)], dim=-1).flatten(1)
+
+
+def deinterleave(gguf_type: str, groups: torch.Tensor) -> torch.Tensor:
+    """interleave's inverse on (..., blocks, bytes per block of a group): the file's blocks, (..., 8, blocks, size)."""
+    head = BLOCK_BYTES[gguf_type] - 16
+    scales = groups[..., :head * GROUP].unflatten(-1, (-1, GROUP, 2))  # (..., block, d/m, row, 2)
+    nibbles = groups[..., head * GROUP:].unflatten(-1, (2, GROUP, 8))[..., CHUNK_ROW, :]  # (..., block, half, row, 8)
+    return torch.cat([scales.movedim(-2, -4).flatten(-2), nibbles.movedim(-2, -4).flatten(-2)], dim=-1)
 
 
 def stacked_blocks(linears) -> BlocksWeight | None:
@@ -120,6 +146,8 @@ def stacked_blocks(linears) -> BlocksWeight | None:
         return None
     if len(weights) == 1:
         return first
+    if first.kind != "Q8_0" and any(w.shape[0] % GROUP for w in weights[:-1]):
+        return None  # a padded group inside would put its zero rows among the outputs
     rows = [w.blocks.shape[0] for w in weights]
     base, offset, laid_out = first.blocks.data_ptr(), 0, True
     for w, n in zip(weights, rows):
@@ -131,24 +159,46 @@ def stacked_blocks(linears) -> BlocksWeight | None:
         for w, part in zip(weights, stacked.split(rows)):
             w.blocks = part
     cols = first.blocks.shape[1]
-    return BlocksWeight(first.kind, torch.as_strided(first.blocks, (sum(rows), cols), (cols, 1)), first.dtype)
+    blocks = torch.as_strided(first.blocks, (sum(rows), cols), (cols, 1))
+    return BlocksWeight(first.kind, blocks, sum(w.shape[0] for w in weights), first.shape[1], first.dtype)
 
 
 class BlocksWeight(PackedWeight):
-    """A Q4_0, Q4_1 or Q8_0 weight held as the file's blocks, (rows, bytes per row) uint8, run by gguf_mm."""
+    """A Q4_0, Q4_1 or Q8_0 weight of (rows, cols) run by gguf_mm, held as uint8 blocks: Q8_0's as in the file,
+    (rows, bytes a row), Q4_0's and Q4_1's interleaved (groups of 8 rows, bytes a group)."""
 
-    def __init__(self, gguf_type: str, blocks: torch.Tensor, dtype: torch.dtype):
-        super().__init__(gguf_type, (blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[gguf_type] * 32))
+    def __init__(self, gguf_type: str, blocks: torch.Tensor, rows: int, cols: int, dtype: torch.dtype):
+        super().__init__(gguf_type, (rows, cols))
         self.ggml_type, self.dtype = GGML_TYPES[gguf_type], dtype
         self.register_buffer("blocks", blocks.contiguous())
 
+    @classmethod
+    def from_file(cls, gguf_type: str, blocks: torch.Tensor, dtype: torch.dtype) -> BlocksWeight:
+        """From a GGUF tensor's blocks as stored, (rows, bytes a row)."""
+        rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[gguf_type] * 32
+        return cls(gguf_type, blocks if gguf_type == "Q8_0" else interleave(gguf_type, blocks), rows, cols, dtype)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.maestrale.gguf_mm(x, self.blocks, self.ggml_type)
+        return torch.ops.maestrale.gguf_mm(x, self.blocks, self.ggml_type, self.shape[0])
 
     def rows(self, index) -> torch.Tensor:
         """The dequantized rows at `index` (any shape): an embedding lookup."""
-        blocks = self.blocks[index]
-        blocks = blocks.unflatten(-1, (-1, BLOCK_BYTES[self.kind]))
+        size = BLOCK_BYTES[self.kind]
+        if self.kind == "Q8_0":
+            return self._values(self.blocks[index].unflatten(-1, (-1, size)))
+        index = torch.as_tensor(index, device=self.blocks.device)  # the rows' groups as the file's blocks, then each
+        groups = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))[index // GROUP])  # row's own
+        return self._values(torch.take_along_dim(groups, (index % GROUP)[..., None, None, None], dim=-3).squeeze(-3))
+
+    def dequantize(self) -> torch.Tensor:
+        size = BLOCK_BYTES[self.kind]
+        if self.kind == "Q8_0":
+            return self._values(self.blocks.unflatten(-1, (-1, size)))
+        blocks = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))).flatten(0, 1)
+        return self._values(blocks[:self.shape[0]])
+
+    def _values(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Float rows from the file's blocks, (..., blocks, bytes a block)."""
         d = blocks[..., 0:2].contiguous().view(torch.float16).float()
         if self.kind == "Q8_0":
             values = blocks[..., 2:].contiguous().view(torch.int8).float() * d
@@ -158,6 +208,3 @@ class BlocksWeight(PackedWeight):
             zero = blocks[..., 2:4].contiguous().view(torch.float16).float() if self.kind == "Q4_1" else -8 * d
             values = values * d + zero
         return values.flatten(-2).to(self.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.rows(slice(None))

@@ -326,6 +326,7 @@ class PagedDecoder(DecodeStep):
         inputs = self.inputs[:rows]
         self.ids, self.positions, self.t, self.tables = inputs[:, 0], inputs[:, 1], inputs[:, 2], inputs[:, 3:]
 
+    @torch.no_grad()  # as generate() captures the static decoder's: no autograd graph kept in the CUDA graph's pool
     def capture(self) -> None:
         """Capture every bucket's graph, the largest first so the others reuse its memory."""
         self.inputs[:, 2] = -1

@@ -247,6 +247,7 @@ def test_flash_attn_call_bookkeeping(inputs, monkeypatch):
     fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)  # others ask importlib about flash_attn
     fake.flash_attn_func, fake.flash_attn_varlen_func = _reference_dense, _reference_varlen
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attention, "_flash_attn_installed", lambda: True)
     monkeypatch.setattr(attention, "_flash_attn_usable", lambda q: True)
     _, ours = pair("ministral-mixed", "sdpa")
     ours.half()  # flash-attn's precision, with 3 more bits than bfloat16: errors of the bookkeeping stand out

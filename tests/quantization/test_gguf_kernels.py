@@ -179,12 +179,18 @@ def test_decode_attention_is_sdpa_over_the_valid_slots(batch, heads, kv_heads, s
     torch.testing.assert_close(gguf_kernels.decode_attention(q, k, v, seq_mask, t, 0.3), expected)
 
 
-def test_stacked_blocks_run_one_product_on_the_layers_blocks():
+def _linears(qtype, cols: int, rows: tuple[int, ...]) -> list[QuantizedLinear]:
+    """Bias-free layers reading the same `cols` inputs, with `rows` outputs each, their blocks kept packed."""
     layers = []
-    for rows, seed in ((64, 0), (32, 1), (32, 2)):
-        layer = QuantizedLinear(96, rows, None)
-        layer.weight = pack("Q4_1", _weight(Q.Q4_1, rows, 96, seed)[0], torch.float32)
+    for seed, n in enumerate(rows):
+        layer = QuantizedLinear(cols, n, None)
+        layer.weight = pack(qtype.name, _weight(qtype, n, cols, seed)[0], torch.float32)
         layers.append(layer)
+    return layers
+
+
+def test_stacked_blocks_run_one_product_on_the_layers_blocks():
+    layers = _linears(Q.Q4_1, 96, (64, 32, 32))
     x = torch.randn(3, 96)
     separate = torch.cat([layer(x) for layer in layers], dim=-1)
     before = [layer.weight.blocks.clone() for layer in layers]
@@ -194,9 +200,8 @@ def test_stacked_blocks_run_one_product_on_the_layers_blocks():
         assert torch.equal(layer.weight.blocks, blocks)
         assert stacked.blocks.data_ptr() <= layer.weight.blocks.data_ptr() < stacked.blocks.data_ptr() + stacked.blocks.numel()
     assert gguf_kernels.stacked_blocks(layers).blocks.data_ptr() == stacked.blocks.data_ptr()  # laid out once
-    other = QuantizedLinear(96, 8, None)
-    other.weight = pack("Q8_0", _weight(Q.Q8_0, 8, 96, 3)[0], torch.float32)
-    assert gguf_kernels.stacked_blocks([*layers, other]) is None  # another GGUF type: each layer runs itself
+    other = _linears(Q.Q8_0, 96, (8,))
+    assert gguf_kernels.stacked_blocks([*layers, *other]) is None  # another GGUF type: each layer runs itself
 
 
 @pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
@@ -218,11 +223,7 @@ def test_interleaved_layout_holds_the_files_blocks(qtype):
 
 def test_stacked_blocks_of_rows_not_in_whole_groups():
     """Only the last layer may end in a padded group: elsewhere its zero rows would sit among the outputs."""
-    layers = []
-    for rows, seed in ((16, 0), (8, 1), (5, 2)):
-        layer = QuantizedLinear(64, rows, None)
-        layer.weight = pack("Q4_0", _weight(Q.Q4_0, rows, 64, seed)[0], torch.float32)
-        layers.append(layer)
+    layers = _linears(Q.Q4_0, 64, (16, 8, 5))
     x = torch.randn(2, 64)
     separate = torch.cat([layer(x) for layer in layers], dim=-1)
     stacked = gguf_kernels.stacked_blocks(layers)

@@ -47,10 +47,8 @@ def _streamed(x, weights) -> bool:
 
 def _product(x, weights):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
-    if _streamed(x, weights):
-        return matvec(x, weights)
     if isinstance(weights, torch.Tensor):
-        return F.linear(x, weights)
+        return matvec(x, weights) if _streamed(x, weights) else F.linear(x, weights)
     if isinstance(weights, BlocksWeight):  # GGUF blocks of one or more layers (stacked_blocks)
         return weights.matmul(x).to(x.dtype)
     return torch.cat([layer(x) for layer in weights], dim=-1)

@@ -168,7 +168,9 @@ def flex_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float,
     return kernel(q, k, v, block_mask=mask.block_mask(), scale=scaling, enable_gqa=q.shape[1] != k.shape[1]), None
 
 
+@functools.cache
 def _flash_attn_installed() -> bool:
+    """Asked once: find_spec scans the import path (~0.1 ms), and every attention call of every layer asks."""
     return importlib.util.find_spec("flash_attn") is not None
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..cache import Cache, DynamicCache, cache_argument
+from . import kernels
 from .attention import Attention, AttentionMask
 from .mlp import GatedMLP, SparseMoeBlock
 from .modeling_utils import PreTrainedModel
@@ -35,6 +36,8 @@ FAMILIES = {
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS normalisation in float32, scaled by `weight` after the cast back (transformers' order of rounding)."""
+    if kernels.fused(x, weight) and x.stride(-1) == 1:
+        return kernels.rms_norm(x, weight, eps)
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .linear import Linear, decode_step, linear, stacked_weight
 
 ACT_FNS = {
@@ -38,6 +39,8 @@ class GatedMLP(nn.Module):
             gate, up = linear(x, gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act_fn is F.silu and kernels.fused(gate, up) and gate.stride(-1) == up.stride(-1) == 1:
+            return self.down_proj(kernels.silu_gate(gate, up))
         return self.down_proj(self.act_fn(gate) * up)
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..configs import PretrainedConfig
+from . import kernels
 
 
 def _base_exponents(dim: int) -> torch.Tensor:
@@ -105,6 +106,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (batch, heads, seq, head_dim); with a partial rotary dim the tail passes through."""
+    if kernels.fused(x, cos, sin) and x.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride():
+        return kernels.rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     dim = cos.shape[-1]
     if dim == x.shape[-1]:

@@ -118,5 +118,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     block_s = 16
     _rotary_kernel[(b * heads, triton.cdiv(seq, block_s))](
         x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), heads, seq, D=d,
-        ROT=rot, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, num_warps=4)
+        ROT=rot, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, num_warps=4,
+        enable_fp_fusion=False)  # a product and the sum contracted into one fma would skip eager's rounding
     return out

@@ -2,13 +2,15 @@
 checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
 
 int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
-w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's), on CPU
-(_weight_int4pack_mm_for_cpu) and CUDA (_weight_int4pack_mm) alike. The values are held in the packed layout of the
-product on the device they sit on; .to(device) unpacks and packs them again when that layout changes. int8 holds int8
-values with one scale per row or per group of 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernel runs
-them (engine/kernels.py int8_matmul; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product there); on CPU
-torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small enough to stay in
-cache. Scales are held in the dtype the product runs in, the model's.
+w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
+layout of the product on the device they sit on: on CPU torch's (_weight_int4pack_mm_for_cpu), on CUDA maestrale's,
+int32 words of 8 values along the inputs (value 8j + s in bits 4s..4s+3 of word j) that its Triton kernel reads
+(engine/kernels.py packed_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device)
+unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
+16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (packed_matmul on the values viewed as
+int32 words at one row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product
+there); on CPU torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small
+enough to stay in cache. Scales are held in the dtype the product runs in, the model's.
 
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
 Parameter, and the engine, finding no Parameter, runs the layer's forward.
@@ -29,7 +31,10 @@ from torch import nn
 from ..models.linear import Linear
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
-INT4_ROWS = 16  # both int4 layouts take whole tiles of rows (16 on CPU, 8 on CUDA): rows are padded, cut from products
+INT4_ROWS = 16  # torch's CPU int4 layout takes whole tiles of rows: rows are padded (on every device, one layout of
+# scales), cut from products
+KERNEL_ROWS = 64  # up to this many rows of x, CUDA's int4 product runs the Triton kernel; more (a prompt) run cuBLAS
+# on the dequantized weight, which reads the weight once where the kernel reads it once per 64 rows
 CHUNK_VALUES = 1 << 20  # grouped int8 weights dequantize this many values at a time: 4 MB of float32
 LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
 
@@ -61,10 +66,21 @@ class Int4Weight(PackedWeight):
         scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
         self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+        """x @ weight.T; act (CUDA, F.silu): the weight holds gate rows then up rows, the result is silu(gate) * up,
+        in one launch."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
-        product = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        out = product(x, self.packed, self.group_size, self.scale_and_zeros)
+        if x.is_cuda and x.shape[0] <= KERNEL_ROWS:
+            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+
+            rows = self.shape[0] // 2 if act is not None else self.shape[0]
+            return packed_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, 4, True, act)
+        if act is not None:
+            raise ValueError(f"Int4Weight.matmul: the gate is fused on CUDA for up to {KERNEL_ROWS} rows only, got "
+                             f"{x.shape[0]} rows on {x.device}")
+        if x.is_cuda:
+            return F.linear(x, self.dequantize())
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
         return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
 
     def values(self) -> torch.Tensor:
@@ -105,8 +121,11 @@ class Int8Weight(PackedWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scales.dtype)
         if x.is_cuda:
-            from ..engine.kernels import int8_matmul  # here: the engine imports this module
+            from ..engine.kernels import int8_matmul, packed_matmul  # here: the engine imports this module
 
+            if x.shape[0] == 1 and self.shape[1] % 4 == 0:
+                return packed_matmul(x, self.values.view(torch.int32), self.scales, self.shape[0],
+                                     self.shape[1] // self.scales.shape[1], 8, False)
             return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
         # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)
@@ -120,25 +139,30 @@ class Int8Weight(PackedWeight):
         return self.rows(slice(None))
 
 
+def int4_words(values: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) values 0..15 as CUDA's int4 layout: (rows, cols / 8) int32 words, value 8j + s in bits
+    4s..4s+3 of word j."""
+    words = (values.long().unflatten(1, (-1, 8)) << (4 * torch.arange(8, device=values.device))).sum(-1)
+    return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
+
+
+def int4_values(words: torch.Tensor) -> torch.Tensor:
+    """The (rows, cols) uint8 values of int4_words."""
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)
+    return ((words[:, :, None] >> shifts) & 15).flatten(1).to(torch.uint8)
+
+
 def _pack_int4(values: torch.Tensor) -> torch.Tensor:
     """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
     if values.is_cuda:
-        cols = values.shape[1]
-        inner_k_tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)  # cols are whole groups of 32 or more
-        pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
-        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+        return int4_words(values)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
 
 
 def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of a packed int4 weight."""
     if packed.is_cuda:
-        # The product with the identity, at scale 1 and zero 8: each value exactly, as bfloat16 holds 0..15 exactly.
-        groups = cols // INT4_GROUPS[0]
-        ones = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=packed.device).expand(groups, rows, 2).contiguous()
-        eye = torch.eye(cols, dtype=torch.bfloat16, device=packed.device)
-        parts = [torch.ops.aten._weight_int4pack_mm(part, packed, INT4_GROUPS[0], ones) for part in eye.split(4096)]
-        return torch.cat(parts).T.round().to(torch.uint8).contiguous()
+        return int4_values(packed)
     # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
     # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
     # (the last) pairs neighbouring rows.

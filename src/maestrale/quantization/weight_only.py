@@ -66,6 +66,17 @@ class Int4Weight(PackedWeight):
         scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
         self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
 
+    @classmethod
+    def of_packed(cls, kind: str, shape: tuple[int, int], group_size: int, packed: torch.Tensor,
+                  scale_and_zeros: torch.Tensor) -> Int4Weight:
+        """The weight of values already in its device's layout (stacked_packed's rows of several)."""
+        weight = cls.__new__(cls)
+        PackedWeight.__init__(weight, kind, shape)
+        weight.group_size = group_size
+        weight.register_buffer("packed", packed)
+        weight.register_buffer("scale_and_zeros", scale_and_zeros)
+        return weight
+
     def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
         """x @ weight.T; act (CUDA, F.silu): the weight holds gate rows then up rows, the result is silu(gate) * up,
         in one launch."""
@@ -270,6 +281,55 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.weight.rows(input_ids)
+
+
+
+def _laid_out(weights: list[PackedWeight], name: str) -> torch.Tensor:
+    """The weights' buffer `name` as row blocks of one tensor. As models/linear.py's stacked_weight does, the first
+    call copies them into one tensor and points each weight at its rows, so nothing is stored twice; later calls find
+    that layout and copy nothing."""
+    parts = [getattr(w, name) for w in weights]
+    base, offset, laid_out = parts[0].data_ptr(), 0, True
+    for part in parts:
+        laid_out = laid_out and part.is_contiguous() and part.data_ptr() == base + offset
+        offset += part.numel() * part.element_size()
+    if not laid_out:
+        with torch.inference_mode(False):
+            stacked = torch.cat(parts)
+        for w, part in zip(weights, stacked.split([p.shape[0] for p in parts])):
+            setattr(w, name, part)
+        parts = [getattr(w, name) for w in weights]
+    cols = parts[0].shape[1]
+    return torch.as_strided(parts[0], (sum(p.shape[0] for p in parts), cols), (cols, 1))
+
+
+def stacked_packed(linears) -> PackedWeight | None:
+    """The int8 weights, or int4 weights in CUDA's layout, of bias-free QuantizedLinear layers that read the same
+    input, as one weight of all their rows: a decode step then runs one product instead of several (and fuses the gate
+    into gate/up's). The values are laid out once (_laid_out); int4's scales and zeros, (groups, rows, 2), are
+    concatenated (a few hundredths of the values' bytes). None where the layers are not all such layers of one kind of
+    weight, group size and dtype, or an int4 weight other than the last has rows padded."""
+    weights = [linear.weight for linear in linears]
+    first = weights[0]
+    if any(type(linear) is not QuantizedLinear or linear.bias is not None or linear._forward_hooks
+           or linear._forward_pre_hooks or type(w) is not type(first) or w.shape[1] != first.shape[1]
+           for linear, w in zip(linears, weights)) or not isinstance(first, (Int4Weight, Int8Weight)):
+        return None
+    rows = (sum(w.shape[0] for w in weights), first.shape[1])
+    if isinstance(first, Int8Weight):
+        if any((w.scales.shape[1], w.scales.dtype) != (first.scales.shape[1], first.scales.dtype) for w in weights):
+            return None
+        return first if len(weights) == 1 else Int8Weight(first.kind, _laid_out(weights, "values"),
+                                                          _laid_out(weights, "scales"))
+    if not first.packed.is_cuda or any((w.group_size, w.scale_and_zeros.dtype) != (first.group_size,
+                                       first.scale_and_zeros.dtype) for w in weights):
+        return None
+    if len(weights) == 1:
+        return first
+    if any(w.shape[0] % INT4_ROWS for w in weights[:-1]):
+        return None  # padding rows inside would sit among the outputs
+    return Int4Weight.of_packed(first.kind, rows, first.group_size, _laid_out(weights, "packed"),
+                                torch.cat([w.scale_and_zeros for w in weights], dim=1))
 
 
 def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:

@@ -22,6 +22,7 @@ the float64 product of the weight first. One command, about 3 minutes on an H200
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -118,11 +119,15 @@ def sweep(fn, configs, reference, copies: int, label: str):
     first: (seconds of the first config, the kernel's own choice; best seconds; best config)."""
     timed = []
     for config in configs:
-        error = ((fn(0, config).double() - reference).norm() / reference.norm()).item()
+        try:
+            error = ((fn(0, config).double() - reference).norm() / reference.norm()).item()
+        except Exception as e:  # a config the compiler refuses: reported, the sweep goes on
+            print(f"    {label} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
         assert error < 1e-2, (label, config, error)
         timed.append((graph_time(lambda i: fn(i, config), copies), config))
     best, config = min(timed)
-    return timed[0][0], best, config
+    return timed[0][0] if timed[0][1] == configs[0] else None, best, config
 
 
 def quant() -> None:
@@ -194,7 +199,8 @@ def main() -> None:
     mode.add_argument("--quant", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, load average "
+          f"{os.getloadavg()[0]:.2f}; "
           f"read {read / 1e12:.2f} TB/s, copy {copy / 1e12:.2f} TB/s")
     if args.quant:
         return quant()

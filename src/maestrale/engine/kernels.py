@@ -298,7 +298,7 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) - (1 << (23 - BITS * P))
 
     @triton.jit
-    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_row, s_group, BITS: tl.constexpr,
+    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, BITS: tl.constexpr,
                      GROUP: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
@@ -309,7 +309,6 @@ if triton is not None:
         OFFSET: tl.constexpr = 8 if BITS == 4 else 128
         LOW: tl.constexpr = 5 if BITS == 4 else 2  # fields below the exponent; the others shifted down once
         SHIFT: tl.constexpr = 12 if BITS == 4 else 16
-        words = K // PER
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N, BLOCK_W], tl.float32)  # summed across once, at the end
         else:
@@ -318,7 +317,7 @@ if triton is not None:
             j = k0 // PER + tl.arange(0, BLOCK_W)
             keep_j = j < end // PER
             keep = keep_n[:, None] & keep_j[None, :]
-            w = tl.load(W + n[:, None].to(tl.int64) * words + j[None, :], mask=keep, other=0)
+            w = tl.load(W + n[:, None].to(tl.int64) * s_w + j[None, :], mask=keep, other=0)
             if BITS == 8:
                 w = w ^ -2139062144  # 0x80808080: each byte q + 128
             high = w >> SHIFT
@@ -354,7 +353,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _packed_kernel(X, W, S, OUT, M, N, K, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
+    def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
                        ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
@@ -374,10 +373,10 @@ if triton is not None:
         share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         start = split * share
         end = tl.minimum(start + share, K)
-        acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_row, s_group, BITS, GROUP, ZEROS,
+        acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, BITS, GROUP, ZEROS,
                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if GATED:
-            up = _packed_rows(X, W + N * (K // (32 // BITS)), S + N * s_row, m, keep_m, n, keep_n, K, start, end,
+            up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end, s_w,
                               s_row, s_group, BITS, GROUP, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
@@ -541,9 +540,9 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's n rows then the up's n rows, and
     the result silu(gate) * up."""
     (m, k), per = x.shape, 32 // bits
-    if words.shape[1] * per != k or words.dtype != torch.int32:
+    if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
         raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
-                         f"{bits}-bit values: the weight does not have {k} inputs")
+                         f"{bits}-bit values (rows contiguous): the weight does not have {k} inputs")
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
@@ -555,7 +554,7 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     x = x.contiguous()
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
-        x, words, scales, out, m, n, k, s_row, s_group, BITS=bits, GROUP=group, ZEROS=zeros, GATED=gated,
+        x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, BITS=bits, GROUP=group, ZEROS=zeros, GATED=gated,
         SPLIT_K=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -349,8 +349,10 @@ if triton is not None:
                         u = _field(high, BITS, s - SHIFT // BITS)
                     acc += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
         if BLOCK_M == 1:
-            return tl.sum(acc, 1)
-        return acc
+            out = tl.sum(acc, 1)
+        else:
+            out = acc
+        return out
 
     @triton.jit
     def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,

@@ -91,15 +91,20 @@ INT8_CONFIGS = {
     8: [(16, 32, 128, 2, 4, 3), (16, 64, 128, 4, 8, 3)],
     32: [(32, 32, 128, 1, 4, 3), (32, 64, 256, 2, 8, 3)],
 }
-PACKED_CONFIGS = {  # int4's; int8's (4 inputs a word where int4 has 8) take half these BLOCK_K, the first few
-    1: [(1, 8, 2048, 1, 4, 1), (1, 4, 4096, 1, 4, 1), (1, 16, 1024, 1, 4, 1), (1, 16, 2048, 1, 8, 1),
-        (1, 8, 2048, 1, 4, 3), (1, 8, 1024, 2, 4, 1)],
-    8: [(16, 64, 256, 1, 4, 3), (16, 128, 256, 1, 8, 3), (16, 64, 512, 1, 4, 3), (16, 32, 256, 1, 4, 3),
-        (16, 64, 256, 2, 4, 3)],
-    32: [(32, 64, 256, 1, 4, 3), (32, 128, 256, 1, 8, 3), (32, 64, 512, 1, 4, 3), (32, 32, 256, 1, 4, 3),
-         (32, 64, 256, 2, 4, 3)],
+DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3),
+               (128, 128, 1, 8, 3)]
+INT4_CONFIGS = {  # group 128: BLOCK_K 128 or less reads a scale a row, more gathers one a word
+    1: [(1, 16, 128, 1, 1, 1), (1, 32, 128, 1, 2, 1), (1, 64, 128, 1, 4, 1), (1, 32, 64, 1, 1, 1),
+        (1, 8, 256, 1, 1, 1), (1, 16, 256, 1, 2, 1)],
+    8: [(16, *c) for c in DOT_CONFIGS],
+    32: [(32, *c) for c in DOT_CONFIGS],
 }
-INT8_PACKED = {1: 4, 8: 3, 32: 3}
+PACKED8_CONFIGS = {
+    1: [(1, 8, 1024, 1, 4, 1), (1, 4, 2048, 1, 4, 1), (1, 16, 512, 1, 4, 1), (1, 16, 1024, 1, 4, 1),
+        (1, 8, 512, 1, 1, 1), (1, 32, 256, 1, 2, 1)],
+    8: [(16, *c) for c in DOT_CONFIGS[:3]],
+    32: [(32, *c) for c in DOT_CONFIGS[:3]],
+}
 
 
 def copies_of(size: int) -> int:
@@ -142,7 +147,7 @@ def quant() -> None:
                    for _ in range(copies_of(bf16_size))]
         values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g)
                   for _ in range(copies_of(int4_size))]
-        words = [int4_words(v) for v in values]
+        words = [int4_words(v, group) for v in values]
         scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
         zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
         scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
@@ -169,7 +174,7 @@ def quant() -> None:
                      bf16_size)
             show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), int4_size)
             ungated = lambda c: not (gated and c[3] > 1)  # noqa: E731
-            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 4, gated)] + PACKED_CONFIGS[m])
+            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 4, group, gated)] + INT4_CONFIGS[m])
                        if ungated(c)]
             chosen, best, config = sweep(
                 lambda i, c: packed_matmul(x, words[i], scale_and_zeros, n, group, 4, True, act, config=c),
@@ -181,8 +186,8 @@ def quant() -> None:
                                              list(dict.fromkeys([int8_config(m, n, k, k)] + INT8_CONFIGS[m])),
                                              reference8, len(int8), f"int8 {name} m={m}")
                 show("int8 int8_matmul", best, int8_size, config, chosen)
-            half = [(c[0], c[1], c[2] // 2, *c[3:]) for c in PACKED_CONFIGS[m][:INT8_PACKED[m]]]
-            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, gated)] + half) if ungated(c)]
+            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, k, gated)] + PACKED8_CONFIGS[m])
+                       if ungated(c)]
             chosen, best, config = sweep(
                 lambda i, c: packed_matmul(x, int8[i].view(torch.int32), scales8, n, k, 8, False, act, config=c),
                 configs, reference8, len(int8), f"int8 words {name} m={m}")

@@ -238,7 +238,7 @@ def _int4(n, k, group, dtype, seed):
     scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, rows, 2)
     expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
     weight = (values.double() - 8) * expand(scale) + expand(zero)
-    return int4_words(values).to(DEVICE), scale_and_zeros.to(DEVICE), weight
+    return int4_words(values, group).to(DEVICE), scale_and_zeros.to(DEVICE), weight
 
 
 def _check(out, x, weight, dtype, act=None):
@@ -262,13 +262,15 @@ def test_packed_int4_matmul(n, k, group, m, dtype):
 
 
 def test_int4_words_round_trip():
+    """A group of 32 in 4 words: word t holds inputs t, 4 + t, ..., 28 + t of its group, low bits first."""
     from maestrale.quantization.weight_only import int4_values, int4_words
 
     values = torch.randint(0, 16, (5, 64))
-    words = int4_words(values)
+    words = int4_words(values, 32)
     assert words.dtype == torch.int32 and words.shape == (5, 8) and (words < 0).any()  # the top nibbles reach the sign
-    assert torch.equal(int4_values(words), values.to(torch.uint8))
-    assert words[0, 0].item() & 15 == values[0, 0] and (words[0, 0].item() >> 4) & 15 == values[0, 1]
+    assert torch.equal(int4_values(words, 32), values.to(torch.uint8))
+    word = words[2, 5].item() % (1 << 32)  # group 1, word 1
+    assert [(word >> 4 * s) & 15 for s in range(8)] == values[2, 32 + 1::4].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -296,7 +298,7 @@ def test_packed_matmul_fuses_the_gate(bits, m):
     _check(out, x, weight, torch.float16, torch.nn.functional.silu)
 
 
-@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1)), (1, (1, 16, 1024, 1, 8, 3)),
+@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1)), (1, (1, 16, 1024, 1, 8, 3)), (1, (1, 4, 32, 2, 1, 1)),
                                       (5, (16, 16, 128, 3, 4, 1)), (20, (32, 32, 256, 2, 4, 1))])
 def test_packed_int4_matmul_configs(m, config):
     """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding

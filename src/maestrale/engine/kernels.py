@@ -290,73 +290,107 @@ if triton is not None:
 
 
     @triton.jit
-    def _field(w, BITS: tl.constexpr, P: tl.constexpr):
+    def _field(w, ones, BITS: tl.constexpr, P: tl.constexpr):
         """Field P of BITS bits of int32 words (its bits below float32's exponent) as exact float32: the field or'ed
         into the mantissa of 2^(23 - BITS * P), which is then subtracted; one logic instruction and one subtraction,
-        no shift and no conversion."""
-        bits = (w & (((1 << BITS) - 1) << (BITS * P))) | ((150 - BITS * P) << 23)
+        no shift and no conversion. `ones` (2^BITS - 1) is a kernel argument, not a literal: a register operand lets
+        the and-or be one LOP3 (it takes one literal)."""
+        bits = (w & (ones << (BITS * P))) | ((150 - BITS * P) << 23)
         return bits.to(tl.float32, bitcast=True) - (1 << (23 - BITS * P))
 
     @triton.jit
-    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, BITS: tl.constexpr,
-                     GROUP: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
-        for one row). Word j of a row holds inputs 32 / BITS * j + s in field s, unsigned (int8 values are offset by
-        128 with one xor); a weight is u * scale + (zero - offset * scale) with the scale and zero of its group."""
+        for one row). The inputs come in blocks of LAYOUT, each in LAYOUT * BITS / 32 words, word t of a block holding
+        its inputs s * (words a block) + t in field s, unsigned (int8 values are offset by 128 with one xor); a weight
+        is u * scale + (zero - offset * scale) with the scale and zero of its group of GROUP inputs (1 << 30: one a
+        row, applied once at the end). Everything is a 2-D tile of the weight's layout, so no value changes threads."""
         PER: tl.constexpr = 32 // BITS
         BLOCK_W: tl.constexpr = BLOCK_K // PER
+        WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
         OFFSET: tl.constexpr = 8 if BITS == 4 else 128
         LOW: tl.constexpr = 5 if BITS == 4 else 2  # fields below the exponent; the others shifted down once
         SHIFT: tl.constexpr = 12 if BITS == 4 else 16
+        ONE: tl.constexpr = GROUP >= (1 << 30)
+        ROW: tl.constexpr = GROUP % BLOCK_K == 0  # a tile lies in one group: a scale a row
+        if ONE:
+            scale = tl.load(S + n[:, None] * s_row, mask=keep_n[:, None], other=0.0).to(tl.float32)
+            if ZEROS:
+                zero = tl.load(S + n[:, None] * s_row + 1, mask=keep_n[:, None], other=0.0).to(tl.float32)
+                zero -= OFFSET * scale
+            else:
+                zero = -OFFSET * scale
         if BLOCK_M == 1:
             acc = tl.zeros([BLOCK_N, BLOCK_W], tl.float32)  # summed across once, at the end
+            x_acc = tl.zeros([1, BLOCK_W], tl.float32)
+            row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(start, end, BLOCK_K):
-            j = k0 // PER + tl.arange(0, BLOCK_W)
+            j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
             keep_j = j < end // PER
-            keep = keep_n[:, None] & keep_j[None, :]
-            w = tl.load(W + n[:, None].to(tl.int64) * s_w + j[None, :], mask=keep, other=0)
+            keep = keep_n[:, None] & keep_j
+            w = tl.load(W + n[:, None].to(tl.int64) * s_w + j, mask=keep, other=0)
             if BITS == 8:
                 w = w ^ -2139062144  # 0x80808080: each byte q + 128
             high = w >> SHIFT
-            at = S + n[:, None] * s_row + ((j * PER) // GROUP)[None, :] * s_group
-            scale = tl.load(at, mask=keep, other=0.0).to(tl.float32)
-            if ZEROS:
-                zero = tl.load(at + 1, mask=keep, other=0.0).to(tl.float32) - OFFSET * scale
-            else:
-                zero = -OFFSET * scale
+            if not ONE:
+                if ROW:
+                    at = S + n[:, None] * s_row + (k0 // GROUP) * s_group
+                    keep_s = keep_n[:, None]
+                else:
+                    at = S + n[:, None] * s_row + ((j * PER) // GROUP) * s_group
+                    keep_s = keep
+                scale = tl.load(at, mask=keep_s, other=0.0).to(tl.float32)
+                if ZEROS:
+                    zero = tl.load(at + 1, mask=keep_s, other=0.0).to(tl.float32) - OFFSET * scale
+                else:
+                    zero = -OFFSET * scale
+            xk = (j // WORDS) * LAYOUT + j % WORDS  # field 0's input of each word
             if BLOCK_M == 1:
                 qx = tl.zeros([BLOCK_N, BLOCK_W], tl.float32)
-                xs = tl.zeros([BLOCK_W], tl.float32)
+                xs = tl.zeros([1, BLOCK_W], tl.float32)
                 for s in tl.static_range(PER):
-                    xv = tl.load(X + j * PER + s, mask=keep_j, other=0.0).to(tl.float32)
+                    xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
                     if s < LOW:
-                        u = _field(w, BITS, s)
+                        u = _field(w, ones, BITS, s)
                     else:
-                        u = _field(high, BITS, s - SHIFT // BITS)
-                    qx += u * xv[None, :]
+                        u = _field(high, ones, BITS, s - SHIFT // BITS)
+                    qx += u * xv
                     xs += xv
-                acc += qx * scale + xs[None, :] * zero
+                # Scales of another shape than the tile are applied to its sums, x's as a scalar: Triton then
+                # converts between the layouts of (BLOCK_N, 1) tensors, not of the tile, and loads x once.
+                if ONE:
+                    acc += qx
+                    x_acc += xs
+                elif ROW:
+                    row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
+                else:
+                    acc += qx * scale + xs * zero
             else:
                 for s in tl.static_range(PER):
-                    xv = tl.load(X + m[:, None].to(tl.int64) * K + (j * PER + s)[None, :],
-                                 mask=keep_m[:, None] & keep_j[None, :], other=0.0)
+                    xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS, mask=keep_m[:, None] & keep_j,
+                                 other=0.0)
                     if s < LOW:
-                        u = _field(w, BITS, s)
+                        u = _field(w, ones, BITS, s)
                     else:
-                        u = _field(high, BITS, s - SHIFT // BITS)
+                        u = _field(high, ones, BITS, s - SHIFT // BITS)
                     acc += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
         if BLOCK_M == 1:
-            out = tl.sum(acc, 1)
+            if ONE:
+                row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
+            elif not ROW:
+                row_acc = tl.sum(acc, 1, keep_dims=True)
+            out = tl.sum(row_acc, 1)
         else:
             out = acc
         return out
 
     @triton.jit
-    def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, BITS: tl.constexpr, GROUP: tl.constexpr,
-                       ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, ones, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       LAYOUT: tl.constexpr, ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
         left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
@@ -375,11 +409,12 @@ if triton is not None:
         share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         start = split * share
         end = tl.minimum(start + share, K)
-        acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, BITS, GROUP, ZEROS,
-                           PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
+                           LAYOUT,
+                           ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if GATED:
             up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end, s_w,
-                              s_row, s_group, BITS, GROUP, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                              s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         if BLOCK_M == 1:
@@ -517,19 +552,22 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 
 
 
-def packed_config(m: int, n: int, k: int, bits: int, gated: bool) -> tuple[int, int, int, int, int, int]:
+def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
+                  ) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of packed_matmul's kernel for m rows of x and an
-    n x k weight (n outputs; with `gated`, 2n weight rows): one row as multiply-adds over 8 weight rows of 256 words a
-    program, more rows as tensor-core tiles of 64 weight rows by 32 words (x's rows padded to 16); the inputs split in
-    shares while there are fewer than 264 programs (never gated: the gate needs whole sums)."""
-    per = 32 // bits
+    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs: one row as multiply-adds
+    (int4: a group of 16 weight rows a one-warp program, so a tile needs one scale a row; int8, one scale a row: 8
+    rows of 1024 inputs), more rows as tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16); the
+    inputs split in shares while there are fewer programs than an H200's 132 multiprocessors (never gated: the gate
+    needs whole sums)."""
     if m == 1:
-        block_m, block_n, block_k, warps = 1, 8, 256 * per, 4
+        block_m, block_n, block_k, warps = (1, 16, min(group, 256), 1) if bits == 4 else (1, 8, 1024, 4)
     else:
-        block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 32 * per, 4
+        block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4
+    per = 32 // bits
     block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    while not gated and programs * split < 264 and k // (block_k * split * 2) >= 4:
+    while not gated and programs * split < 132 and k // (block_k * split * 2) >= 4:
         split *= 2
     return block_m, block_n, block_k, split, warps, 3
 
@@ -537,8 +575,8 @@ def packed_config(m: int, n: int, k: int, bits: int, gated: bool) -> tuple[int, 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
                   zeros: bool, act=None, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
     """x @ w.T in x's dtype for x (m, k) and the first n rows of an int4 or int8 weight packed along the inputs in
-    int32 words, (rows, k * bits / 32) (int4: field s of word j is input 8j + s, w = (q - 8) * scale + zero;
-    int8: the int8 values viewed as int32, w = q * scale). scales: int4's (groups, rows, 2) scales and zeros
+    int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
+    w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's (groups, rows, 2) scales and zeros
     (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's n rows then the up's n rows, and
     the result silu(gate) * up."""
     (m, k), per = x.shape, 32 // bits
@@ -548,15 +586,17 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
-    block_m, block_n, block_k, split, warps, stages = config or packed_config(m, n, k, bits, gated)
+    block_m, block_n, block_k, split, warps, stages = config or packed_config(m, n, k, bits, group, gated)
     if split > 1 and gated:
         raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
+    layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
     group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
     x = x.contiguous()
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
-        x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, BITS=bits, GROUP=group, ZEROS=zeros, GATED=gated,
+        x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group, LAYOUT=layout,
+        ZEROS=zeros, GATED=gated,
         SPLIT_K=split, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -4,7 +4,7 @@ checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
 int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
 w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
 layout of the product on the device they sit on: on CPU torch's (_weight_int4pack_mm_for_cpu), on CUDA maestrale's,
-int32 words of 8 values along the inputs (value 8j + s in bits 4s..4s+3 of word j) that its Triton kernel reads
+int32 words of 8 values along the inputs (int4_words) that its Triton kernel reads
 (engine/kernels.py packed_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device)
 unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (packed_matmul on the values viewed as
@@ -62,7 +62,7 @@ class Int4Weight(PackedWeight):
             raise ValueError(f"int4 weight of shape {(rows, cols)} with {scale.shape[1]} groups per row: torch's int4 "
                              f"products take groups of {', '.join(map(str, INT4_GROUPS))} inputs")
         pad = -rows % INT4_ROWS  # zero rows (scale and zero 0)
-        self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad))))
+        self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad)), self.group_size))
         scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
         self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
 
@@ -97,7 +97,7 @@ class Int4Weight(PackedWeight):
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
         rows = self.scale_and_zeros.shape[1]
-        return _unpack_int4(self.packed, rows, self.shape[1])[:self.shape[0]]
+        return _unpack_int4(self.packed, rows, self.shape[1], self.group_size)[:self.shape[0]]
 
     def dequantize(self) -> torch.Tensor:
         scale, zero = self.scale_and_zeros[:, :self.shape[0]].float().transpose(0, 1).unbind(-1)
@@ -108,7 +108,8 @@ class Int4Weight(PackedWeight):
         scale_and_zeros = fn(self.scale_and_zeros)
         if scale_and_zeros.device.type != self.packed.device.type:  # the other device's product reads another layout
             rows = self.scale_and_zeros.shape[1]
-            self.packed = _pack_int4(fn(_unpack_int4(self.packed, rows, self.shape[1]).to(torch.int32)))
+            values = _unpack_int4(self.packed, rows, self.shape[1], self.group_size)
+            self.packed = _pack_int4(fn(values.to(torch.int32)), self.group_size)
         else:
             self.packed = fn(self.packed)
         self.scale_and_zeros = scale_and_zeros
@@ -150,30 +151,33 @@ class Int8Weight(PackedWeight):
         return self.rows(slice(None))
 
 
-def int4_words(values: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) values 0..15 as CUDA's int4 layout: (rows, cols / 8) int32 words, value 8j + s in bits
-    4s..4s+3 of word j."""
-    words = (values.long().unflatten(1, (-1, 8)) << (4 * torch.arange(8, device=values.device))).sum(-1)
+def int4_words(values: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, cols) values 0..15 as CUDA's int4 layout: (rows, cols / 8) int32 words, each group of `group` inputs in
+    group / 8 words, word t of a group holding its inputs s * group / 8 + t in bits 4s..4s+3. A field's inputs are
+    then contiguous across a group's words (the kernel loads x for them in vectors) and a word lies in one group."""
+    fields = values.long().unflatten(1, (-1, 8, group // 8))  # (rows, groups, field s, word t)
+    words = (fields << (4 * torch.arange(8, device=values.device))[:, None]).sum(2).flatten(1)
     return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
 
 
-def int4_values(words: torch.Tensor) -> torch.Tensor:
+def int4_values(words: torch.Tensor, group: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of int4_words."""
-    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)
-    return ((words[:, :, None] >> shifts) & 15).flatten(1).to(torch.uint8)
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)[:, None]
+    fields = (words.unflatten(1, (-1, 1, group // 8)) >> shifts) & 15  # (rows, groups, field s, word t)
+    return fields.flatten(1).to(torch.uint8)
 
 
-def _pack_int4(values: torch.Tensor) -> torch.Tensor:
+def _pack_int4(values: torch.Tensor, group: int) -> torch.Tensor:
     """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
     if values.is_cuda:
-        return int4_words(values)
+        return int4_words(values, group)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
 
 
-def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, rows: int, cols: int, group: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of a packed int4 weight."""
     if packed.is_cuda:
-        return int4_values(packed)
+        return int4_values(packed, group)
     # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
     # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
     # (the last) pairs neighbouring rows.

@@ -412,7 +412,8 @@ if triton is not None:
         """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
         left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
         shares of the inputs; each weight tile is read and converted once for all the rows. GATED: the weight holds
-        the gate rows then the up rows, and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it.
+        the gate rows then the up rows, and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it
+        (one row of x: gate and up rows read in one tile).
         One share stores the rounded outputs, several their float32 partial sums."""
         nb = tl.program_id(0)
         mb = tl.program_id(1)
@@ -426,11 +427,20 @@ if triton is not None:
         share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         start = split * share
         end = tl.minimum(start + share, K)
-        acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
-                           LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if GATED and BLOCK_M == 1:  # gate row i and up row i interleaved in one tile: twice the weight in flight
+            r = tl.arange(0, 2 * BLOCK_N)
+            half = nb * BLOCK_N + r // 2
+            both = _packed_rows(X, W, S, m, keep_m, half + (r % 2) * N, half < N, K, start, end, s_w, s_row, s_group,
+                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+            acc, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
+        else:
+            acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
+                               LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if GATED:
-            up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end, s_w,
-                              s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            if BLOCK_M > 1:
+                up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end,
+                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N,
+                                  BLOCK_K)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         if BLOCK_M == 1:
@@ -578,9 +588,9 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
     (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
     padded to 16), split until there are 132 programs (an H200's multiprocessors). Untuned on a GPU: see
     benchmarks/gpu_kernels.py --quant."""
-    if m == 1:
+    if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
         block_m, block_n, block_k, warps, stages, programs_wanted = (
-            (1, 64, 256, 1, 1, 512) if bits == 4 else (1, 8, 1024, 4, 1, 512))
+            (1, 32 if gated else 64, 256, 1, 1, 512) if bits == 4 else (1, 8, 1024, 4, 1, 512))
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
             min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4, 3, 132)

@@ -273,11 +273,14 @@ def test_int4_words_round_trip():
     assert [(word >> 4 * s) & 15 for s in range(8)] == values[2, 32 + 1::4].tolist()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 20])
 @pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32)])
 def test_packed_int8_matmul(n, k, group, m, dtype):
-    """int8 values viewed as int32 words (4 a word) through the same kernel: w = q * scale."""
+    """int8 values viewed as int32 words (4 a word) through the same kernel: w = q * scale; bfloat16 x at one row
+    read 4 inputs an int64. (The interpreter truncates bfloat16 outputs, within the tolerance at one row.)"""
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and m > 1:
+        pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
     values, scale, weight = _int8(n, k, group, dtype, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     _check(kernels.packed_matmul(x, values.view(torch.int32), scale, n, group, 8, False), x, weight, dtype)

@@ -307,23 +307,37 @@ if triton is not None:
         WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
         j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
         keep_j = j < end // PER
-        w = tl.load(W + n[:, None].to(tl.int64) * s_w + j, mask=keep_n[:, None] & keep_j, other=0)
+        # int8: loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
+        at = n[:, None].to(tl.int64) * s_w + (tl.max_contiguous(j, [1, 2]) if BITS == 8 else j)
+        w = tl.load(W + at, mask=keep_n[:, None] & keep_j, other=0)
         if BITS == 8:
             w = w ^ -2139062144  # 0x80808080: each byte q + 128
         high = w >> (12 if BITS == 4 else 16)
         return w, high, j, keep_j, (j // WORDS) * LAYOUT + j % WORDS
 
     @triton.jit
-    def _fields_times_x(X, w, high, xk, keep_j, ones, BITS: tl.constexpr, LAYOUT: tl.constexpr):
+    def _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS: tl.constexpr, LAYOUT: tl.constexpr):
         """sum over fields s of u_s * x (the tile's shape, float32) and sum over s of x ((1, BLOCK_W)) for one row
-        of x; each word's field s multiplies input xk + s * (words a block)."""
+        of x; each word's field s multiplies input xk + s * (words a block). bfloat16 x against int8 words: word j's
+        4 inputs are read as one int64 (x's loads then have the words' layout, not a stride of 4) and split into
+        float32 by masks and shifts (a bfloat16 is a float32's top half)."""
         PER: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = LAYOUT // PER
         LOW: tl.constexpr = 5 if BITS == 4 else 2  # fields below the exponent; the others come from `high`
+        X64: tl.constexpr = BITS == 8 and X.dtype.element_ty == tl.bfloat16
         qx = tl.zeros(w.shape, tl.float32)
         xs = tl.zeros(xk.shape, tl.float32)
+        if X64:
+            x64 = tl.load(X.to(tl.pointer_type(tl.int64)) + j, mask=keep_j, other=0)
+            halves = (x64.to(tl.int32), (x64 >> 32).to(tl.int32))
         for s in tl.static_range(PER):
-            xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
+            if X64:
+                if s % 2 == 0:
+                    xv = (halves[s // 2] << 16).to(tl.float32, bitcast=True)
+                else:
+                    xv = (halves[s // 2] & -65536).to(tl.float32, bitcast=True)
+            else:
+                xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
             if s < LOW:
                 u = _field(w, ones, BITS, s)
             else:
@@ -370,7 +384,7 @@ if triton is not None:
             for k0 in range(start, end, BLOCK_K):
                 for sub in tl.static_range(BLOCK_K // SUB):
                     w, high, j, keep_j, xk = _words(W, n, keep_n, k0 + sub * SUB, end, s_w, BITS, SUB // PER, LAYOUT)
-                    qx, xs = _fields_times_x(X, w, high, xk, keep_j, ones, BITS, LAYOUT)
+                    qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
                     if ONE:
                         acc += qx
                         x_acc += xs

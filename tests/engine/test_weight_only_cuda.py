@@ -129,3 +129,14 @@ def test_stacked_int4_layers_run_one_product_and_fuse_the_gate():
     for rows in (1, 3):
         out = stacked.matmul(x[:rows], torch.nn.functional.silu)
         torch.testing.assert_close(out.double(), reference[:rows], rtol=0, atol=2e-2 * bound)
+
+
+def test_int8_product_fuses_the_gate_at_one_row():
+    from maestrale.engine.kernels import matvec_torch
+
+    weight = quantize_int8(torch.randn(2 * 40, 256, device="cuda").bfloat16() * 0.05)
+    x = torch.randn(1, 256, device="cuda").bfloat16()
+    assert weight.fuses_gate(x) and not weight.fuses_gate(x.expand(3, -1))
+    reference = matvec_torch(x.double(), weight.dequantize().double(), torch.nn.functional.silu)
+    torch.testing.assert_close(weight.matmul(x, torch.nn.functional.silu).double(), reference, rtol=0,
+                               atol=2e-2 * reference.abs().max().item())

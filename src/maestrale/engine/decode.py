@@ -13,8 +13,8 @@ generate() is given a compile_config, as one graph compiled by torch.compile (fu
 
 GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
 through the same library's decode_attention (quantization/gguf_kernels.py). Weight-only int8 and int4 layers
-(TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA int4's gate/up runs with the gate fused
-(kernels.py packed_matmul). Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
+(TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
+(kernels.py packed_matmul; int8 at batch 1). Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
 own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
 would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
 layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
@@ -35,7 +35,7 @@ from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
-from ..quantization.weight_only import KERNEL_ROWS, Int4Weight, PackedWeight, stacked_packed
+from ..quantization.weight_only import Int4Weight, Int8Weight, PackedWeight, stacked_packed
 from .kernels import decode_attention, matvec, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
@@ -58,10 +58,11 @@ def _product(x, weights):
 
 def _gated(x, gate_up, act, gate):
     """act(gate) * up of gate/up's product, in one kernel where there is one: matvec's (one row by a matrix),
-    packed_matmul's (int4 on CUDA, up to KERNEL_ROWS rows); else the product, then `gate` (a compiled _gate)."""
+    packed_matmul's (int8 / int4 weights on CUDA, see their fuses_gate); else the product, then `gate` (a compiled
+    _gate)."""
     if _streamed(x, gate_up):
         return matvec(x, gate_up, act)
-    if isinstance(gate_up, Int4Weight) and x.is_cuda and act is F.silu and x.shape[0] <= KERNEL_ROWS:
+    if isinstance(gate_up, (Int4Weight, Int8Weight)) and act is F.silu and gate_up.fuses_gate(x):
         return gate_up.matmul(x, act).to(x.dtype)
     return gate(_product(x, gate_up), act)
 

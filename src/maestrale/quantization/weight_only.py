@@ -77,11 +77,15 @@ class Int4Weight(PackedWeight):
         weight.register_buffer("scale_and_zeros", scale_and_zeros)
         return weight
 
+    def fuses_gate(self, x: torch.Tensor) -> bool:
+        """Whether matmul(x, F.silu) runs in one launch."""
+        return x.is_cuda and x.shape[0] <= KERNEL_ROWS
+
     def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
-        """x @ weight.T; act (CUDA, F.silu): the weight holds gate rows then up rows, the result is silu(gate) * up,
-        in one launch."""
+        """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
+        silu(gate) * up, in one launch."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
-        if x.is_cuda and x.shape[0] <= KERNEL_ROWS:
+        if self.fuses_gate(x):
             from ..engine.kernels import packed_matmul  # here: the engine imports this module
 
             rows = self.shape[0] // 2 if act is not None else self.shape[0]
@@ -130,14 +134,26 @@ class Int8Weight(PackedWeight):
         values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
         return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scales.dtype)
-        if x.is_cuda:
-            from ..engine.kernels import int8_matmul, packed_matmul  # here: the engine imports this module
+    def fuses_gate(self, x: torch.Tensor) -> bool:
+        """Whether matmul(x, F.silu) runs in one launch: packed_matmul's, on the values viewed as int32 words."""
+        return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
 
-            if x.shape[0] == 1 and self.shape[1] % 4 == 0:
-                return packed_matmul(x, self.values.view(torch.int32), self.scales, self.shape[0],
-                                     self.shape[1] // self.scales.shape[1], 8, False)
+    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+        """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
+        silu(gate) * up."""
+        x = x.to(self.scales.dtype)
+        if self.fuses_gate(x):
+            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+
+            rows = self.shape[0] // 2 if act is not None else self.shape[0]
+            return packed_matmul(x, self.values.view(torch.int32), self.scales, rows,
+                                 self.shape[1] // self.scales.shape[1], 8, False, act)
+        if act is not None:
+            raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, got {x.shape[0]} rows "
+                             f"on {x.device}")
+        if x.is_cuda:
+            from ..engine.kernels import int8_matmul
+
             return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
         # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)

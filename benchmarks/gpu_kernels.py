@@ -10,24 +10,28 @@ median replay over the calls, and TB/s counts the weight bytes read. The gate_up
 against matvec with the silu gate fused. The device's read and copy bandwidths are printed first. --sweep times every
 block configuration and prints the fastest per shape; without it, matvec_config's choice is timed.
 
---quant: Mistral-7B's products at 1, 8 and 32 rows: bfloat16 cuBLAS and matvec (one row), torch's int4 tinygemm
-(_weight_int4pack_mm, which Int4Weight runs on CUDA) at groups 32/64/128, torch's _weight_int8pack_mm and maestrale's
-int8_matmul (one scale a row, which Int8Weight runs on CUDA): us, TB/s of the bytes each reads (values, scales,
-zeros) and the speed-up over cuBLAS bfloat16. int8_matmul is the fastest of a few configurations (int8_config's
-choice among them), each checked against the float64 product of the dequantized weight first; the fastest
-configuration is printed.
+--quant: Mistral-7B's products at 1, 8 and 32 rows (gate/up as the decode step runs it: cuBLAS and tinygemm bare,
+matvec and packed_matmul with the silu gate fused): bfloat16 cuBLAS and matvec (one row), torch's int4 tinygemm
+(_weight_int4pack_mm) at group 128, maestrale's packed_matmul on int4 words (what Int4Weight runs on CUDA) and on int8
+values viewed as words (Int8Weight at one row), and int8_matmul (Int8Weight at more rows): us, TB/s of the bytes each
+reads (values, scales, zeros) and the speed-up over cuBLAS bfloat16. Each Triton kernel is the fastest of a sweep of
+configurations (its own choice, packed_config / int8_config, first, whose time is printed too), each checked against
+the float64 product of the weight first. One command, about 3 minutes on an H200.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from maestrale.engine.kernels import int8_config, int8_matmul, matvec, matvec_config, matvec_torch
+from maestrale.engine.kernels import (int8_config, int8_matmul, matvec, matvec_config, matvec_torch, packed_config,
+                                     packed_matmul)
+from maestrale.quantization.weight_only import int4_words
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
 SHAPES = {
@@ -77,16 +81,30 @@ def bandwidths() -> tuple[float, float]:
     return read, copy
 
 
-QUANT_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
-                ("lm_head", 32000, 4096)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside int8_config's choice
-QUANT_CONFIGS = {
-    1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3), (1, 4, 1024, 1, 4, 3), (1, 16, 256, 1, 4, 3),
-        (1, 32, 128, 4, 4, 3), (1, 16, 128, 2, 4, 3)],
-    8: [(8, 4, 256, 1, 4, 3), (8, 8, 256, 1, 4, 3), (8, 16, 128, 1, 4, 3), (16, 32, 128, 2, 4, 3),
-        (16, 64, 128, 1, 8, 3), (16, 64, 128, 4, 8, 3)],
-    32: [(32, 32, 128, 1, 4, 3), (32, 64, 128, 1, 8, 3), (32, 64, 128, 4, 8, 3), (32, 64, 256, 2, 8, 3),
-         (16, 64, 128, 2, 8, 3), (32, 128, 128, 1, 8, 3)],
+QUANT_SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 14336, 4096, True),
+                ("down", 4096, 14336, False), ("lm_head", 32000, 4096, False)]
+QUANT_ROWS = (1, 8, 32)
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside the kernels' own choice
+# (int8_config, packed_config); BLOCK_K counts inputs. Split configs are skipped for gated products.
+INT8_CONFIGS = {
+    1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3)],
+    8: [(16, 32, 128, 2, 4, 3), (16, 64, 128, 4, 8, 3)],
+    32: [(32, 32, 128, 1, 4, 3), (32, 64, 256, 2, 8, 3)],
+}
+DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3),
+               (128, 128, 1, 8, 3)]
+INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
+    1: [(1, 64, 256, 1, 1, 1), (1, 64, 256, 4, 1, 1), (1, 64, 128, 8, 1, 1), (1, 32, 256, 4, 1, 1),
+        (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 16, 2048, 1, 4, 1), (1, 32, 1024, 2, 4, 1),
+        (1, 32, 512, 1, 2, 1), (1, 16, 512, 1, 1, 1)],
+    8: [(16, *c) for c in DOT_CONFIGS],
+    32: [(32, *c) for c in DOT_CONFIGS],
+}
+PACKED8_CONFIGS = {
+    1: [(1, 8, 1024, 1, 4, 1), (1, 4, 2048, 1, 4, 1), (1, 16, 512, 2, 4, 1), (1, 16, 1024, 1, 4, 1),
+        (1, 32, 256, 4, 2, 1), (1, 8, 2048, 2, 8, 1)],
+    8: [(16, *c) for c in DOT_CONFIGS[:3]],
+    32: [(32, *c) for c in DOT_CONFIGS[:3]],
 }
 
 
@@ -102,54 +120,81 @@ def tinygemm_int4(values: torch.Tensor, group: int, scale_and_zeros: torch.Tenso
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, scale_and_zeros)
 
 
+def sweep(fn, configs, reference, copies: int, label: str):
+    """The fastest of `configs` for fn(i, config) (call i reads copy i), each checked against `reference` (float64)
+    first: (seconds of the first config, the kernel's own choice; best seconds; best config)."""
+    timed = []
+    for config in configs:
+        try:
+            error = ((fn(0, config).double() - reference).norm() / reference.norm()).item()
+        except Exception as e:  # a config the compiler refuses: reported, the sweep goes on
+            print(f"    {label} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        assert error < 1e-2, (label, config, error)
+        timed.append((graph_time(lambda i: fn(i, config), copies), config))
+    best, config = min(timed)
+    return timed[0][0] if timed[0][1] == configs[0] else None, best, config
+
+
 def quant() -> None:
-    """Per shape and row count: a line per kernel, the figures of the docstring."""
+    """Per Mistral-7B product and row count: a line per kernel, the figures of the docstring."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    for name, n, k in QUANT_SHAPES:
-        bf16_size = n * k * 2
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+    group = 128
+    for name, n, k, gated in QUANT_SHAPES:
+        rows = 2 * n if gated else n
+        act = F.silu if gated else None
+        bf16_size, int4_size, int8_size = rows * k * 2, rows * k // 2 + 4 * rows * k // group, rows * k + 2 * rows
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
                    for _ in range(copies_of(bf16_size))]
-        # int4 at each group size: values 0..15, a bfloat16 scale and zero per (row, group) as Int4Weight holds them
-        values = [torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
-                  for _ in range(copies_of(n * k // 2))]
-        int8 = [torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
-                for _ in range(copies_of(n * k))]
-        scales8 = (torch.rand(n, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
-        int4 = {}
-        for group in (32, 64, 128):
-            scale = (torch.rand(n, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
-            zero = (torch.randn(n, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
-            scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-            size = n * k // 2 + 4 * n * k // group
-            int4[group] = ([tinygemm_int4(v, group, scale_and_zeros) for v in values], size)
-        for m in (1, 8, 32):
+        values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g)
+                  for _ in range(copies_of(int4_size))]
+        words = [int4_words(v, group) for v in values]
+        scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
+        zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
+        scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        tiny = [tinygemm_int4(v, group, scale_and_zeros) for v in values]
+        weight4 = ((values[0].double() - 8) * scale.double().repeat_interleave(group, 1)
+                   + zero.double().repeat_interleave(group, 1))
+        int8 = [torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=g)
+                for _ in range(copies_of(int8_size))]
+        scales8 = (torch.rand(rows, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
+        weight8 = int8[0].double() * scales8.double()
+        for m in QUANT_ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
-            line = [f"m={m:<2} {name:8} {n:5}x{k:5}"]
+            line = [f"m={m:<2} {name:8} {rows:5}x{k:5}" + (" (gated: silu(gate) * up where fused)" if gated else "")]
 
-            def show(label, seconds, size, config=None):
-                line.append(f"  {label:18} {seconds * 1e6:7.1f} us {size / seconds / 1e12:.2f} TB/s "
-                            f"({cublas / seconds:.2f}x)" + (f" {config}" if config else ""))
+            def show(label, seconds, size, config=None, chosen=None):
+                line.append(f"{label:20} {seconds * 1e6:7.1f} us {size / seconds / 1e12:.2f} TB/s "
+                            f"({cublas / seconds:.2f}x)" + (f" best {config}" if config else "")
+                            + (f"; own choice {chosen * 1e6:.1f} us" if chosen else ""))
 
             show("bf16 cuBLAS", cublas, bf16_size)
             if m == 1:
-                show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)]), len(weights)), bf16_size)
-            for group, (tiny, size) in int4.items():
-                show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), size)
-            size8 = n * k + 2 * n
-            show("torch int8", graph_time(lambda i: torch.ops.aten._weight_int8pack_mm(x, int8[i], scales8[:, 0]),
-                                          len(int8)), size8)
-            reference = x.double() @ (int8[0].double() * scales8.double()).T
-            timed = []
-            for config in dict.fromkeys([int8_config(m, n, k, k)] + QUANT_CONFIGS[m]):
-                error = ((int8_matmul(x, int8[0], scales8, config=config).double() - reference).norm()
-                         / reference.norm()).item()
-                assert error < 1e-2, (name, m, config, error)
-                timed.append((graph_time(lambda i: int8_matmul(x, int8[i], scales8, config=config), len(int8)), config))
-            seconds, config = min(timed)
-            show("int8", seconds, size8, config)
-            print(" ".join(line[:1]) + "\n" + "\n".join("   " + part for part in line[1:]), flush=True)
-        del weights, values, int8, int4
+                show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)], act), len(weights)),
+                     bf16_size)
+            show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), int4_size)
+            ungated = lambda c: not (gated and c[3] > 1)  # noqa: E731
+            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 4, group, gated)] + INT4_CONFIGS[m])
+                       if ungated(c)]
+            chosen, best, config = sweep(
+                lambda i, c: packed_matmul(x, words[i], scale_and_zeros, n, group, 4, True, act, config=c),
+                configs, matvec_torch(x.double(), weight4, act), len(words), f"int4 {name} m={m}")
+            show(f"int4 g{group} packed", best, int4_size, config, chosen)
+            reference8 = matvec_torch(x.double(), weight8, act)
+            if not gated:
+                chosen, best, config = sweep(lambda i, c: int8_matmul(x, int8[i], scales8, config=c),
+                                             list(dict.fromkeys([int8_config(m, n, k, k)] + INT8_CONFIGS[m])),
+                                             reference8, len(int8), f"int8 {name} m={m}")
+                show("int8 int8_matmul", best, int8_size, config, chosen)
+            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, k, gated)] + PACKED8_CONFIGS[m])
+                       if ungated(c)]
+            chosen, best, config = sweep(
+                lambda i, c: packed_matmul(x, int8[i].view(torch.int32), scales8, n, k, 8, False, act, config=c),
+                configs, reference8, len(int8), f"int8 words {name} m={m}")
+            show("int8 packed", best, int8_size, config, chosen)
+            print(line[0] + "\n" + "\n".join("    " + part for part in line[1:]), flush=True)
+        del weights, values, words, tiny, int8
         torch.cuda.empty_cache()
 
 
@@ -160,7 +205,8 @@ def main() -> None:
     mode.add_argument("--quant", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, load average "
+          f"{os.getloadavg()[0]:.2f}; "
           f"read {read / 1e12:.2f} TB/s, copy {copy / 1e12:.2f} TB/s")
     if args.quant:
         return quant()

@@ -226,6 +226,99 @@ def test_int8_matmul_splits_the_inputs(group, m, config):
     torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=2e-3 * bound)
 
 
+
+def _int4(n, k, group, dtype, seed):
+    """Random int4 values, scales and zeros a (row, group), as CUDA's layout holds them, and the float64 weight."""
+    from maestrale.quantization.weight_only import int4_words
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 16, (n, k), generator=g)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(dtype)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(dtype)
+    scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, rows, 2)
+    expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
+    weight = (values.double() - 8) * expand(scale) + expand(zero)
+    return int4_words(values, group).to(DEVICE), scale_and_zeros.to(DEVICE), weight
+
+
+def _check(out, x, weight, dtype, act=None):
+    exact = kernels.matvec_torch(x.double().cpu(), weight, act)
+    assert out.dtype == dtype and out.shape == exact.shape
+    bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=tolerance * bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 17, 33])
+@pytest.mark.parametrize("n,k,group", [(45, 256, 256), (19, 384, 32), (37, 640, 128)])
+def test_packed_int4_matmul(n, k, group, m, dtype):
+    """int4 words (multiply-adds for one row, tensor-core tiles for more) equal the float64 product of the weight
+    they stand for, on odd rows and outputs."""
+    skip_interpreted_bfloat16(dtype)
+    words, scale_and_zeros, weight = _int4(n, k, group, dtype, seed=n + k + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True), x, weight, dtype)
+
+
+def test_int4_words_round_trip():
+    """A group of 32 in 4 words: word t holds inputs t, 4 + t, ..., 28 + t of its group, low bits first."""
+    from maestrale.quantization.weight_only import int4_values, int4_words
+
+    values = torch.randint(0, 16, (5, 64))
+    words = int4_words(values, 32)
+    assert words.dtype == torch.int32 and words.shape == (5, 8) and (words < 0).any()  # the top nibbles reach the sign
+    assert torch.equal(int4_values(words, 32), values.to(torch.uint8))
+    word = words[2, 5].item() % (1 << 32)  # group 1, word 1
+    assert [(word >> 4 * s) & 15 for s in range(8)] == values[2, 32 + 1::4].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32)])
+def test_packed_int8_matmul(n, k, group, m, dtype):
+    """int8 values viewed as int32 words (4 a word) through the same kernel: w = q * scale; bfloat16 x at one row
+    read 4 inputs an int64. (The interpreter truncates bfloat16 outputs, within the tolerance at one row.)"""
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and m > 1:
+        pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
+    values, scale, weight = _int8(n, k, group, dtype, seed=n + k + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    _check(kernels.packed_matmul(x, values.view(torch.int32), scale, n, group, 8, False), x, weight, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 2, 18])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_matmul_fuses_the_gate(bits, m):
+    """act=F.silu: silu(gate) * up of the weight's two halves, rounded as matvec_torch rounds them."""
+    n, k, group = 21, 256, 64
+    if bits == 4:
+        words, scales, weight = _int4(2 * n, k, group, torch.float16, seed=m)
+    else:
+        values, scales, weight = _int8(2 * n, k, group, torch.float16, seed=m)
+        words = values.view(torch.int32)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    out = kernels.packed_matmul(x, words, scales, n, group, bits, bits == 4, act=torch.nn.functional.silu)
+    _check(out, x, weight, torch.float16, torch.nn.functional.silu)
+
+
+@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1)), (1, (1, 16, 1024, 1, 8, 3)), (1, (1, 4, 32, 2, 1, 1)),
+                                      (5, (16, 16, 128, 3, 4, 1)), (20, (32, 32, 256, 2, 4, 1))])
+def test_packed_int4_matmul_configs(m, config):
+    """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
+    several, tiles longer than the rows."""
+    n, k, group = 13, 512, 64
+    words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=config), x, weight,
+           torch.float16)
+
+
+def test_packed_matmul_refuses_a_weight_of_other_inputs():
+    words, scale_and_zeros, _ = _int4(8, 256, 64, torch.float16, seed=0)
+    with pytest.raises(ValueError, match="does not have 128 inputs"):
+        kernels.packed_matmul(torch.randn(1, 128, device=DEVICE), words, scale_and_zeros, 8, 64, 4, True)
+
+
 def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):
     """At batch 1 the decode step's products (q/k/v, o, gate/up with the gate fused, down, head) run matvec's kernel,
     and its tokens and logits are the reference path's (float32)."""

@@ -1,5 +1,5 @@
-"""int8/int4 weight-only weights on CUDA (torch's tinygemm int4 product, maestrale's Triton int8 kernel,
-engine/kernels.py int8_matmul): products against the float product of the dequantized weight on odd shapes, decode
+"""int8/int4 weight-only weights on CUDA (maestrale's Triton kernels, engine/kernels.py packed_matmul and
+int8_matmul): products against the float product of the dequantized weight on odd shapes, decode
 rows (1, 3) to prefill rows (33, 100), moves between CPU and CUDA layouts, and a TorchAoConfig model against its
 dequantized self. Skipped without CUDA."""
 
@@ -100,6 +100,43 @@ def test_torchao_config_model_on_cuda_equals_its_dequantized_model(tmp_path, qua
         # the static decoder (compiled, in a CUDA graph) runs the quantized layers; its first token is the forward's
         out = model.generate(ids[:1], max_new_tokens=8, do_sample=False, cache_implementation="static")
         assert out[0, 24] == quantized[0, -1].argmax()
+        layer = model.__dict__["_static_decoder"].layers[0]  # q/k/v and gate/up stacked, one product each
+        assert layer.qkv.shape == (512 + 2 * 128, 512) and layer.gate_up.shape == (2 * 1536, 512)
         model.dequantize()
         torch.testing.assert_close(model(ids).logits.float(), quantized, rtol=0,
                                    atol=5e-2 * quantized.abs().max().item())
+
+
+def test_stacked_int4_layers_run_one_product_and_fuse_the_gate():
+    """gate/up-like int4 layers in CUDA's layout stacked: one product equal to the layers' own, nothing stored twice,
+    and the fused silu gate equal to the gate of the dequantized product."""
+    from maestrale.engine.kernels import matvec_torch
+    from maestrale.quantization.weight_only import stacked_packed
+
+    layers = []
+    for rows in (48, 48):
+        values, scale, zero = _int4(rows, 256, 64, "cuda")
+        layers.append(QuantizedLinear(256, rows, None))
+        layers[-1].weight = Int4Weight("int4", values, scale, zero)
+    x = torch.randn(3, 256, device="cuda").bfloat16()
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    stacked = stacked_packed(layers)
+    assert stacked.shape == (96, 256)
+    torch.testing.assert_close(stacked.matmul(x), separate, rtol=1e-2, atol=1e-2 * separate.abs().max().item())
+    assert layers[1].weight.packed.data_ptr() == stacked.packed.data_ptr() + 48 * 32 * 4
+    reference = matvec_torch(x.double(), stacked.dequantize().double(), torch.nn.functional.silu)
+    bound = reference.abs().max().item()
+    for rows in (1, 3):
+        out = stacked.matmul(x[:rows], torch.nn.functional.silu)
+        torch.testing.assert_close(out.double(), reference[:rows], rtol=0, atol=2e-2 * bound)
+
+
+def test_int8_product_fuses_the_gate_at_one_row():
+    from maestrale.engine.kernels import matvec_torch
+
+    weight = quantize_int8(torch.randn(2 * 40, 256, device="cuda").bfloat16() * 0.05)
+    x = torch.randn(1, 256, device="cuda").bfloat16()
+    assert weight.fuses_gate(x) and not weight.fuses_gate(x.expand(3, -1))
+    reference = matvec_torch(x.double(), weight.dequantize().double(), torch.nn.functional.silu)
+    torch.testing.assert_close(weight.matmul(x, torch.nn.functional.silu).double(), reference, rtol=0,
+                               atol=2e-2 * reference.abs().max().item())

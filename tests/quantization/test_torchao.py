@@ -175,3 +175,22 @@ def test_a_checkpoint_saved_quantized_by_torchao_is_refused(folder, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(NotImplementedError, match=r"quantized with torchao .* quantization_config=TorchAoConfig"):
         maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_static_decoder_stacks_int8_layers(folder):
+    """The decode step runs q/k/v and gate/up of an int8 model as one product each, with the tokens and logits of
+    the reference path."""
+    from maestrale.quantization.weight_only import Int8Weight
+
+    ours = maestrale.AutoModelForCausalLM.from_pretrained(
+        folder("mistral"), quantization_config=maestrale.TorchAoConfig(Int8WeightOnlyConfig()))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        ref = ours.generate(PROMPT[:1], cache_implementation="dynamic", **kwargs)
+        fast = ours.generate(PROMPT[:1], cache_implementation="static", **kwargs)
+    layer = ours.__dict__["_static_decoder"].layers[0]
+    assert isinstance(layer.qkv, Int8Weight) and layer.qkv.shape == (128 + 2 * 64, 128)
+    assert isinstance(layer.gate_up, Int8Weight) and layer.gate_up.shape == (512, 128)
+    assert torch.equal(ref.sequences, fast.sequences)
+    for a, b in zip(ref.logits, fast.logits):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -114,3 +114,40 @@ def test_int8_quantization_is_torchaos(dtype):
     ours = quantize_int8(w)
     assert torch.equal(ours.values, theirs.qdata)
     assert torch.equal(ours.scales, theirs.scale.to(dtype))
+
+
+def _layers(weights):
+    layers = []
+    for weight in weights:
+        layer = QuantizedLinear(weight.shape[1], weight.shape[0], None)
+        layer.weight = weight
+        layers.append(layer)
+    return layers
+
+
+def test_stacked_int8_layers_run_one_product_on_their_rows():
+    """q/k/v-like int8 layers stacked for the decode step: one product equal to the layers' own, the layers reading
+    their rows of the stacked values (nothing stored twice), laid out once."""
+    from maestrale.quantization.weight_only import stacked_packed
+
+    layers = _layers([quantize_int8(torch.randn(rows, 96) * 0.05) for rows in (64, 16, 16)])
+    x = torch.randn(3, 96)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    before = [layer.weight.dequantize() for layer in layers]
+    stacked = stacked_packed(layers)
+    assert stacked.shape == (96, 96) and torch.equal(stacked.matmul(x), separate)
+    for layer, weight in zip(layers, before):
+        assert torch.equal(layer.weight.dequantize(), weight)
+        assert stacked.values.data_ptr() <= layer.weight.values.data_ptr() < stacked.values.data_ptr() + 96 * 96
+    assert stacked_packed(layers).values.data_ptr() == stacked.values.data_ptr()  # laid out once
+    others = _layers([quantize_int4(torch.randn(16, 96 * 4), 32)])  # another kind, other inputs: each runs itself
+    assert stacked_packed([*layers, *others]) is None
+    assert stacked_packed(_layers([Int8Weight("Q8_0", torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 3))])
+                          + layers) is None  # another group size
+
+
+def test_int4_layers_on_cpu_are_not_stacked():
+    """torch's CPU int4 layout is not one of rows: each layer runs its own product there."""
+    from maestrale.quantization.weight_only import stacked_packed
+
+    assert stacked_packed(_layers([quantize_int4(torch.randn(rows, 128), 32) for rows in (32, 16)])) is None

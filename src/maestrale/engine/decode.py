@@ -12,8 +12,9 @@ token costs one graph replay; elsewhere the same step runs eagerly (how the CPU 
 generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
 
 GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
-through the same library's decode_attention (quantization/gguf_kernels.py). Quantized layers (bitsandbytes) are not
-stacked: the step asks each such layer for its product, i.e. runs the layer's
+through the same library's decode_attention (quantization/gguf_kernels.py). Weight-only int8 and int4 layers
+(TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
+(kernels.py packed_matmul; int8 at batch 1). Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
 own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
 would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
 layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
@@ -34,6 +35,7 @@ from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
+from ..quantization.weight_only import Int4Weight, Int8Weight, PackedWeight, stacked_packed
 from .kernels import decode_attention, matvec, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
@@ -49,9 +51,20 @@ def _product(x, weights):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
     if isinstance(weights, torch.Tensor):
         return matvec(x, weights) if _streamed(x, weights) else F.linear(x, weights)
-    if isinstance(weights, BlocksWeight):  # GGUF blocks of one or more layers (stacked_blocks)
+    if isinstance(weights, (BlocksWeight, PackedWeight)):  # quantized rows of one or more layers (stacked_*)
         return weights.matmul(x).to(x.dtype)
     return torch.cat([layer(x) for layer in weights], dim=-1)
+
+
+def _gated(x, gate_up, act, gate):
+    """act(gate) * up of gate/up's product, in one kernel where there is one: matvec's (one row by a matrix),
+    packed_matmul's (int8 / int4 weights on CUDA, see their fuses_gate); else the product, then `gate` (a compiled
+    _gate)."""
+    if _streamed(x, gate_up):
+        return matvec(x, gate_up, act)
+    if isinstance(gate_up, (Int4Weight, Int8Weight)) and act is F.silu and gate_up.fuses_gate(x):
+        return gate_up.matmul(x, act).to(x.dtype)
+    return gate(_product(x, gate_up), act)
 
 
 def _residual_norm(x, out, norm, eps: float):
@@ -95,9 +108,12 @@ STEP_PARTS = {f.__name__: f for f in (rms_norm, _residual_norm, _gate, _route, _
 def _weights(*linears) -> torch.Tensor | tuple:
     """The layers' weights as row blocks of one matrix (laid out once by stacked_weight: no second copy); the layers
     themselves where one holds a weight that is not a plain matrix (quantized): each then runs its own product, unless
-    they all hold GGUF blocks of one type, which are laid out as one weight the same way."""
+    they all hold GGUF blocks of one type, or weight-only int8 / int4 weights of one kind, which are laid out as one
+    weight the same way."""
     if any(type(linear.weight) is not torch.nn.Parameter for linear in linears):
         stacked = stacked_blocks(linears)
+        if stacked is None:
+            stacked = stacked_packed(linears)
         return stacked if stacked is not None else linears
     if len(linears) == 1:
         return linears[0].weight.detach()
@@ -181,11 +197,7 @@ class DecodeStep:
             attn = self._attention(i, _product(h, w.qkv), cos, sin)
             x, h = part["_residual_norm"](x, _product(attn.flatten(1), w.o_proj), w.post_norm, eps)
             if w.router is None:
-                if _streamed(h, w.gate_up):  # the gate fused into the kernel
-                    gated = matvec(h, w.gate_up, self.act)
-                else:
-                    gated = part["_gate"](_product(h, w.gate_up), self.act)
-                ffn = _product(gated, w.down)
+                ffn = _product(_gated(h, w.gate_up, self.act, part["_gate"]), w.down)
                 x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)

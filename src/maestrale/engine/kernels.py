@@ -289,6 +289,184 @@ if triton is not None:
             tl.store(OUT + split * M * N + at, acc, mask=keep)
 
 
+    @triton.jit
+    def _field(w, ones, BITS: tl.constexpr, P: tl.constexpr):
+        """Field P of BITS bits of int32 words (its bits below float32's exponent) as exact float32: the field or'ed
+        into the mantissa of 2^(23 - BITS * P), which is then subtracted; one logic instruction and one subtraction,
+        no shift and no conversion. `ones` (2^BITS - 1) is a kernel argument, not a literal: a register operand lets
+        the and-or be one LOP3 (it takes one literal)."""
+        bits = (w & (ones << (BITS * P))) | ((150 - BITS * P) << 23)
+        return bits.to(tl.float32, bitcast=True) - (1 << (23 - BITS * P))
+
+    @triton.jit
+    def _words(W, n, keep_n, k0, end, s_w, BITS: tl.constexpr, BLOCK_W: tl.constexpr, LAYOUT: tl.constexpr):
+        """The (BLOCK_N, BLOCK_W) words of rows n from input k0 (int8's offset to unsigned), their fields 5.. (4-bit)
+        or 2.. (8-bit) shifted below float32's exponent, the words' indices j (1, BLOCK_W), a mask of j, and the input
+        of each word's field 0."""
+        PER: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
+        j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
+        keep_j = j < end // PER
+        # int8: loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
+        at = n[:, None].to(tl.int64) * s_w + (tl.max_contiguous(j, [1, 2]) if BITS == 8 else j)
+        w = tl.load(W + at, mask=keep_n[:, None] & keep_j, other=0)
+        if BITS == 8:
+            w = w ^ -2139062144  # 0x80808080: each byte q + 128
+        high = w >> (12 if BITS == 4 else 16)
+        return w, high, j, keep_j, (j // WORDS) * LAYOUT + j % WORDS
+
+    @triton.jit
+    def _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS: tl.constexpr, LAYOUT: tl.constexpr):
+        """sum over fields s of u_s * x (the tile's shape, float32) and sum over s of x ((1, BLOCK_W)) for one row
+        of x; each word's field s multiplies input xk + s * (words a block). bfloat16 x against int8 words: word j's
+        4 inputs are read as one int64 (x's loads then have the words' layout, not a stride of 4) and split into
+        float32 by masks and shifts (a bfloat16 is a float32's top half)."""
+        PER: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = LAYOUT // PER
+        LOW: tl.constexpr = 5 if BITS == 4 else 2  # fields below the exponent; the others come from `high`
+        X64: tl.constexpr = BITS == 8 and X.dtype.element_ty == tl.bfloat16
+        qx = tl.zeros(w.shape, tl.float32)
+        xs = tl.zeros(xk.shape, tl.float32)
+        if X64:
+            x64 = tl.load(X.to(tl.pointer_type(tl.int64)) + j, mask=keep_j, other=0)
+            halves = (x64.to(tl.int32), (x64 >> 32).to(tl.int32))
+        for s in tl.static_range(PER):
+            if X64:
+                if s % 2 == 0:
+                    xv = (halves[s // 2] << 16).to(tl.float32, bitcast=True)
+                else:
+                    xv = (halves[s // 2] & -65536).to(tl.float32, bitcast=True)
+            else:
+                xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
+            if s < LOW:
+                u = _field(w, ones, BITS, s)
+            else:
+                u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
+            qx += u * xv
+            xs += xv
+        return qx, xs
+
+    @triton.jit
+    def _scales(S, n, keep, group, s_row, s_group, ZEROS: tl.constexpr, OFFSET: tl.constexpr):
+        """The scale and zero - OFFSET * scale of rows n at group indices `group` (any shape broadcasting with n)."""
+        at = S + n[:, None] * s_row + group * s_group
+        scale = tl.load(at, mask=keep, other=0.0).to(tl.float32)
+        if ZEROS:
+            zero = tl.load(at + 1, mask=keep, other=0.0).to(tl.float32) - OFFSET * scale
+        else:
+            zero = -OFFSET * scale
+        return scale, zero
+
+    @triton.jit
+    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
+        for one row). The inputs come in blocks of LAYOUT, each in LAYOUT * BITS / 32 words, word t of a block holding
+        its inputs s * (words a block) + t in field s, unsigned (int8 values are offset by 128 with one xor); a weight
+        is u * scale + (zero - offset * scale) with the scale and zero of its group of GROUP inputs (1 << 30: one a
+        row, applied once at the end).
+
+        One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
+        their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
+        (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
+        whole tile between layouts, and load x twice)."""
+        PER: tl.constexpr = 32 // BITS
+        OFFSET: tl.constexpr = 8 if BITS == 4 else 128
+        ONE: tl.constexpr = GROUP >= (1 << 30)
+        if ONE:
+            scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
+        if BLOCK_M == 1:
+            SUB: tl.constexpr = BLOCK_K if ONE or BLOCK_K <= GROUP else GROUP
+            acc = tl.zeros([BLOCK_N, SUB // PER], tl.float32)  # ONE: summed across once, at the end
+            x_acc = tl.zeros([1, SUB // PER], tl.float32)
+            row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
+            for k0 in range(start, end, BLOCK_K):
+                for sub in tl.static_range(BLOCK_K // SUB):
+                    w, high, j, keep_j, xk = _words(W, n, keep_n, k0 + sub * SUB, end, s_w, BITS, SUB // PER, LAYOUT)
+                    qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
+                    if ONE:
+                        acc += qx
+                        x_acc += xs
+                    else:
+                        inside = (k0 + sub * SUB) < end
+                        scale, zero = _scales(S, n, keep_n[:, None] & inside, (k0 + sub * SUB) // GROUP, s_row,
+                                              s_group, ZEROS, OFFSET)
+                        row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
+            if ONE:
+                row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
+            out = tl.sum(row_acc, 1)
+        else:
+            BLOCK_W: tl.constexpr = BLOCK_K // PER
+            WORDS: tl.constexpr = LAYOUT // PER
+            LOW: tl.constexpr = 5 if BITS == 4 else 2
+            out = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(start, end, BLOCK_K):
+                w, high, j, keep_j, xk = _words(W, n, keep_n, k0, end, s_w, BITS, BLOCK_W, LAYOUT)
+                if not ONE:
+                    if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
+                        scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
+                    else:
+                        scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row, s_group,
+                                              ZEROS, OFFSET)
+                for s in tl.static_range(PER):
+                    xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS, mask=keep_m[:, None] & keep_j,
+                                 other=0.0)
+                    if s < LOW:
+                        u = _field(w, ones, BITS, s)
+                    else:
+                        u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
+                    out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
+        return out
+
+    @triton.jit
+    def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, ones, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       LAYOUT: tl.constexpr, ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
+        left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
+        shares of the inputs; each weight tile is read and converted once for all the rows. GATED: the weight holds
+        the gate rows then the up rows, and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it
+        (one row of x: gate and up rows read in one tile).
+        One share stores the rounded outputs, several their float32 partial sums."""
+        nb = tl.program_id(0)
+        mb = tl.program_id(1)
+        split = tl.program_id(2)
+        dtype = OUT.dtype.element_ty
+        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep_m, keep_n = m < M, n < N
+        if BLOCK_M == 1:
+            X += mb.to(tl.int64) * K
+        share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        start = split * share
+        end = tl.minimum(start + share, K)
+        if GATED and BLOCK_M == 1:  # gate row i and up row i interleaved in one tile: twice the weight in flight
+            r = tl.arange(0, 2 * BLOCK_N)
+            half = nb * BLOCK_N + r // 2
+            both = _packed_rows(X, W, S, m, keep_m, half + (r % 2) * N, half < N, K, start, end, s_w, s_row, s_group,
+                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+            acc, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
+        else:
+            acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
+                               LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if GATED:
+            if BLOCK_M > 1:
+                up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end,
+                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N,
+                                  BLOCK_K)
+            gate = acc.to(dtype).to(tl.float32)
+            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        if BLOCK_M == 1:
+            at, keep = mb * N + n, keep_n
+        else:
+            at, keep = m[None, :] * N + n[:, None], keep_n[:, None] & keep_m[None, :]
+        if SPLIT_K == 1:
+            tl.store(OUT + at, acc.to(dtype), mask=keep)
+        else:
+            tl.store(OUT + split * M * N + at, acc, mask=keep)
+
+
 def _as_blocks(k_cache, v_cache, t, block_tables):
     """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
     table (a dummy for static caches: row b is block b) and its row stride."""
@@ -408,6 +586,61 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
     _int8_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, values, scale, out, m, n, k, *scale.stride(), GROUP=group, SPLIT_K=split,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return out if split == 1 else out.sum(0).to(x.dtype)
+
+
+
+def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
+                  ) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of packed_matmul's kernel for m rows of x and an
+    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds, int4
+    as 64 weight rows by 256 inputs a one-warp program (each thread then holds 8 rows of 4 words of each group of 128:
+    x's loads and conversions shared by 8 rows, 4.4 instructions a 4-bit value on sm_90), int8 as 8 rows of 1024
+    inputs; the inputs split in shares until there are 512 programs, so that enough of the weight is in flight
+    (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
+    padded to 16), split until there are 132 programs (an H200's multiprocessors). Untuned on a GPU: see
+    benchmarks/gpu_kernels.py --quant."""
+    if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
+        block_m, block_n, block_k, warps, stages, programs_wanted = (
+            (1, 32 if gated else 64, 256, 1, 1, 512) if bits == 4 else (1, 8, 1024, 4, 1, 512))
+    else:
+        block_m, block_n, block_k, warps, stages, programs_wanted = (
+            min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4, 3, 132)
+    per = 32 // bits
+    block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return block_m, block_n, block_k, split, warps, stages
+
+
+def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
+                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ w.T in x's dtype for x (m, k) and the first n rows of an int4 or int8 weight packed along the inputs in
+    int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
+    w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's
+    (groups, rows, 2) scales and zeros (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's
+    n rows then the up's n rows, and the result silu(gate) * up."""
+    (m, k), per = x.shape, 32 // bits
+    if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
+        raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
+                         f"{bits}-bit values (rows contiguous): the weight does not have {k} inputs")
+    gated = act is not None
+    if gated and act is not F.silu:
+        raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
+    block_m, block_n, block_k, split, warps, stages = config or packed_config(m, n, k, bits, group, gated)
+    if split > 1 and gated:
+        raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
+    s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
+    layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
+    group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
+    x = x.contiguous()
+    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
+    _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
+        x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
+        LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -2,13 +2,15 @@
 checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
 
 int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
-w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's), on CPU
-(_weight_int4pack_mm_for_cpu) and CUDA (_weight_int4pack_mm) alike. The values are held in the packed layout of the
-product on the device they sit on; .to(device) unpacks and packs them again when that layout changes. int8 holds int8
-values with one scale per row or per group of 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernel runs
-them (engine/kernels.py int8_matmul; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product there); on CPU
-torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small enough to stay in
-cache. Scales are held in the dtype the product runs in, the model's.
+w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
+layout of the product on the device they sit on: on CPU torch's (_weight_int4pack_mm_for_cpu), on CUDA maestrale's,
+int32 words of 8 values along the inputs (int4_words) that its Triton kernel reads
+(engine/kernels.py packed_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device)
+unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
+16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (packed_matmul on the values viewed as
+int32 words at one row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product
+there); on CPU torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small
+enough to stay in cache. Scales are held in the dtype the product runs in, the model's.
 
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
 Parameter, and the engine, finding no Parameter, runs the layer's forward.
@@ -29,7 +31,10 @@ from torch import nn
 from ..models.linear import Linear
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
-INT4_ROWS = 16  # both int4 layouts take whole tiles of rows (16 on CPU, 8 on CUDA): rows are padded, cut from products
+INT4_ROWS = 16  # torch's CPU int4 layout takes whole tiles of rows: rows are padded (on every device, one layout of
+# scales), cut from products
+KERNEL_ROWS = 64  # up to this many rows of x, CUDA's int4 product runs the Triton kernel; more (a prompt) run cuBLAS
+# on the dequantized weight, which reads the weight once where the kernel reads it once per 64 rows
 CHUNK_VALUES = 1 << 20  # grouped int8 weights dequantize this many values at a time: 4 MB of float32
 LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' layers, not subclasses of others
 
@@ -57,20 +62,46 @@ class Int4Weight(PackedWeight):
             raise ValueError(f"int4 weight of shape {(rows, cols)} with {scale.shape[1]} groups per row: torch's int4 "
                              f"products take groups of {', '.join(map(str, INT4_GROUPS))} inputs")
         pad = -rows % INT4_ROWS  # zero rows (scale and zero 0)
-        self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad))))
+        self.register_buffer("packed", _pack_int4(F.pad(values.to(torch.int32), (0, 0, 0, pad)), self.group_size))
         scale_and_zeros = F.pad(torch.stack([scale, zero], dim=-1), (0, 0, 0, 0, 0, pad))  # (rows, groups, 2)
         self.register_buffer("scale_and_zeros", scale_and_zeros.transpose(0, 1).contiguous())
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def of_packed(cls, kind: str, shape: tuple[int, int], group_size: int, packed: torch.Tensor,
+                  scale_and_zeros: torch.Tensor) -> Int4Weight:
+        """The weight of values already in its device's layout (stacked_packed's rows of several)."""
+        weight = cls.__new__(cls)
+        PackedWeight.__init__(weight, kind, shape)
+        weight.group_size = group_size
+        weight.register_buffer("packed", packed)
+        weight.register_buffer("scale_and_zeros", scale_and_zeros)
+        return weight
+
+    def fuses_gate(self, x: torch.Tensor) -> bool:
+        """Whether matmul(x, F.silu) runs in one launch."""
+        return x.is_cuda and x.shape[0] <= KERNEL_ROWS
+
+    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+        """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
+        silu(gate) * up, in one launch."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
-        product = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-        out = product(x, self.packed, self.group_size, self.scale_and_zeros)
+        if self.fuses_gate(x):
+            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+
+            rows = self.shape[0] // 2 if act is not None else self.shape[0]
+            return packed_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, 4, True, act)
+        if act is not None:
+            raise ValueError(f"Int4Weight.matmul: the gate is fused on CUDA for up to {KERNEL_ROWS} rows only, got "
+                             f"{x.shape[0]} rows on {x.device}")
+        if x.is_cuda:
+            return F.linear(x, self.dequantize())
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
         return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
 
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
         rows = self.scale_and_zeros.shape[1]
-        return _unpack_int4(self.packed, rows, self.shape[1])[:self.shape[0]]
+        return _unpack_int4(self.packed, rows, self.shape[1], self.group_size)[:self.shape[0]]
 
     def dequantize(self) -> torch.Tensor:
         scale, zero = self.scale_and_zeros[:, :self.shape[0]].float().transpose(0, 1).unbind(-1)
@@ -81,7 +112,8 @@ class Int4Weight(PackedWeight):
         scale_and_zeros = fn(self.scale_and_zeros)
         if scale_and_zeros.device.type != self.packed.device.type:  # the other device's product reads another layout
             rows = self.scale_and_zeros.shape[1]
-            self.packed = _pack_int4(fn(_unpack_int4(self.packed, rows, self.shape[1]).to(torch.int32)))
+            values = _unpack_int4(self.packed, rows, self.shape[1], self.group_size)
+            self.packed = _pack_int4(fn(values.to(torch.int32)), self.group_size)
         else:
             self.packed = fn(self.packed)
         self.scale_and_zeros = scale_and_zeros
@@ -102,10 +134,25 @@ class Int8Weight(PackedWeight):
         values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
         return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def fuses_gate(self, x: torch.Tensor) -> bool:
+        """Whether matmul(x, F.silu) runs in one launch: packed_matmul's, on the values viewed as int32 words."""
+        return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
+
+    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+        """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
+        silu(gate) * up."""
         x = x.to(self.scales.dtype)
+        if self.fuses_gate(x):
+            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+
+            rows = self.shape[0] // 2 if act is not None else self.shape[0]
+            return packed_matmul(x, self.values.view(torch.int32), self.scales, rows,
+                                 self.shape[1] // self.scales.shape[1], 8, False, act)
+        if act is not None:
+            raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, got {x.shape[0]} rows "
+                             f"on {x.device}")
         if x.is_cuda:
-            from ..engine.kernels import int8_matmul  # here: the engine imports this module
+            from ..engine.kernels import int8_matmul
 
             return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
@@ -120,25 +167,33 @@ class Int8Weight(PackedWeight):
         return self.rows(slice(None))
 
 
-def _pack_int4(values: torch.Tensor) -> torch.Tensor:
+def int4_words(values: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, cols) values 0..15 as CUDA's int4 layout: (rows, cols / 8) int32 words, each group of `group` inputs in
+    group / 8 words, word t of a group holding its inputs s * group / 8 + t in bits 4s..4s+3. A field's inputs are
+    then contiguous across a group's words (the kernel loads x for them in vectors) and a word lies in one group."""
+    fields = values.long().unflatten(1, (-1, 8, group // 8))  # (rows, groups, field s, word t)
+    words = (fields << (4 * torch.arange(8, device=values.device))[:, None]).sum(2).flatten(1)
+    return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
+
+
+def int4_values(words: torch.Tensor, group: int) -> torch.Tensor:
+    """The (rows, cols) uint8 values of int4_words."""
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)[:, None]
+    fields = (words.unflatten(1, (-1, 1, group // 8)) >> shifts) & 15  # (rows, groups, field s, word t)
+    return fields.flatten(1).to(torch.uint8)
+
+
+def _pack_int4(values: torch.Tensor, group: int) -> torch.Tensor:
     """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
     if values.is_cuda:
-        cols = values.shape[1]
-        inner_k_tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)  # cols are whole groups of 32 or more
-        pairs = (values[:, ::2] << 4 | values[:, 1::2]).to(torch.uint8)
-        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), inner_k_tiles)
+        return int4_words(values, group)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
 
 
-def _unpack_int4(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, rows: int, cols: int, group: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of a packed int4 weight."""
     if packed.is_cuda:
-        # The product with the identity, at scale 1 and zero 8: each value exactly, as bfloat16 holds 0..15 exactly.
-        groups = cols // INT4_GROUPS[0]
-        ones = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=packed.device).expand(groups, rows, 2).contiguous()
-        eye = torch.eye(cols, dtype=torch.bfloat16, device=packed.device)
-        parts = [torch.ops.aten._weight_int4pack_mm(part, packed, INT4_GROUPS[0], ones) for part in eye.split(4096)]
-        return torch.cat(parts).T.round().to(torch.uint8).contiguous()
+        return int4_values(packed, group)
     # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
     # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
     # (the last) pairs neighbouring rows.
@@ -246,6 +301,55 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.weight.rows(input_ids)
+
+
+
+def _laid_out(weights: list[PackedWeight], name: str) -> torch.Tensor:
+    """The weights' buffer `name` as row blocks of one tensor. As models/linear.py's stacked_weight does, the first
+    call copies them into one tensor and points each weight at its rows, so nothing is stored twice; later calls find
+    that layout and copy nothing."""
+    parts = [getattr(w, name) for w in weights]
+    base, offset, laid_out = parts[0].data_ptr(), 0, True
+    for part in parts:
+        laid_out = laid_out and part.is_contiguous() and part.data_ptr() == base + offset
+        offset += part.numel() * part.element_size()
+    if not laid_out:
+        with torch.inference_mode(False):
+            stacked = torch.cat(parts)
+        for w, part in zip(weights, stacked.split([p.shape[0] for p in parts])):
+            setattr(w, name, part)
+        parts = [getattr(w, name) for w in weights]
+    cols = parts[0].shape[1]
+    return torch.as_strided(parts[0], (sum(p.shape[0] for p in parts), cols), (cols, 1))
+
+
+def stacked_packed(linears) -> PackedWeight | None:
+    """The int8 weights, or int4 weights in CUDA's layout, of bias-free QuantizedLinear layers that read the same
+    input, as one weight of all their rows: a decode step then runs one product instead of several (and fuses the gate
+    into gate/up's). The values are laid out once (_laid_out); int4's scales and zeros, (groups, rows, 2), are
+    concatenated (a few hundredths of the values' bytes). None where the layers are not all such layers of one kind of
+    weight, group size and dtype, or an int4 weight other than the last has rows padded."""
+    weights = [linear.weight for linear in linears]
+    first = weights[0]
+    if any(type(linear) is not QuantizedLinear or linear.bias is not None or linear._forward_hooks
+           or linear._forward_pre_hooks or type(w) is not type(first) or w.shape[1] != first.shape[1]
+           for linear, w in zip(linears, weights)) or not isinstance(first, (Int4Weight, Int8Weight)):
+        return None
+    rows = (sum(w.shape[0] for w in weights), first.shape[1])
+    if isinstance(first, Int8Weight):
+        if any((w.scales.shape[1], w.scales.dtype) != (first.scales.shape[1], first.scales.dtype) for w in weights):
+            return None
+        return first if len(weights) == 1 else Int8Weight(first.kind, _laid_out(weights, "values"),
+                                                          _laid_out(weights, "scales"))
+    if not first.packed.is_cuda or any((w.group_size, w.scale_and_zeros.dtype) != (first.group_size,
+                                       first.scale_and_zeros.dtype) for w in weights):
+        return None
+    if len(weights) == 1:
+        return first
+    if any(w.shape[0] % INT4_ROWS for w in weights[:-1]):
+        return None  # padding rows inside would sit among the outputs
+    return Int4Weight.of_packed(first.kind, rows, first.group_size, _laid_out(weights, "packed"),
+                                torch.cat([w.scale_and_zeros for w in weights], dim=1))
 
 
 def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +103,10 @@ class LLMEngine:
         self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.requests: dict[str, list[Sequence]] = {}
         self._texts: dict[Sequence, _Text] = {}
+        # Where the steps' time goes, for /metrics: seconds by part, and what the steps computed. On CUDA the model
+        # part is the launch; the wait for the GPU falls in "sample", whose argmax copies the tokens to the host.
+        self.step_seconds: Counter[str] = Counter()
+        self.step_counts: Counter[str] = Counter()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it joins the running batch at a coming step. ValueError when it cannot fit."""
@@ -138,11 +144,14 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """Run one model step over the scheduled sequences; outputs of the sequences that produced a token."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        scheduled = time.perf_counter()
         logits = self.runner.run([seq.token_ids[seq.num_computed : seq.num_computed + n] for seq, n in batch],
                                  [seq.num_computed for seq, _ in batch], [seq.block_table for seq, _ in batch])
+        ran = time.perf_counter()
         ready, rows = [], []
         for row, (seq, n) in enumerate(batch):
             seq.num_computed += n
@@ -150,11 +159,21 @@ class LLMEngine:
             if seq.num_pending == 0:
                 ready.append(seq)
                 rows.append(row)
-        outputs = []
         if len(rows) < len(batch):  # else every row, as is: no copy of (batch, vocab) logits
             logits = logits[rows]
-        for seq, sampled in zip(ready, self.sampler(ready, logits)) if ready else ():
-            outputs.append(self._append(seq, sampled))
+        samples = self.sampler(ready, logits) if ready else []
+        sampled = time.perf_counter()
+        outputs = [self._append(seq, s) for seq, s in zip(ready, samples)]
+        seconds, counts = self.step_seconds, self.step_counts
+        seconds["schedule"] += scheduled - start
+        seconds["model"] += ran - scheduled
+        seconds["sample"] += sampled - ran
+        seconds["append"] += time.perf_counter() - sampled
+        decodes = sum(n == 1 for _, n in batch)
+        counts["steps"] += 1
+        counts["decode_rows"] += decodes
+        counts["prefill_rows"] += len(batch) - decodes
+        counts["prefill_tokens"] += sum(n for _, n in batch if n > 1)
         return outputs
 
     def _append(self, seq: Sequence, sampled: Sampled) -> StepOutput:

@@ -66,8 +66,10 @@ class AsyncEngine:
                 else:
                     engine.abort(*args)
             if not engine.has_unfinished():
+                idle = time.perf_counter()
                 self._wake.wait()
                 self._wake.clear()
+                self.metrics.engine_idle_seconds += time.perf_counter() - idle
                 continue
             try:
                 outputs = engine.step()
@@ -78,6 +80,7 @@ class AsyncEngine:
                     self._deliver(request_id, RuntimeError(f"the model step failed: {e}"))
                 continue
             self._deliver_all([(out.request_id, out) for out in outputs])
+            self.metrics.engine_cpu_seconds = time.thread_time()
 
     def _deliver(self, request_id: str, item) -> None:
         self._deliver_all([(request_id, item)])

@@ -9,7 +9,7 @@ the server's CPU time per token (steadier than the wall time on a shared CPU).
 --batch N instead splits the host time of one engine step with N sequences decoding, on a tiny random model at
 Mistral-7B-v0.3's vocabulary with its v3 tokenizer, decode rows through PagedDecoder (eager here, a CUDA graph on a
 GPU, so the "model" part is what the GPU would do): scheduling, building the step's inputs, model, sampling, and
-appending the tokens (stop checks, detokenisation); then the server's CPU time per streamed token under N
+detokenising and appending the tokens (stop checks, outputs); then the server's CPU time per streamed token under N
 concurrent streaming clients, engine thread and HTTP (event loop) thread apart, the model step a GIL-free wait.
 
     PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import time
@@ -54,7 +55,8 @@ def fixed_logits_engine(max_tokens: int, step_ms: float):
 
 def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None):
     """An LLMEngine on a 2-layer random model with Mistral-7B-v0.3's vocabulary and tokenizer, its decode rows through
-    PagedDecoder (eager on CPU); with step_ms, the model step is a GIL-free wait returning random logits instead."""
+    PagedDecoder (eager on CPU); with step_ms, the model and sampler are replaced by a GIL-free wait of step_ms
+    where the tokens are copied to the host, and random tokens."""
     import importlib.util
     import shutil
     import tempfile
@@ -78,14 +80,22 @@ def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None):
                        max_num_batched_tokens=4096, max_model_len=max_tokens + 64)
     runner = engine.runner
     runner.decoder = PagedDecoder(model, runner.pools, runner.block_size, batch, -(-engine.max_model_len // 16))
-    if step_ms is not None:
-        logits = torch.randn(batch, config.vocab_size)
+    if step_ms is not None:  # as on CUDA: the model step is launched at once, the sampler's copy waits for it
+        from maestrale.engine.sampling import Sampled
+
+        generator, launched = random.Random(0), [0.0]
 
         def run(new_tokens, *_):
-            time.sleep(step_ms / 1e3)
-            return logits[: len(new_tokens)]
+            launched[0] = time.perf_counter()
+            return torch.zeros(len(new_tokens), 1)
+
+        def sample(seqs, logits):  # the step's "GPU time" runs from the launch
+            time.sleep(max(0.0, launched[0] + step_ms / 1e3 - time.perf_counter()))
+            return [Sampled(generator.randrange(1100, config.vocab_size)) for _ in seqs]  # ordinary pieces
 
         runner.run = run
+
+        engine.sampler = sample
     return engine, tokenizer
 
 
@@ -112,7 +122,8 @@ def step_breakdown(batch: int, steps: int, params: dict) -> dict[str, float]:
     timed(engine.runner, "run", "inputs + model")
     timed(engine.runner.decoder, "_step", "model")
     timed(engine, "sampler", "sampling")
-    timed(engine, "_append", "append + detokenise")
+    timed(engine.tokenizer, "batch_decode", "detokenise")
+    timed(engine, "_append", "append")
     prompt = tokenizer("Once upon a time there was a river")["input_ids"]
     for i in range(batch):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=4 * steps, ignore_eos=True, **params))

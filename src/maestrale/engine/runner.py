@@ -10,6 +10,7 @@ its own attention: a sequence's tokens keep one fixed offset on that axis, so di
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..cache import Cache
@@ -63,11 +64,6 @@ class ModelRunner:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.resolved_head_dim
         return per_token * block_size * dtype.itemsize
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        positions = torch.arange(start, end)
-        table = torch.tensor(block_table, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
-
     @torch.inference_mode()
     def run(self, new_tokens: list[list[int]], num_cached: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits (batch, vocab) after each sequence's last new token; sequence i has num_cached[i] tokens in its
@@ -111,20 +107,33 @@ class ModelRunner:
         return groups
 
     def _forward(self, new_tokens, num_cached, block_tables) -> torch.Tensor:
+        """One left-padded forward over the rows' new tokens; the indices built in whole arrays, not row by row
+        (per-row torch calls cost ~0.7 ms a row on the host, before the GPU can start)."""
         batch, new = len(new_tokens), max(map(len, new_tokens))
-        total = max(c + len(t) for c, t in zip(num_cached, new_tokens))
-        input_ids = torch.zeros(batch, new, dtype=torch.long)
-        positions = torch.zeros(batch, new, dtype=torch.long)
-        write = torch.full((batch, new), -1, dtype=torch.long)
-        read = torch.zeros(batch, total, dtype=torch.long)
-        mask = torch.zeros(batch, total, dtype=torch.long)
-        for row, (tokens, cached, table) in enumerate(zip(new_tokens, num_cached, block_tables)):
-            n, length = len(tokens), cached + len(tokens)
-            input_ids[row, new - n :] = torch.tensor(tokens)
-            positions[row, new - n :] = torch.arange(cached, length)
-            write[row, new - n :] = self._slots(table, cached, length)
-            read[row, total - length :] = self._slots(table, 0, length)
-            mask[row, total - length :] = 1
+        counts = np.array([len(t) for t in new_tokens])
+        cached = np.array(num_cached)
+        lengths = cached + counts
+        total = int(lengths.max())
+        input_ids = np.zeros((batch, new), dtype=np.int64)
+        tables = np.zeros((batch, max(map(len, block_tables))), dtype=np.int64)
+        for row, (tokens, table) in enumerate(zip(new_tokens, block_tables)):
+            input_ids[row, new - len(tokens) :] = tokens
+            tables[row, : len(table)] = table
+        rows = np.arange(batch)[:, None]
+
+        def slots(positions):  # the slot of each row's token at each position (>= 0)
+            return tables[rows, positions // self.block_size] * self.block_size + positions % self.block_size
+
+        # Query j of a row is its token at cached + j - (new - count); key j, its token at j - (total - length).
+        query_pos = cached[:, None] + np.arange(new)[None] - (new - counts)[:, None]
+        is_query = query_pos >= cached[:, None]
+        key_pos = np.arange(total)[None] - (total - lengths)[:, None]
+        is_key = key_pos >= 0
+        positions = np.where(is_query, query_pos, 0)
+        write = np.where(is_query, slots(positions), -1)
+        read = np.where(is_key, slots(np.maximum(key_pos, 0)), 0)
+        input_ids, positions, write, read, mask = map(torch.from_numpy, (input_ids, positions, write, read,
+                                                                           is_key.astype(np.int64)))
         device = self.model.device
         cache = PagedCache(self.pools, write.to(device), read.to(device))
         out = self.model(input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),

@@ -126,11 +126,11 @@ def test_chunked_prefill_equals_one_shot():
 
 
 
-@pytest.mark.parametrize("name", ["ministral-mixed-window6", "mixtral-window7"])
-def test_prefill_chunks_share_forwards_and_equal_each_alone(name, monkeypatch):
-    """A step of a decode row and five prefill chunks, with cached prefixes of different lengths: chunks of similar
-    lengths share one left-padded forward, a much shorter one gets its own, and every row's logits equal the
-    model's forward over that sequence's whole tokens alone (windows shorter than the prefixes)."""
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_step_equals_each_sequence_alone(name, monkeypatch):
+    """A step of a decode row and five prefill chunks, with cached prefixes of different lengths, runs as one packed
+    forward, and every row's logits equal the model's forward over that sequence's whole tokens alone (windows
+    shorter than the prefixes, blocks out of order)."""
     model = build(name)
     runner = ModelRunner(model, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=256)
     g = torch.Generator().manual_seed(2)
@@ -144,7 +144,7 @@ def test_prefill_chunks_share_forwards_and_equal_each_alone(name, monkeypatch):
     monkeypatch.setattr(runner, "_forward", lambda *args: forwards.append(len(args[0])) or
                         ModelRunner._forward(runner, *args))
     logits = runner.run([seq[c:] for seq, c in zip(seqs, cached)], cached, tables)
-    assert forwards == [1, 4, 1]  # the decode row; chunks of 12, 11, 10 and 9 tokens; the 3-token chunk
+    assert forwards == [6]
     with torch.no_grad():
         expected = torch.cat([model(torch.tensor([seq])).logits[:, -1] for seq in seqs])
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

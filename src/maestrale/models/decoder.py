@@ -163,12 +163,15 @@ class DecoderModel(PreTrainedModel):
         self.post_init()
 
     def _masks(self, attention_mask, batch, seq, cache, device, documents) -> dict[str, AttentionMask]:
+        windows = {kind: self.config.sliding_window if kind == "sliding_attention" else None
+                   for kind in self.first_layer_of_kind}
+        if hasattr(cache, "attention_masks"):  # a cache that lays out and attends its own sequences (the server's)
+            return cache.attention_masks(windows)
         past = cache.get_seq_length() if cache is not None else 0
         masks = {}
         for kind, first in self.first_layer_of_kind.items():
             key_start = cache.layers[first].key_start() if cache is not None and first < len(cache.layers) else 0
-            window = self.config.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = AttentionMask(attention_mask, batch, past, seq, key_start, window, device, documents)
+            masks[kind] = AttentionMask(attention_mask, batch, past, seq, key_start, windows[kind], device, documents)
         return masks
 
     def forward(

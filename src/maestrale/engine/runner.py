@@ -21,6 +21,13 @@ from ..models.attention import _flash_kernel
 from .decode import PagedDecoder
 
 
+def device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """`rows` as an index tensor on `device`, copied from pinned memory without waiting on the GPU's queued work (a
+    list index, or a pageable copy, would wait for the step before the host could go on)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
 class Packing(NamedTuple):
     """A packed forward's sequences: cumulative counts of their new tokens and of their whole keys (int32, on the
     device, as flash attention takes them), their maxima, and the counts themselves (numpy, on the host)."""
@@ -151,18 +158,19 @@ class ModelRunner:
         decodes = [i for i, t in enumerate(new_tokens) if len(t) == 1] if self.decoder is not None else []
         packed = [i for i, t in enumerate(new_tokens) if self.decoder is None or len(t) > 1]
         parts = []
+        # The packed forward first: its inputs' copy to the device then waits for no queued work.
+        if packed:
+            parts.append((packed, self._forward(*([values[i] for i in packed]
+                                                  for values in (new_tokens, num_cached, block_tables)))))
         if decodes:
             parts.append((decodes, self.decoder.run([new_tokens[i][0] for i in decodes],
                                                     [num_cached[i] for i in decodes],
                                                     [block_tables[i] for i in decodes])))
-        if packed:
-            parts.append((packed, self._forward(*([values[i] for i in packed]
-                                                  for values in (new_tokens, num_cached, block_tables)))))
         if len(parts) == 1:  # every row, in order: its logits as they are
             return parts[0][1]
         logits = parts[0][1].new_empty(len(new_tokens), parts[0][1].shape[-1])
         for rows, out in parts:
-            logits[rows] = out
+            logits[device_index(rows, logits.device)] = out
         return logits
 
     def _forward(self, new_tokens, num_cached, block_tables) -> torch.Tensor:

@@ -8,8 +8,11 @@ and time between tokens (p50/p99). Then 16 concurrent clients against one client
     PYTHONPATH=src python benchmarks/serve.py                       # CPU defaults: short prompts and replies
     PYTHONPATH=src python benchmarks/serve.py --compare-transformers --num-prompts 32 --rates inf,1
     PYTHONPATH=src python benchmarks/serve.py --random-model --dtype bfloat16 --num-prompts 500 \\
-        --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers \\
+        --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers --client-processes 4 \\
         --server-args "--device cuda --max-num-seqs 256 --max-num-batched-tokens 4096"   # a GPU run
+
+After each maestrale run it prints where the server's time went: the engine's steps (how many, their decode rows and
+prefill tokens, milliseconds by part from /metrics) and the CPU time of the engine thread and of the HTTP event loop.
 
 --random-model writes Mistral-7B-v0.3's shape with random weights (and mistral-common's v3 tokenizer) to a folder
 both servers load.

@@ -8,8 +8,11 @@ and time between tokens (p50/p99). Then 16 concurrent clients against one client
     PYTHONPATH=src python benchmarks/serve.py                       # CPU defaults: short prompts and replies
     PYTHONPATH=src python benchmarks/serve.py --compare-transformers --num-prompts 32 --rates inf,1
     PYTHONPATH=src python benchmarks/serve.py --random-model --dtype bfloat16 --num-prompts 500 \\
-        --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers \\
+        --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers --client-processes 4 \\
         --server-args "--device cuda --max-num-seqs 256 --max-num-batched-tokens 4096"   # a GPU run
+
+After each maestrale run it prints where the server's time went: the engine's steps (how many, their decode rows and
+prefill tokens, milliseconds by part from /metrics) and the CPU time of the engine thread and of the HTTP event loop.
 
 --random-model writes Mistral-7B-v0.3's shape with random weights (and mistral-common's v3 tokenizer) to a folder
 both servers load.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import multiprocessing
 import os
 import random
 import shutil
@@ -123,17 +128,52 @@ def summary(records: list, wall: float) -> dict:
     ttft = [stamps[0] - start for start, stamps, _ in records if stamps]
     tbt = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
     tokens = sum(n for *_, n in records)
-    return {"tok/s": tokens / wall, "req/s": len(records) / wall, "ttft50": percentile(ttft, 50),
+    return {"wall": wall, "tok/s": tokens / wall, "req/s": len(records) / wall, "ttft50": percentile(ttft, 50),
             "ttft99": percentile(ttft, 99), "tbt50": percentile(tbt, 50), "tbt99": percentile(tbt, 99)}
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of process `pid` (Linux): its main thread (the server's event loop) and its other threads (the
+    engine thread, torch's)."""
+    out = {"main": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out["main" if int(task.name) == pid else "other"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def server_counters(url: str, pid: int) -> dict[str, float]:
+    """maestrale's engine counters from /metrics (name{labels} -> value) and the server's CPU time by thread."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    out = {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines
+                                                    if line.startswith("maestrale_engine_"))}
+    return {**out, **{f"cpu_{k}": v for k, v in thread_cpu_seconds(pid).items()}}
+
+
+def engine_report(before: dict, after: dict, wall: float) -> str:
+    """Where a run's server time went, per engine step: what it computed, its parts, the threads' CPU."""
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    work = {k.split('"')[1]: v for k, v in d.items() if k.startswith("maestrale_engine_step_work_total")}
+    parts = {k.split('"')[1]: v for k, v in d.items() if k.startswith("maestrale_engine_step_seconds_total")}
+    steps = max(work.get("steps", 0), 1)
+    per_step = lambda seconds: f"{seconds / steps * 1e3:.1f}"  # noqa: E731
+    return (f"  engine: {steps:.0f} steps, {wall / steps * 1e3:.1f} ms each; a step {work.get('decode_rows', 0) / steps:.0f} "
+            f"decode rows, {work.get('prefill_rows', 0) / steps:.1f} prefill chunks of {work.get('prefill_tokens', 0) / steps:.0f} "
+            f"tokens; ms a step: " + ", ".join(f"{k} {per_step(v)}" for k, v in parts.items()) +
+            f", idle {per_step(d.get('maestrale_engine_idle_seconds_total', 0))}; CPU ms a step: engine thread "
+            f"{per_step(d.get('maestrale_engine_thread_cpu_seconds_total', 0))} (all but the main thread "
+            f"{per_step(d['cpu_other'])}), HTTP event loop {per_step(d['cpu_main'])}")
 
 
 def connect(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
 
 
-async def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int) -> dict:
-    """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf."""
+async def send_all(url: str, extra: dict, model: str, prompts, rate: float, seed: int) -> tuple:
+    """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf: (records, start, end, this
+    process's CPU seconds)."""
     rng, records, tasks = random.Random(seed), [], []
+    cpu = time.process_time()
     async with connect(url) as client:
         begin = time.perf_counter()
         for prompt, max_tokens in prompts:
@@ -141,7 +181,27 @@ async def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed:
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
-        return summary(records, time.perf_counter() - begin)
+        return records, begin, time.perf_counter(), time.process_time() - cpu
+
+
+def send_share(*args) -> tuple:
+    return asyncio.run(send_all(*args))
+
+
+def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int, processes: int = 1) -> dict:
+    """summary() of send_all() over `processes` client processes, each sending every processes-th prompt at
+    rate / processes (together a Poisson stream at `rate`), so the clients' own CPU time (the openai client parses
+    each chunk in Python) does not cap what is measured. perf_counter is CLOCK_MONOTONIC on Linux, one clock for
+    all processes."""
+    shares = [(url, extra, model, prompts[i::processes], rate / processes, seed + i) for i in range(processes)]
+    if processes == 1:
+        parts = [send_share(*shares[0])]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(send_share, *zip(*shares)))
+    wall = max(end for *_, end, _ in parts) - min(begin for _, begin, *_ in parts)
+    out = summary([r for records, *_ in parts for r in records], wall)
+    return {**out, "client cpu": sum(cpu for *_, cpu in parts) / wall / processes}
 
 
 async def clients(url: str, model: str, count: int, requests_each: int, max_tokens: int) -> dict:
@@ -169,6 +229,9 @@ def main() -> None:
     parser.add_argument("--output-mean", type=int, default=32, help="mean output length in tokens")
     parser.add_argument("--rates", default="inf,2", help="request rates per second, comma-separated; inf = at once")
     parser.add_argument("--clients-max-tokens", type=int, default=32)
+    parser.add_argument("--client-processes", type=int, default=1, help="load-generator processes for the rate "
+                        "runs (each openai client chunk costs ~0.1-0.2 ms of a client's CPU: one process tops out "
+                        "at a few thousand tokens/s)")
     parser.add_argument("--compare-transformers", action="store_true", help="also run transformers serve")
     parser.add_argument("--server-args", default="", help="extra options for maestrale serve")
     args = parser.parse_args()
@@ -215,13 +278,17 @@ def main() -> None:
         model = served if name == "transformers" else httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         try:
             extra = MAESTRALE_EXTRA if name == "maestrale" else {}
-            asyncio.run(at_rate(url, extra, model, prompts[:2], float("inf"), 0))  # warm-up
+            at_rate(url, extra, model, prompts[:2], float("inf"), 0)  # warm-up
             for rate in rates:
-                results[name, rate] = asyncio.run(at_rate(url, extra, model, prompts, rate, seed=1))
+                before = server_counters(url, proc.pid) if name == "maestrale" else None
+                results[name, rate] = at_rate(url, extra, model, prompts, rate, 1, args.client_processes)
                 r = results[name, rate]
                 print(f"{name:12} rate {rate:>4}: {r['tok/s']:8.1f} output tok/s {r['req/s']:6.2f} req/s  "
                       f"TTFT p50 {r['ttft50'] * 1e3:7.0f} ms p99 {r['ttft99'] * 1e3:7.0f} ms  "
-                      f"TBT p50 {r['tbt50'] * 1e3:6.0f} ms p99 {r['tbt99'] * 1e3:6.0f} ms", flush=True)
+                      f"TBT p50 {r['tbt50'] * 1e3:6.0f} ms p99 {r['tbt99'] * 1e3:6.0f} ms  "
+                      f"(client processes busy {r['client cpu']:.0%})", flush=True)
+                if before is not None:
+                    print(engine_report(before, server_counters(url, proc.pid), r["wall"]), flush=True)
             if name == "maestrale":
                 single = asyncio.run(clients(url, model, 1, 4, args.clients_max_tokens))
                 many = asyncio.run(clients(url, model, 16, 2, args.clients_max_tokens))

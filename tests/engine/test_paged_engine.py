@@ -13,7 +13,7 @@ from maestrale.engine.block_manager import BlockManager
 from maestrale.engine.decode import PagedDecoder
 from maestrale.engine.llm_engine import LLMEngine, _Text
 from maestrale.engine.runner import ModelRunner
-from maestrale.engine.sampling import SamplingParams
+from maestrale.engine.sampling import Sampler, SamplingParams
 from maestrale.engine.scheduler import Sequence
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -126,11 +126,11 @@ def test_chunked_prefill_equals_one_shot():
 
 
 
-@pytest.mark.parametrize("name", ["ministral-mixed-window6", "mixtral-window7"])
-def test_prefill_chunks_share_forwards_and_equal_each_alone(name, monkeypatch):
-    """A step of a decode row and five prefill chunks, with cached prefixes of different lengths: chunks of similar
-    lengths share one left-padded forward, a much shorter one gets its own, and every row's logits equal the
-    model's forward over that sequence's whole tokens alone (windows shorter than the prefixes)."""
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_step_equals_each_sequence_alone(name, monkeypatch):
+    """A step of a decode row and five prefill chunks, with cached prefixes of different lengths, runs as one packed
+    forward, and every row's logits equal the model's forward over that sequence's whole tokens alone (windows
+    shorter than the prefixes, blocks out of order)."""
     model = build(name)
     runner = ModelRunner(model, num_blocks=64, block_size=4, max_num_seqs=8, max_model_len=256)
     g = torch.Generator().manual_seed(2)
@@ -144,7 +144,7 @@ def test_prefill_chunks_share_forwards_and_equal_each_alone(name, monkeypatch):
     monkeypatch.setattr(runner, "_forward", lambda *args: forwards.append(len(args[0])) or
                         ModelRunner._forward(runner, *args))
     logits = runner.run([seq[c:] for seq, c in zip(seqs, cached)], cached, tables)
-    assert forwards == [1, 4, 1]  # the decode row; chunks of 12, 11, 10 and 9 tokens; the 3-token chunk
+    assert forwards == [6]
     with torch.no_grad():
         expected = torch.cat([model(torch.tensor([seq])).logits[:, -1] for seq in seqs])
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
@@ -160,6 +160,39 @@ def test_seeded_sampling_repeats_and_n_choices_differ():
         outputs.append(run(engine, {"a": (prompts(1)[0], params)}))
     assert outputs[0] == outputs[1]
     assert outputs[0][("a", 0)] != outputs[0][("a", 1)]
+
+
+def test_batched_sampler_rows_equal_each_row_alone():
+    """One batch of rows with different parameters: greedy with penalties, logprobs, seeded draws; each row gets what
+    the row's own rule gives it alone (penalties and log-softmax written out here, a seed's draw from its
+    generator on that row's probabilities alone)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 40, generator=g)
+    best = logits.argmax(-1).tolist()
+    outputs = [[], [best[1], best[1], 7], [best[2]], [1, 2, 2], []]  # penalties on the likeliest tokens
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5),
+              SamplingParams(temperature=0.7, top_p=0.8, seed=11, presence_penalty=2.0),
+              SamplingParams(temperature=0.7, top_p=0.8, seed=12, logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0, logprobs=True)]
+    seqs = [Sequence("r", i, [9] + out, p, None if p.seed is None else torch.Generator().manual_seed(p.seed),
+                     num_prompt_tokens=1) for i, (out, p) in enumerate(zip(outputs, params))]
+    sampled = Sampler()(seqs, logits)
+
+    def penalized(row: int) -> torch.Tensor:
+        counts = torch.bincount(torch.tensor(outputs[row], dtype=torch.long), minlength=40).float()
+        return logits[row] - params[row].frequency_penalty * counts - params[row].presence_penalty * (counts > 0)
+
+    assert sampled[0].token_id == int(logits[0].argmax())
+    assert sampled[1].token_id == int(penalized(1).argmax()) != int(logits[1].argmax())
+    for row in (2, 3):
+        probs = params[row].warpers()(None, penalized(row)[None]).softmax(-1)[0]
+        assert sampled[row].token_id == int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(
+            params[row].seed)))
+    logprobs = logits.log_softmax(-1)
+    assert sampled[3].logprob == pytest.approx(float(logprobs[3, sampled[3].token_id]))
+    assert [t for t, _ in sampled[3].top_logprobs] == logprobs[3].topk(3).indices.tolist()
+    assert sampled[4].logprob == pytest.approx(float(logprobs[4].max())) and sampled[4].top_logprobs is None
+    assert sampled[0].logprob is None
 
 
 def test_abort_frees_blocks_at_once():

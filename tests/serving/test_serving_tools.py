@@ -35,11 +35,10 @@ class Scripted(Sampler):
         self.script, self.gate, self.prompts = script, threading.Event(), []
         self.gate.set()
 
-    def sample_one(self, seq, logits):
+    def __call__(self, seqs, logits):
         self.gate.wait()
-        if not seq.output_ids:
-            self.prompts.append(seq.token_ids[: seq.num_prompt_tokens])
-        return Sampled(self.script[len(seq.output_ids) % len(self.script)])
+        self.prompts += [seq.token_ids[: seq.num_prompt_tokens] for seq in seqs if not seq.output_ids]
+        return [Sampled(self.script[len(seq.output_ids) % len(self.script)]) for seq in seqs]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,12 +46,17 @@ class _Text:
         self.settled = 0  # how much of the text later tokens cannot change
         self.prefix = self.read = 0
 
-    def update(self, output_ids: list[int]) -> bool:
-        """Decode the new tokens; True when the text now contains a stop string (the text ends before it)."""
+    def windows(self, output_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The two runs of ids whose texts update() takes (the engine decodes all its rows' runs in one call)."""
+        return output_ids[self.prefix : self.read], output_ids[self.prefix :]
+
+    def update(self, output_ids: list[int], known: str | None = None, window: str | None = None) -> bool:
+        """Take in the new tokens, given or decoded here the texts of windows(output_ids); True when the text now
+        contains a stop string (the text ends before it)."""
         if self.tokenizer is None:
             return False
-        known = self.tokenizer.decode(output_ids[self.prefix : self.read], skip_special_tokens=True)
-        window = self.tokenizer.decode(output_ids[self.prefix :], skip_special_tokens=True)
+        if known is None:
+            known, window = self.tokenizer.batch_decode(self.windows(output_ids), skip_special_tokens=True)
         searched = self.settled  # no stop string lies within the settled text: it would have stopped
         self.text = self.text[: self.settled] + window[len(known) :]
         if not self.text.endswith("\ufffd"):  # else the last character's bytes are not all in
@@ -101,6 +109,10 @@ class LLMEngine:
         self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.requests: dict[str, list[Sequence]] = {}
         self._texts: dict[Sequence, _Text] = {}
+        # Where the steps' time goes, for /metrics: seconds by part, and what the steps computed. On CUDA the model
+        # part is the launch; the wait for the GPU falls in "sample", whose argmax copies the tokens to the host.
+        self.step_seconds: Counter[str] = Counter()
+        self.step_counts: Counter[str] = Counter()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; it joins the running batch at a coming step. ValueError when it cannot fit."""
@@ -136,13 +148,22 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[StepOutput]:
-        """Run one model step over the scheduled sequences; outputs of the sequences that produced a token."""
+    def step(self, while_running: Callable[[], None] | None = None) -> list[StepOutput]:
+        """Run one model step over the scheduled sequences; outputs of the sequences that produced a token.
+
+        `while_running` is called once the model's work is launched, before the host waits for its tokens: on CUDA
+        what it does overlaps the GPU's step (the server hands out the previous step's outputs then).
+        """
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        scheduled = time.perf_counter()
         logits = self.runner.run([seq.token_ids[seq.num_computed : seq.num_computed + n] for seq, n in batch],
                                  [seq.num_computed for seq, _ in batch], [seq.block_table for seq, _ in batch])
+        if while_running is not None:
+            while_running()
+        ran = time.perf_counter()
         ready, rows = [], []
         for row, (seq, n) in enumerate(batch):
             seq.num_computed += n
@@ -150,19 +171,37 @@ class LLMEngine:
             if seq.num_pending == 0:
                 ready.append(seq)
                 rows.append(row)
-        outputs = []
         if len(rows) < len(batch):  # else every row, as is: no copy of (batch, vocab) logits
             logits = logits[rows]
-        for seq, sampled in zip(ready, self.sampler(ready, logits)) if ready else ():
-            outputs.append(self._append(seq, sampled))
+        samples = self.sampler(ready, logits) if ready else []
+        sampled = time.perf_counter()
+        for seq, s in zip(ready, samples):
+            seq.token_ids.append(s.token_id)
+        outputs = [seq.output_ids for seq in ready]
+        texts = [None] * 2 * len(ready)
+        if self.tokenizer is not None and ready:  # every row's new text in one call of the tokenizer
+            runs = [run for seq, ids in zip(ready, outputs) for run in self._texts[seq].windows(ids)]
+            texts = self.tokenizer.batch_decode(runs, skip_special_tokens=True)
+        outputs = [self._append(seq, s, ids, *texts[2 * i : 2 * i + 2])
+                   for i, (seq, s, ids) in enumerate(zip(ready, samples, outputs))]
+        seconds, counts = self.step_seconds, self.step_counts
+        seconds["schedule"] += scheduled - start
+        seconds["model"] += ran - scheduled
+        seconds["sample"] += sampled - ran
+        seconds["append"] += time.perf_counter() - sampled
+        decodes = sum(n == 1 for _, n in batch)
+        counts["steps"] += 1
+        counts["decode_rows"] += decodes
+        counts["prefill_rows"] += len(batch) - decodes
+        counts["prefill_tokens"] += sum(n for _, n in batch if n > 1)
         return outputs
 
-    def _append(self, seq: Sequence, sampled: Sampled) -> StepOutput:
-        seq.token_ids.append(sampled.token_id)
+    def _append(self, seq: Sequence, sampled: Sampled, output_ids: list[int], known: str | None,
+                window: str | None) -> StepOutput:
+        """The output of `seq`'s new token (appended, as are the texts of its windows): stop checks and its text."""
         text = self._texts[seq]
-        params, token = seq.params, sampled.token_id
-        output_ids, reason = seq.output_ids, None
-        if text.update(output_ids):
+        params, token, reason = seq.params, sampled.token_id, None
+        if text.update(output_ids, known, window):
             reason = "stop"
         elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"

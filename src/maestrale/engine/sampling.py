@@ -57,45 +57,73 @@ class Sampled:
 
 
 class Sampler:
-    """Next tokens for a batch of sequences from their last logits (batch, vocab).
+    """Next tokens for a batch of sequences from their last logits (batch, vocab), in a few batched calls and one
+    copy of the tokens to the host (a GPU waits once per step, not once per row).
 
     Penalties follow OpenAI: a token's logit drops by frequency_penalty per time it occurs in the output so far,
-    and by presence_penalty once if it occurs at all. Log-probabilities are the model's (before penalties and
-    temperature), as OpenAI reports them.
+    and by presence_penalty once if it occurs at all. Rows that share temperature and top_p share one warper call;
+    a seeded row draws from its own generator, the others from torch's default one. Log-probabilities are the
+    model's (before penalties and temperature), as OpenAI reports them.
     """
 
     def __call__(self, seqs: list, logits: torch.Tensor) -> list[Sampled]:
-        # Plain greedy rows share one argmax and one copy to the host (a GPU waits once per step, not per row).
-        plain = [i for i, seq in enumerate(seqs) if self._plain_greedy(seq.params)]
-        greedy = {}
-        if plain:
-            tokens = (logits if len(plain) == len(seqs) else logits[plain]).argmax(-1).tolist()
-            greedy = dict(zip(plain, tokens))
-        return [Sampled(greedy[i]) if i in greedy else self.sample_one(seq, logits[i][None].float())
-                for i, seq in enumerate(seqs)]
+        params = [seq.params for seq in seqs]
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        plain = [i for i, p in enumerate(params) if self._plain_greedy(p)]
+        if len(plain) == len(seqs):  # every row, as is: no copy of (batch, vocab) logits
+            tokens = logits.argmax(-1)
+        elif plain:
+            tokens[plain] = logits[plain].argmax(-1)
+        rest = [i for i, p in enumerate(params) if not self._plain_greedy(p)]
+        if rest:
+            self._sample(seqs, rest, logits[rest].float(), tokens)
+        tokens = tokens.tolist()
+        out = [Sampled(token) for token in tokens]
+        rows = [i for i, p in enumerate(params) if p.logprobs]
+        if rows:
+            logprobs = logits[rows].float().log_softmax(-1)
+            chosen = logprobs.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))[:, 0]
+            k = max(params[i].top_logprobs for i in rows)
+            values, ids = (t.tolist() for t in logprobs.topk(k)) if k else ([[]] * len(rows), [[]] * len(rows))
+            for i, lp, top_values, top_ids in zip(rows, chosen.tolist(), values, ids):
+                top = params[i].top_logprobs
+                out[i] = Sampled(tokens[i], lp, list(zip(top_ids[:top], top_values[:top])) if top else None)
+        return out
 
     @staticmethod
     def _plain_greedy(params: SamplingParams) -> bool:
         return (params.temperature == 0 and not params.logprobs and not params.presence_penalty
                 and not params.frequency_penalty)
 
-    def sample_one(self, seq, logits: torch.Tensor) -> Sampled:
-        params: SamplingParams = seq.params
-        scores = logits
-        if params.presence_penalty or params.frequency_penalty:
-            counts = torch.bincount(torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device),
-                                    minlength=logits.shape[-1])[None].to(logits.dtype)
-            scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-        if params.temperature == 0:
-            token = int(scores.argmax(-1))
-        else:
-            probs = params.warpers()(None, scores).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.generator))
-        if not params.logprobs:
-            return Sampled(token)
-        logprobs = logits.log_softmax(-1)[0]
-        top = None
-        if params.top_logprobs:
-            values, ids = logprobs.topk(params.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        return Sampled(token, float(logprobs[token]), top)
+    @staticmethod
+    def _sample(seqs: list, rows: list[int], scores: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Write the tokens of `rows` (their float logits `scores`) into `tokens`, without waiting on the device."""
+        params = [seqs[i].params for i in rows]
+        penalized = [j for j, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if penalized:
+            vocab, device = scores.shape[-1], scores.device
+            outputs = [seqs[rows[j]].output_ids for j in penalized]
+            # Each output token, offset by its row's place, counted in one bincount over (rows, vocab).
+            flat = torch.tensor([r * vocab + t for r, ids in enumerate(outputs) for t in ids], dtype=torch.long)
+            counts = torch.bincount(flat.to(device), minlength=len(penalized) * vocab).view(-1, vocab).float()
+            coefficients = torch.tensor([[params[j].frequency_penalty, params[j].presence_penalty]
+                                         for j in penalized], device=device)
+            scores[penalized] -= coefficients[:, :1] * counts + coefficients[:, 1:] * (counts > 0)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for j, p in enumerate(params):
+            groups.setdefault((p.temperature, p.top_p), []).append(j)
+        for (temperature, _), members in groups.items():
+            index = torch.tensor([rows[j] for j in members], device=tokens.device)
+            if temperature == 0:
+                tokens[index] = scores[members].argmax(-1)
+                continue
+            probs = params[members[0]].warpers()(None, scores[members]).softmax(-1)
+            generators = [seqs[rows[j]].generator for j in members]
+            unseeded = [k for k, g in enumerate(generators) if g is None]
+            drawn = torch.empty(len(members), dtype=torch.long, device=tokens.device)
+            if unseeded:
+                drawn[unseeded] = torch.multinomial(probs[unseeded], 1)[:, 0]
+            for k, generator in enumerate(generators):  # a seeded row draws from its own: its seed repeats its text
+                if generator is not None:
+                    drawn[k] = torch.multinomial(probs[k], 1, generator=generator)[0]
+            tokens[index] = drawn

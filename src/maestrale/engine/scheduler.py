@@ -70,9 +70,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             count = min(seq.num_pending, budget)
-            while not self.blocks.grow(seq, seq.num_computed + count) and seq in self.running:
+            grown = self.blocks.grow(seq, seq.num_computed + count)
+            while not grown and self.running[-1] is not seq:
                 self.preempt(self.running[-1])
-            if seq not in self.running:  # it was the newest itself
+                grown = self.blocks.grow(seq, seq.num_computed + count)
+            if not grown:  # no newer sequence left to free blocks: it waits itself
+                self.preempt(seq)
                 break
             scheduled.append((seq, count))
             budget -= count

@@ -298,5 +298,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         dropout = self.config.attention_dropout
-        out, weights = ATTENTION_BACKENDS[backend](q, k, v, mask, self.scaling, dropout, self.training)
+        if hasattr(mask, "attend"):  # a mask that attends itself (the server's packed sequences, engine/runner.py)
+            out, weights = mask.attend(q, k, v, self.scaling), None
+        else:
+            out, weights = ATTENTION_BACKENDS[backend](q, k, v, mask, self.scaling, dropout, self.training)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), weights

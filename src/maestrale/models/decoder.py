@@ -165,13 +165,20 @@ class DecoderModel(PreTrainedModel):
         self.first_layer_of_kind = {kind: kinds.index(kind) for kind in set(kinds)}
         self.post_init()
 
-    def _masks(self, attention_mask, batch, seq, cache, device, documents) -> dict[str, AttentionMask]:
+    def _masks(self, attention_mask, batch, seq, cache, device, position_ids, cu_seq_lens_q,
+               cu_seq_lens_k) -> dict[str, AttentionMask]:
+        """Each attention kind's mask; `position_ids` as given (None: one sequence a row)."""
+        windows = {kind: self.config.sliding_window if kind == "sliding_attention" else None
+                   for kind in self.first_layer_of_kind}
+        if hasattr(cache, "attention_masks"):  # a cache that lays out and attends its own sequences (the server's)
+            return cache.attention_masks(windows)
         past = cache.get_seq_length() if cache is not None else 0
+        documents = None if attention_mask is not None or past else packed_documents(
+            position_ids, cu_seq_lens_q, cu_seq_lens_k, batch, seq)
         masks = {}
         for kind, first in self.first_layer_of_kind.items():
             key_start = cache.layers[first].key_start() if cache is not None and first < len(cache.layers) else 0
-            window = self.config.sliding_window if kind == "sliding_attention" else None
-            masks[kind] = AttentionMask(attention_mask, batch, past, seq, key_start, window, device, documents)
+            masks[kind] = AttentionMask(attention_mask, batch, past, seq, key_start, windows[kind], device, documents)
         return masks
 
     def forward(
@@ -212,13 +219,11 @@ class DecoderModel(PreTrainedModel):
             past_key_values = DynamicCache(config)
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
-        # Read before the default positions fill in, which are one sequence a row (and need no device sync to say so).
-        documents = None if attention_mask is not None or past else packed_documents(
-            position_ids, cu_seq_lens_q, cu_seq_lens_k, batch, seq)
+        # Before the default positions fill in, which are one sequence a row (and need no device sync to say so).
+        masks = self._masks(attention_mask, batch, seq, cache, inputs_embeds.device, position_ids, cu_seq_lens_q,
+                            cu_seq_lens_k)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device)[None]
-
-        masks = self._masks(attention_mask, batch, seq, cache, inputs_embeds.device, documents)
         rotary = self.rotary_emb(inputs_embeds, position_ids)
         # Only the explicit softmax can hand back attention weights.
         backend = "eager" if output_attentions else config._attn_implementation

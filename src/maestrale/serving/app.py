@@ -136,19 +136,23 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
         if not req.stream:
             async def collect():
-                async for i, out in engine.generate(prompts, params):
-                    index, choice = record(i, out)
-                    on_output(index, choice, out)
+                async for batch in engine.generate(prompts, params):
+                    for i, out in batch:
+                        index, choice = record(i, out)
+                        on_output(index, choice, out)
                 return {**head, **finish(choices)}
             return collect()
 
+        def event(i, out) -> str:
+            index, choice = record(i, out)
+            chunk = {**head, "choices": [on_output(index, choice, out)]}
+            if req.include_usage:
+                chunk["usage"] = None
+            return _sse(chunk)
+
         async def events():
-            async for i, out in engine.generate(prompts, params):
-                index, choice = record(i, out)
-                chunk = {**head, "choices": [on_output(index, choice, out)]}
-                if req.include_usage:
-                    chunk["usage"] = None
-                yield _sse(chunk)
+            async for batch in engine.generate(prompts, params):
+                yield "".join(event(i, out) for i, out in batch)  # one write for all that arrived
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": usage(prompts, choices)})
             yield _sse("[DONE]")

@@ -37,6 +37,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._undelivered: list[tuple[str, object]] = []  # the last step's outputs, handed out during the next
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="maestrale-engine", daemon=True)
 
@@ -66,18 +67,32 @@ class AsyncEngine:
                 else:
                     engine.abort(*args)
             if not engine.has_unfinished():
+                self._flush()
+                idle = time.perf_counter()
                 self._wake.wait()
                 self._wake.clear()
+                self.metrics.engine_idle_seconds += time.perf_counter() - idle
                 continue
             try:
-                outputs = engine.step()
+                # Waking the event loop hands it the GIL, which the engine thread then waits to get back: done while
+                # the GPU runs the next step, that wait costs nothing.
+                outputs = engine.step(while_running=self._flush)
             except Exception as e:  # a failed step fails the requests in it, not the server
+                self._flush()
                 logger.exception("engine step failed")
                 for request_id in list(engine.requests):
                     engine.abort(request_id)
                     self._deliver(request_id, RuntimeError(f"the model step failed: {e}"))
                 continue
-            self._deliver_all([(out.request_id, out) for out in outputs])
+            self._flush()  # a step that ran no model
+            self._undelivered = [(out.request_id, out) for out in outputs]
+            self.metrics.engine_cpu_seconds = time.thread_time()
+        self._flush()
+
+    def _flush(self) -> None:
+        items, self._undelivered = self._undelivered, []
+        if items:
+            self._deliver_all(items)
 
     def _deliver(self, request_id: str, item) -> None:
         self._deliver_all([(request_id, item)])
@@ -104,9 +119,11 @@ class AsyncEngine:
         for prompt in prompts:
             self.engine.check_request(prompt, params)
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple[int, StepOutput]]:
-        """(prompt index, output) for each step of each of the prompts' n choices, until all are finished
-        (check() them first).
+    async def generate(self, prompts: list[list[int]],
+                       params: SamplingParams) -> AsyncIterator[list[tuple[int, StepOutput]]]:
+        """(prompt index, output) for each step of each of the prompts' n choices, until all are finished (check()
+        them first): each time, all the outputs that have arrived, so a response that fell behind the engine
+        catches up in one write.
 
         Leaving early (a client that disconnects) aborts what is left, which frees its blocks at the next step.
         """
@@ -121,14 +138,19 @@ class AsyncEngine:
             for request_id, prompt in zip(ids, prompts):
                 self._send("add", request_id, prompt, params)
             while left:
-                out = await q.get()
-                if isinstance(out, Exception):
-                    raise out
-                timing.token(len(out.token_ids))
-                if out.finish_reason is not None:
-                    left -= 1
-                    self.metrics.choice_finished(out.finish_reason)
-                yield self._streams[out.request_id][2], out
+                arrived = [await q.get()]
+                while not q.empty():
+                    arrived.append(q.get_nowait())
+                batch = []
+                for out in arrived:
+                    if isinstance(out, Exception):
+                        raise out
+                    timing.token(len(out.token_ids))
+                    if out.finish_reason is not None:
+                        left -= 1
+                        self.metrics.choice_finished(out.finish_reason)
+                    batch.append((self._streams[out.request_id][2], out))
+                yield batch
         finally:
             if left:
                 for request_id in ids:

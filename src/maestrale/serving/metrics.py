@@ -53,6 +53,10 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: Counter[str] = Counter()
+        # The engine thread's CPU time (what it held the GIL for, less the GIL-free waits inside torch) and its
+        # time waiting for requests; the rest of its wall time is waiting for the GPU or for the GIL.
+        self.engine_cpu_seconds = 0.0
+        self.engine_idle_seconds = 0.0
         self.time_to_first_token = Histogram("maestrale_time_to_first_token_seconds",
                                              "Time from a request's arrival to its first token.")
         self.time_between_tokens = Histogram("maestrale_time_per_output_token_seconds",
@@ -92,6 +96,18 @@ class Metrics:
                         scheduler.preemptions)
         lines += metric("maestrale_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix "
                         "cache.", blocks.prefix_hits)
+        lines += ["# HELP maestrale_engine_step_seconds_total Time of the engine's steps, by part.",
+                  "# TYPE maestrale_engine_step_seconds_total counter"]
+        lines += [f'maestrale_engine_step_seconds_total{{part="{part}"}} {seconds}'
+                  for part, seconds in sorted(engine.step_seconds.items())]
+        lines += ["# HELP maestrale_engine_step_work_total What the engine's steps computed: steps, decode rows, "
+                  "prefill chunks (rows) and their tokens.", "# TYPE maestrale_engine_step_work_total counter"]
+        lines += [f'maestrale_engine_step_work_total{{kind="{kind}"}} {count}'
+                  for kind, count in sorted(engine.step_counts.items())]
+        lines += metric("maestrale_engine_thread_cpu_seconds_total", "counter", "CPU time of the engine thread.",
+                        self.engine_cpu_seconds)
+        lines += metric("maestrale_engine_idle_seconds_total", "counter", "Time the engine waited for requests.",
+                        self.engine_idle_seconds)
         for histogram in (self.time_to_first_token, self.time_between_tokens, self.request_latency):
             lines += histogram.lines()
         return "\n".join(lines) + "\n"

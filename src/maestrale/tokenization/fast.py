@@ -6,6 +6,7 @@ transformers arguments into its settings and its encodings into a BatchEncoding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -473,7 +474,22 @@ class PreTrainedTokenizerFast:
         if kwargs:
             raise TypeError(f"decode() got unexpected keyword arguments {sorted(kwargs)}")
         self._check_ids(ids)
-        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._clean_up(self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens),
+                              clean_up_tokenization_spaces)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None, **kwargs: Any) -> list[str]:
+        """decode() of each sequence, in one call of the backend (the server detokenises a step's rows at once)."""
+        if kwargs:
+            raise TypeError(f"batch_decode() got unexpected keyword arguments {sorted(kwargs)}")
+        if isinstance(sequences, (torch.Tensor, np.ndarray)):
+            sequences = sequences.tolist()
+        rows = [s if type(s) is list else _to_id_list(s) for s in sequences]
+        self._check_ids(list(itertools.chain.from_iterable(rows)))
+        return [self._clean_up(text, clean_up_tokenization_spaces)
+                for text in self._tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
+
+    def _clean_up(self, text: str, clean_up_tokenization_spaces: bool | None) -> str:
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
         # As transformers 5 does, BPE output is never cleaned up: the clean-up is meant for WordPiece and would
         # delete real spaces before punctuation.
@@ -481,11 +497,6 @@ class PreTrainedTokenizerFast:
             for before, after in CLEAN_UP:
                 text = text.replace(before, after)
         return text
-
-    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False,
-                     clean_up_tokenization_spaces: bool | None = None, **kwargs: Any) -> list[str]:
-        return [self.decode(_to_id_list(s), skip_special_tokens, clean_up_tokenization_spaces, **kwargs)
-                for s in _to_id_list(sequences)]
 
     # ----- chat templates ----------------------------------------------------------------------------------
 

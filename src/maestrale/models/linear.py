@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,17 +51,23 @@ def stacked_weight(layers: tuple[nn.Module, ...]) -> torch.Tensor | None:
            for layer in layers):
         return None
     weights = [layer.weight for layer in layers]
-    first = weights[0]
+    return stacked_rows(weights, lambda i, rows: setattr(weights[i], "data", rows))
+
+
+def stacked_rows(tensors: list[torch.Tensor], assign: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """2-D tensors of equal width as row blocks of one tensor. Unless they already lie back to back in one storage,
+    they are copied into one tensor and each is handed its rows (`assign(i, rows)`), so nothing is stored twice."""
+    first = tensors[0]
     base, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     laid_out = True
-    for w in weights:
-        laid_out = (laid_out and w.is_contiguous() and w.storage_offset() == offset
-                    and w.untyped_storage().data_ptr() == base)
-        offset += w.numel()
+    for t in tensors:
+        laid_out = (laid_out and t.is_contiguous() and t.storage_offset() == offset
+                    and t.untyped_storage().data_ptr() == base)
+        offset += t.numel()
     if not laid_out:
-        with torch.inference_mode(False):  # a normal tensor, so that the weights can still be trained
-            stacked = torch.cat([w.detach() for w in weights])
-        for w, rows in zip(weights, stacked.split([w.shape[0] for w in weights])):
-            w.data = rows
+        with torch.inference_mode(False):  # a normal tensor, so that weights can still be trained
+            first = torch.cat([t.detach() for t in tensors])
+        for i, rows in enumerate(first.split([t.shape[0] for t in tensors])):
+            assign(i, rows)
     cols = first.shape[1]
-    return torch.as_strided(first.detach(), (sum(w.shape[0] for w in weights), cols), (cols, 1))
+    return torch.as_strided(first.detach(), (sum(t.shape[0] for t in tensors), cols), (cols, 1))

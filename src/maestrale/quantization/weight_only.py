@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.linear import Linear
+from ..models.linear import Linear, stacked_rows
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
 INT4_ROWS = 16  # torch's CPU int4 layout takes whole tiles of rows: rows are padded (on every device, one layout of
@@ -303,30 +303,15 @@ class QuantizedEmbedding(nn.Module):
         return self.weight.rows(input_ids)
 
 
-
-def _laid_out(weights: list[PackedWeight], name: str) -> torch.Tensor:
-    """The weights' buffer `name` as row blocks of one tensor. As models/linear.py's stacked_weight does, the first
-    call copies them into one tensor and points each weight at its rows, so nothing is stored twice; later calls find
-    that layout and copy nothing."""
-    parts = [getattr(w, name) for w in weights]
-    base, offset, laid_out = parts[0].data_ptr(), 0, True
-    for part in parts:
-        laid_out = laid_out and part.is_contiguous() and part.data_ptr() == base + offset
-        offset += part.numel() * part.element_size()
-    if not laid_out:
-        with torch.inference_mode(False):
-            stacked = torch.cat(parts)
-        for w, part in zip(weights, stacked.split([p.shape[0] for p in parts])):
-            setattr(w, name, part)
-        parts = [getattr(w, name) for w in weights]
-    cols = parts[0].shape[1]
-    return torch.as_strided(parts[0], (sum(p.shape[0] for p in parts), cols), (cols, 1))
+def _stacked(weights: list[PackedWeight], name: str) -> torch.Tensor:
+    """The weights' buffer `name` as row blocks of one tensor, laid out once."""
+    return stacked_rows([getattr(w, name) for w in weights], lambda i, rows: setattr(weights[i], name, rows))
 
 
 def stacked_packed(linears) -> PackedWeight | None:
     """The int8 weights, or int4 weights in CUDA's layout, of bias-free QuantizedLinear layers that read the same
     input, as one weight of all their rows: a decode step then runs one product instead of several (and fuses the gate
-    into gate/up's). The values are laid out once (_laid_out); int4's scales and zeros, (groups, rows, 2), are
+    into gate/up's). The values are laid out once (stacked_rows); int4's scales and zeros, (groups, rows, 2), are
     concatenated (a few hundredths of the values' bytes). None where the layers are not all such layers of one kind of
     weight, group size and dtype, or an int4 weight other than the last has rows padded."""
     weights = [linear.weight for linear in linears]
@@ -339,8 +324,8 @@ def stacked_packed(linears) -> PackedWeight | None:
     if isinstance(first, Int8Weight):
         if any((w.scales.shape[1], w.scales.dtype) != (first.scales.shape[1], first.scales.dtype) for w in weights):
             return None
-        return first if len(weights) == 1 else Int8Weight(first.kind, _laid_out(weights, "values"),
-                                                          _laid_out(weights, "scales"))
+        return first if len(weights) == 1 else Int8Weight(first.kind, _stacked(weights, "values"),
+                                                          _stacked(weights, "scales"))
     if not first.packed.is_cuda or any((w.group_size, w.scale_and_zeros.dtype) != (first.group_size,
                                        first.scale_and_zeros.dtype) for w in weights):
         return None
@@ -348,7 +333,7 @@ def stacked_packed(linears) -> PackedWeight | None:
         return first
     if any(w.shape[0] % INT4_ROWS for w in weights[:-1]):
         return None  # padding rows inside would sit among the outputs
-    return Int4Weight.of_packed(first.kind, rows, first.group_size, _laid_out(weights, "packed"),
+    return Int4Weight.of_packed(first.kind, rows, first.group_size, _stacked(weights, "packed"),
                                 torch.cat([w.scale_and_zeros for w in weights], dim=1))
 
 

@@ -332,16 +332,15 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& weight, int64_t typ
               " features, the weight is ", w.sizes(), " for ", n, " rows; it must be (", groups, ", ",
               k / QK * bytes, ") for ", QK, " values of 8 rows per ", bytes, " bytes");
 
-  const int64_t stride = m;
-  at::Tensor q = at::empty({m, k}, x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({2, blocks, stride}, x.options());
-  at::Tensor sums = at::empty({blocks, stride}, x.options().dtype(at::kInt));
-  float* d = scales.data_ptr<float>();
-  float* s = d + blocks * stride;
-  int32_t* sum = sums.data_ptr<int32_t>();
-  for (int64_t i = 0; i < m; ++i)
-    quantize_row(x.data_ptr<float>() + i * k, k, q.data_ptr<int8_t>() + i * k, d + i, s + i, sum + i, stride);
-  const Activations act{q.data_ptr<int8_t>(), k, d, s, sum, stride};
+  // one allocation for d, s and n (blocks x m each, 4 bytes a value), then q: a decode step runs ~120 products
+  const int64_t stride = m, plane = blocks * stride;
+  at::Tensor scratch = at::empty({3 * plane * 4 + m * k}, x.options().dtype(at::kByte));
+  float* d = reinterpret_cast<float*>(scratch.data_ptr<uint8_t>());
+  float* s = d + plane;
+  int32_t* sum = reinterpret_cast<int32_t*>(s + plane);
+  int8_t* q = reinterpret_cast<int8_t*>(sum + plane);
+  for (int64_t i = 0; i < m; ++i) quantize_row(x.data_ptr<float>() + i * k, k, q + i * k, d + i, s + i, sum + i, stride);
+  const Activations act{q, k, d, s, sum, stride};
   at::Tensor out = at::empty({m, n}, x.options());
   const uint8_t* data = w.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();

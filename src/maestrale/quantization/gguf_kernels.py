@@ -3,11 +3,11 @@ load with 8 rows' blocks interleaved (`interleave`), so that one pass streams 8 
 for all of them; the layout holds the same bytes, plus zero rows to a whole group.
 
 The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
-per source, torch version and instruction set: AVX-512 with VNNI, else AVX2 + FMA + F16C, when the CPU has them, a
-scalar loop otherwise) and
-loaded as the torch operators torch.ops.maestrale.gguf_mm and torch.ops.maestrale.decode_attention (the CPU
-decode step's attention over a static cache), which Dynamo traces like any other. Without a compiler,
-keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a one-line notice.
+per source, torch version and instruction set, `cpu_simd`: AVX-512 with VNNI, else AVX2 + FMA + F16C, where the CPU
+has them, a scalar loop otherwise) and loaded as the torch operators torch.ops.maestrale.gguf_mm and
+torch.ops.maestrale.decode_attention (the CPU decode step's attention over a static cache), which Dynamo traces like
+any other. Without a compiler, keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a
+one-line notice.
 
 Activations are quantized to int8 per block of 32 inside the product, as llama.cpp does: each value moves by at most
 half a step, max |x| / 254 over its block, so x @ W.T moves by at most sum over blocks of that step times the block's

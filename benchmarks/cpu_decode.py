@@ -17,9 +17,11 @@ the contenders alternate within each repeat so that drifts of the machine's spee
 random weights into a temporary folder (SmolLM2's tokenizer, so its vocabulary of 49152, not Mistral's 32000; --layers
 fewer for a quick run) and decodes it with maestrale packed and llama.cpp.
 
-llama-cpp-python, built for this CPU (AVX2 here; add the AVX512 flags on CPUs that have them):
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \\
+llama-cpp-python, built for this CPU (a native build crashes on these machines): on AVX-512 CPUs with VNNI
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF \\
+        -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
         .venv/bin/pip install llama-cpp-python --no-binary llama-cpp-python   (or pip install 'maestrale[bench]')
+on AVX2-only CPUs with -DGGML_AVX512=OFF and without the other AVX512 and AMX flags.
 """
 
 from __future__ import annotations
@@ -183,6 +185,13 @@ def packed_dtype() -> torch.dtype:
     return torch.float32 if gguf_kernels.available() else torch.bfloat16
 
 
+def packed_kernels() -> str:
+    """Which product the packed model runs: maestrale's kernels and their build, or torch's."""
+    from maestrale.quantization import gguf_kernels
+
+    return f"maestrale's {torch.ops.maestrale.simd()} kernels" if gguf_kernels.available() else "torch's int4 kernels"
+
+
 def smollm2(args) -> None:
     import transformers
 
@@ -206,7 +215,8 @@ def smollm2(args) -> None:
                                                     64 + args.new_tokens)
     threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
     print(f"SmolLM2-135M-Instruct ({GGUF_NAME}), {cpu_name()}, {threads}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.2f}")
+          f"transformers {transformers.__version__}, packed on {packed_kernels()}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     bandwidth = read_bandwidth()
     for name in ("maestrale float32", "maestrale packed Q4_1"):
         weights = models[name].get_memory_footprint()
@@ -304,7 +314,7 @@ def mistral_7b_shape(args) -> None:
         if have_llama_cpp():
             contenders["llama.cpp Q4_0"] = llama_runner(path, args.threads, 64 + args.new_tokens)
         print(f"Mistral-7B shape, random Q4_0 weights, {cpu_name()}, {args.threads} threads, torch "
-              f"{torch.__version__}, load average {os.getloadavg()[0]:.2f}; maestrale holds "
+              f"{torch.__version__}, {packed_kernels()}, load average {os.getloadavg()[0]:.2f}; maestrale holds "
               f"{model.get_memory_footprint() / 1e9:.2f} GB")
         ids = torch.randint(100, 40000, (max(args.batches), 24), generator=torch.Generator().manual_seed(0))
 

@@ -60,16 +60,42 @@ def test_product_is_the_dequantized_product_within_activation_rounding(qtype, ro
     torch.testing.assert_close(weight.matmul(x), weight.matmul(x.float()), rtol=0, atol=0)
 
 
-def test_scalar_build_computes_as_the_simd_build():
-    """The loop built for CPUs without AVX2 (under its own operator namespace, to sit beside the default one)."""
-    torch.ops.load_library(str(gguf_kernels.build(simd=False, namespace="maestrale_scalar")))
+def test_the_build_for_this_cpu_runs():
+    """The library loaded is the widest instruction set the CPU has: AVX-512 with VNNI where /proc/cpuinfo lists it."""
+    assert torch.ops.maestrale.simd() == gguf_kernels.cpu_simd()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to check against")
+    if gguf_kernels.AVX512_CPUINFO <= flags:
+        assert torch.ops.maestrale.simd() == "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        assert torch.ops.maestrale.simd() == "avx2"
+
+
+NARROWER = {"avx512": ["avx2", "scalar"], "avx2": ["scalar"], "scalar": []}[gguf_kernels.cpu_simd()]
+
+
+@pytest.mark.parametrize("simd", NARROWER)
+def test_narrower_builds_compute_as_this_cpus_build(simd):
+    """The builds for CPUs without AVX-512 or AVX2 (each under its own operator namespace, beside the default one):
+    AVX2 and AVX-512 sum the same integers and scale them in the same float operations, so they agree exactly; the
+    scalar loop rounds its float sums otherwise, and agrees to float rounding."""
+    torch.ops.load_library(str(gguf_kernels.build(simd, namespace=f"maestrale_{simd}")))
+    ops = getattr(torch.ops, f"maestrale_{simd}")
+    assert ops.simd() == simd
     for qtype in TYPES:
         raw, reference = _weight(qtype, 45, 160, 3)
         weight = pack(qtype.name, raw, torch.float32)
-        x = torch.randn(3, 160)
-        ours = torch.ops.maestrale_scalar.gguf_mm(x, weight.blocks, weight.ggml_type, 45)
-        bound = 1e-6 * (x.abs() @ reference.abs().T)
-        assert ((ours - quantized_activations(x) @ reference.T).abs() <= bound).all()
+        for batch in (1, 3, 6):
+            x = torch.randn(batch, 160)
+            ours = ops.gguf_mm(x, weight.blocks, weight.ggml_type, 45)
+            if simd == "scalar":
+                bound = 1e-6 * (x.abs() @ reference.abs().T)
+                assert ((ours - quantized_activations(x) @ reference.T).abs() <= bound).all()
+            else:
+                assert torch.equal(ours, weight.matmul(x))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -204,21 +230,22 @@ def test_stacked_blocks_run_one_product_on_the_layers_blocks():
     assert gguf_kernels.stacked_blocks([*layers, *other]) is None  # another GGUF type: each layer runs itself
 
 
-@pytest.mark.parametrize("qtype", (Q.Q4_0, Q.Q4_1), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_interleaved_layout_holds_the_files_blocks(qtype):
     """13 rows: one whole group of 8 and one of 5 padded with zero blocks; deinterleave gives the file's bytes back."""
     raw, _ = _weight(qtype, 13, 96, 4)
     laid_out = gguf_kernels.interleave(qtype.name, raw)
-    size = gguf_kernels.BLOCK_BYTES[qtype.name]
+    size, head = gguf_kernels.BLOCK_BYTES[qtype.name], gguf_kernels.HEAD_BYTES[qtype.name]
     assert laid_out.shape == (2, 8 * raw.shape[1]) and laid_out.sum() == raw.sum()
     back = gguf_kernels.deinterleave(qtype.name, laid_out.unflatten(-1, (-1, 8 * size))).flatten(2).flatten(0, 1)
     assert torch.equal(back[:13], raw) and not back[13:].any()
-    # the layout as group_tile reads it: block 1 of row 10 (group 1, row 2): d, then its bytes 0-7 in chunk 4
+    # the layout as group_tile reads it: block 1 of row 10 (group 1, row 2): d, then its bytes 8j-8j+7 in chunk 4
     group = laid_out[1].unflatten(0, (-1, 8 * size))[1]
     block = raw[10].unflatten(0, (-1, size))[1]
     assert torch.equal(group[4:6], block[:2])
-    nibbles = group[8 * (size - 16):]
-    assert torch.equal(nibbles[4 * 8:5 * 8], block[-16:-8]) and torch.equal(nibbles[64 + 4 * 8:64 + 5 * 8], block[-8:])
+    values = group[8 * head:]
+    for j in range((size - head) // 8):
+        assert torch.equal(values[64 * j + 4 * 8:64 * j + 5 * 8], block[head + 8 * j:head + 8 * j + 8])
 
 
 def test_stacked_blocks_of_rows_not_in_whole_groups():

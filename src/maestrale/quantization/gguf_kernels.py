@@ -1,12 +1,13 @@
-"""maestrale's own CPU product on GGUF blocks (Q4_0, Q4_1, Q8_0): gguf_kernels.cpp. Q8_0 runs on the file's blocks;
-Q4_0 and Q4_1 are laid out once at load with 8 rows' blocks interleaved (`interleave`), so that one pass streams 8
-rows and reuses each activation block for all of them; the layout holds the same bytes, plus zero rows to a whole group.
+"""maestrale's own CPU product on GGUF blocks (Q4_0, Q4_1, Q8_0): gguf_kernels.cpp. The blocks are laid out once at
+load with 8 rows' blocks interleaved (`interleave`), so that one pass streams 8 rows and reuses each activation block
+for all of them; the layout holds the same bytes, plus zero rows to a whole group.
 
 The C++ source is compiled on first use with the system's C++ compiler into ~/.cache/maestrale/kernels (one library
-per source, torch version and instruction set: AVX2 + FMA + F16C when the CPU has them, a scalar loop otherwise) and
-loaded as the torch operators torch.ops.maestrale.gguf_mm and torch.ops.maestrale.decode_attention (the CPU
-decode step's attention over a static cache), which Dynamo traces like any other. Without a compiler,
-keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a one-line notice.
+per source, torch version and instruction set, `cpu_simd`: AVX-512 with VNNI, else AVX2 + FMA + F16C, where the CPU
+has them, a scalar loop otherwise) and loaded as the torch operators torch.ops.maestrale.gguf_mm and
+torch.ops.maestrale.decode_attention (the CPU decode step's attention over a static cache), which Dynamo traces like
+any other. Without a compiler, keep_quantized runs torch's int4 / int8 kernels instead (quantization/gguf.py), with a
+one-line notice.
 
 Activations are quantized to int8 per block of 32 inside the product, as llama.cpp does: each value moves by at most
 half a step, max |x| / 254 over its block, so x @ W.T moves by at most sum over blocks of that step times the block's
@@ -35,26 +36,41 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gguf_kernels.cpp")
 GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # GGML's numbers, which the C++ operator takes
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 values
-SIMD_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+SIMD_FLAGS = {"avx512": [*AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], "avx2": AVX2_FLAGS,
+              "scalar": []}
+AVX512_CPUINFO = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # /proc/cpuinfo's names of what "avx512" needs
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maestrale" / "kernels"
 
 
-def cpu_has_avx2() -> bool:
-    """AVX2 with FMA and F16C, which torch's AVX2 capability implies on the CPUs it reports it for."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+@cache
+def cpu_simd() -> str:
+    """The widest of SIMD_FLAGS' instruction sets this CPU runs: "avx512" where torch reports AVX512 and the CPU lists
+    VNNI (Linux's /proc/cpuinfo), "avx2" where torch reports AVX2 or AVX512 (FMA and F16C come with it), else
+    "scalar"."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            flags = set()
+        if AVX512_CPUINFO <= flags:
+            return "avx512"
+    return "avx2" if capability in ("AVX2", "AVX512") else "scalar"
 
 
-def library(simd: bool, namespace: str = "maestrale") -> tuple[Path, list[str]]:
-    """Where the library built from this source, torch version and flags is cached, and those flags."""
-    flags = (SIMD_FLAGS if simd else []) + [f"-DMAESTRALE_OPS={namespace}"]
+def library(simd: str, namespace: str = "maestrale") -> tuple[Path, list[str]]:
+    """Where the library built from this source, torch version and SIMD_FLAGS[simd] is cached, and its flags."""
+    flags = SIMD_FLAGS[simd] + [f"-DMAESTRALE_OPS={namespace}"]
     key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {flags}".encode()).hexdigest()[:16]
     return cache_dir() / f"gguf_kernels-{namespace}-{key}.so", flags
 
 
-def build(simd: bool, namespace: str = "maestrale") -> Path:
+def build(simd: str, namespace: str = "maestrale") -> Path:
     """The compiled library (built now unless cached); raises RuntimeError with the compiler's message."""
     from torch.utils import cpp_extension
 
@@ -83,7 +99,7 @@ def build(simd: bool, namespace: str = "maestrale") -> Path:
 def available() -> bool:
     """Whether torch.ops.maestrale.gguf_mm is loaded (compiling it on the first call); a notice when it cannot be."""
     try:
-        torch.ops.load_library(str(build(simd=cpu_has_avx2())))
+        torch.ops.load_library(str(build(cpu_simd())))
     except (RuntimeError, OSError) as error:
         logger.warning(f"keep_quantized: maestrale's GGUF CPU kernels did not build, torch's int4/int8 kernels run "
                        f"instead (slower): {str(error).splitlines()[0]}")
@@ -106,27 +122,28 @@ def decode_attention(q, k_cache, v_cache, seq_mask, t, scale: float) -> torch.Te
     return torch.ops.maestrale.decode_attention(q, k_cache, v_cache, seq_mask, t, scale)
 
 
-GROUP = 8  # rows whose Q4_0 / Q4_1 blocks are interleaved (gguf_kernels.cpp's group_tile)
-CHUNK_ROW = [0, 1, 4, 5, 2, 3, 6, 7]  # the order of a group's rows in its nibbles, its own inverse
+GROUP = 8  # rows whose blocks are interleaved (gguf_kernels.cpp's group_tile)
+CHUNK_ROW = [0, 1, 4, 5, 2, 3, 6, 7]  # the order of a group's rows in its quantized bytes, its own inverse
+HEAD_BYTES = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}  # a block's scale (and minimum), before its quantized bytes
 
 
 def interleave(gguf_type: str, blocks: torch.Tensor) -> torch.Tensor:
-    """Q4_0 / Q4_1 blocks from the file, (rows, bytes a row), laid out as group_tile reads them: (groups, bytes),
-    per block of 32 columns the 8 rows' d (and m), then their nibbles in 8-byte chunks (bytes 0-7 of each row in
-    CHUNK_ROW order, then bytes 8-15). Rows are padded with zero blocks to a whole group."""
-    size, rows = BLOCK_BYTES[gguf_type], blocks.shape[0]
+    """Blocks from the file, (rows, bytes a row), laid out as group_tile reads them: (groups, bytes), per block of 32
+    columns the 8 rows' d (and m), then their quantized bytes in 8-byte chunks (bytes 0-7 of each row in CHUNK_ROW
+    order, then bytes 8-15, and so on). Rows are padded with zero blocks to a whole group."""
+    size, head, rows = BLOCK_BYTES[gguf_type], HEAD_BYTES[gguf_type], blocks.shape[0]
     grouped = F.pad(blocks, (0, 0, 0, -rows % GROUP)).view(-1, GROUP, blocks.shape[1] // size, size)
-    scales = grouped[..., :size - 16].unflatten(-1, (-1, 2)).permute(0, 2, 3, 1, 4)  # (groups, block, d/m, row, 2)
-    nibbles = grouped[:, CHUNK_ROW, :, size - 16:].unflatten(-1, (2, 8)).permute(0, 2, 3, 1, 4)  # (.., half, row, 8)
-    return torch.cat([scales.flatten(2), nibbles.flatten(2)], dim=-1).flatten(1)
+    scales = grouped[..., :head].unflatten(-1, (-1, 2)).permute(0, 2, 3, 1, 4)  # (groups, block, d/m, row, 2)
+    values = grouped[:, CHUNK_ROW, :, head:].unflatten(-1, (-1, 8)).permute(0, 2, 3, 1, 4)  # (.., chunk, row, 8)
+    return torch.cat([scales.flatten(2), values.flatten(2)], dim=-1).flatten(1)
 
 
 def deinterleave(gguf_type: str, groups: torch.Tensor) -> torch.Tensor:
     """interleave's inverse on (..., blocks, bytes per block of a group): the file's blocks, (..., 8, blocks, size)."""
-    head = BLOCK_BYTES[gguf_type] - 16
+    head = HEAD_BYTES[gguf_type]
     scales = groups[..., :head * GROUP].unflatten(-1, (-1, GROUP, 2))  # (..., block, d/m, row, 2)
-    nibbles = groups[..., head * GROUP:].unflatten(-1, (2, GROUP, 8))[..., CHUNK_ROW, :]  # (..., block, half, row, 8)
-    return torch.cat([scales.movedim(-2, -4).flatten(-2), nibbles.movedim(-2, -4).flatten(-2)], dim=-1)
+    values = groups[..., head * GROUP:].unflatten(-1, (-1, GROUP, 8))[..., CHUNK_ROW, :]  # (..., block, chunk, row, 8)
+    return torch.cat([scales.movedim(-2, -4).flatten(-2), values.movedim(-2, -4).flatten(-2)], dim=-1)
 
 
 def stacked_blocks(linears) -> BlocksWeight | None:
@@ -146,7 +163,7 @@ def stacked_blocks(linears) -> BlocksWeight | None:
         return None
     if len(weights) == 1:
         return first
-    if first.kind != "Q8_0" and any(w.shape[0] % GROUP for w in weights[:-1]):
+    if any(w.shape[0] % GROUP for w in weights[:-1]):
         return None  # a padded group inside would put its zero rows among the outputs
     rows = [w.blocks.shape[0] for w in weights]
     base, offset, laid_out = first.blocks.data_ptr(), 0, True
@@ -164,8 +181,8 @@ def stacked_blocks(linears) -> BlocksWeight | None:
 
 
 class BlocksWeight(PackedWeight):
-    """A Q4_0, Q4_1 or Q8_0 weight of (rows, cols) run by gguf_mm, held as uint8 blocks: Q8_0's as in the file,
-    (rows, bytes a row), Q4_0's and Q4_1's interleaved (groups of 8 rows, bytes a group)."""
+    """A Q4_0, Q4_1 or Q8_0 weight of (rows, cols) run by gguf_mm, held as uint8 blocks interleaved (groups of 8 rows,
+    bytes a group)."""
 
     def __init__(self, gguf_type: str, blocks: torch.Tensor, rows: int, cols: int, dtype: torch.dtype):
         super().__init__(gguf_type, (rows, cols))
@@ -176,7 +193,7 @@ class BlocksWeight(PackedWeight):
     def from_file(cls, gguf_type: str, blocks: torch.Tensor, dtype: torch.dtype) -> BlocksWeight:
         """From a GGUF tensor's blocks as stored, (rows, bytes a row)."""
         rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[gguf_type] * 32
-        return cls(gguf_type, blocks if gguf_type == "Q8_0" else interleave(gguf_type, blocks), rows, cols, dtype)
+        return cls(gguf_type, interleave(gguf_type, blocks), rows, cols, dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.maestrale.gguf_mm(x, self.blocks, self.ggml_type, self.shape[0])
@@ -184,16 +201,12 @@ class BlocksWeight(PackedWeight):
     def rows(self, index) -> torch.Tensor:
         """The dequantized rows at `index` (any shape): an embedding lookup."""
         size = BLOCK_BYTES[self.kind]
-        if self.kind == "Q8_0":
-            return self._values(self.blocks[index].unflatten(-1, (-1, size)))
         index = torch.as_tensor(index, device=self.blocks.device)  # the rows' groups as the file's blocks, then each
         groups = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))[index // GROUP])  # row's own
         return self._values(torch.take_along_dim(groups, (index % GROUP)[..., None, None, None], dim=-3).squeeze(-3))
 
     def dequantize(self) -> torch.Tensor:
         size = BLOCK_BYTES[self.kind]
-        if self.kind == "Q8_0":
-            return self._values(self.blocks.unflatten(-1, (-1, size)))
         blocks = deinterleave(self.kind, self.blocks.unflatten(-1, (-1, size * GROUP))).flatten(0, 1)
         return self._values(blocks[:self.shape[0]])
 

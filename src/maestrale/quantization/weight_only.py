@@ -156,8 +156,9 @@ class Int8Weight(PackedWeight):
 
             return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
-        # 20-30x slower than dequantized row chunks on this AVX2 machine (BENCHMARKS.md)
-        if self.scales.shape[1] == 1 and x.dtype != torch.float32:
+        # 20-30x slower than dequantized row chunks on an AVX2 machine (BENCHMARKS.md). torch 2.13's AVX-512 build of it
+        # crashes (a segmentation fault) on some shapes, e.g. 37 x 200 by 3 rows of bfloat16: not used there.
+        if self.scales.shape[1] == 1 and x.dtype != torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
         step = max(1, CHUNK_VALUES // self.shape[1])
         return torch.cat([F.linear(x, self.rows(slice(start, start + step)))

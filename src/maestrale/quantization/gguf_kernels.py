@@ -86,6 +86,7 @@ def build(simd: str, namespace: str = "maestrale") -> Path:
                *(f"-I{path}" for path in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}",
                str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
     target.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning(f"compiling maestrale's GGUF CPU kernels ({simd}) into {target.parent}: once, ~10 s")
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = os.path.join(scratch, target.name)
         result = subprocess.run([*command, "-o", built], capture_output=True, text=True)

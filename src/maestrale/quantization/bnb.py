@@ -45,10 +45,27 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
+def unpacked(module: nn.Module) -> None:
+    """Turn the CPU-packed layout a Linear4bit takes at its first inference forward on AVX512-BF16 machines back
+    into the portable one, in place. bitsandbytes' own inverse (in its state_dict) leaves an unnested absmax as the
+    packed layout holds it, bfloat16 of shape (blocks per row, rows), which no loader reads right: it is laid out
+    again here, in float32 (its values were rounded to bfloat16 by the packing, which is what the packed kernel
+    multiplied by)."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return
+    if getattr(state, "packing_format_for_cpu", False):
+        weight.data, state = sys.modules["bitsandbytes"].functional._convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                                          state)
+    if state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float()
+
+
 def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
-    """A bitsandbytes layer's weight and quant-state tensors under the names transformers saves (`name` is the
-    weight's). state_dict() also turns bitsandbytes' CPU-packed layout (AVX512-BF16 machines) back into the
-    portable one."""
+    """A bitsandbytes layer's weight and quant-state tensors, in the portable layout, under the names transformers
+    saves (`name` is the weight's)."""
+    unpacked(module)
     prefix = name.removesuffix("weight")
     return [(key, tensor.detach().as_subclass(torch.Tensor)) for key, tensor in module.state_dict(prefix=prefix).items()
             if key != prefix + "bias"]
@@ -56,7 +73,7 @@ def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     bnb = sys.modules["bitsandbytes"]
-    weight_tensors(module, "weight")  # the portable layout, which dequantize_4bit reads
+    unpacked(module)  # dequantize_4bit reads the portable layout
     weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)

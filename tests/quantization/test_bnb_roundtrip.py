@@ -53,6 +53,24 @@ def test_maestrale_reads_its_own_folder_after_a_forward(family_folder, tmp_path)
     assert again.config.quantization_config == ours.config.quantization_config
 
 
+@pytest.mark.parametrize("option", ["nf4", "nf4-double"])
+def test_saved_after_a_forward_like_transformers(option, family_folder, tmp_path):
+    """After an inference forward (where bitsandbytes repacks CPU weights on AVX512-BF16 machines) both libraries save
+    the same bytes, but for an unnested absmax that transformers saves as bitsandbytes' inverse leaves it, in the
+    packed layout (bfloat16, blocks by rows): maestrale saves those values in the portable layout."""
+    ref, ours = load_both(family_folder("mistral"), OPTIONS[option])
+    with torch.no_grad():
+        ref(PROMPT), ours(PROMPT)
+    ref.save_pretrained(tmp_path / "by-transformers")
+    ours.save_pretrained(tmp_path / "by-maestrale")
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("by-transformers", "by-maestrale"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name.endswith(".absmax") and a[name].dim() == 2:
+            a[name] = a[name].T.reshape(-1).float()
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
 def test_other_methods_in_a_saved_config_are_refused_by_name(family_folder, tmp_path):
     _, ours = load_both(family_folder("mistral"), OPTIONS["nf4"])
     ours.save_pretrained(tmp_path)

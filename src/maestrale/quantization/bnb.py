@@ -24,6 +24,9 @@ INSTALL = "pip install 'maestrale[bnb]'"
 PIECES_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                "quant_state.bitsandbytes__fp4")
 PIECES_8BIT = ("SCB", "weight_format")
+# bitsandbytes' CPU-packed 4-bit layout (AVX512-BF16 machines) takes a weight's rows in blocks of this many
+# (_convert_weight_packed_for_cpu's block_n) and fails on others at the first inference forward.
+CPU_PACKED_ROWS = 32
 
 
 def require_bitsandbytes():
@@ -118,6 +121,8 @@ def _bnb_linear(bnb, linear: nn.Linear, config: BitsAndBytesConfig) -> nn.Module
                                 compress_statistics=config.bnb_4bit_use_double_quant,
                                 quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
                                 device="meta")
+        if linear.out_features % CPU_PACKED_ROWS:  # then its portable product, as where the CPU cannot pack
+            new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = linear.bias
     return new.requires_grad_(False)  # frozen, as transformers leaves them: train adapters or unquantized layers

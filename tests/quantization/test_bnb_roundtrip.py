@@ -54,6 +54,16 @@ def test_maestrale_reads_its_own_folder_after_a_forward(family_folder, tmp_path)
 
 
 @pytest.mark.parametrize("option", ["nf4", "nf4-double"])
+def test_saving_leaves_the_model_as_it_runs(option, family_folder, tmp_path):
+    """Saving after a forward (bitsandbytes may have repacked CPU weights) changes no product."""
+    _, ours = load_both(family_folder("mistral"), OPTIONS[option])
+    with torch.no_grad():
+        expected = ours(PROMPT).logits
+        ours.save_pretrained(tmp_path)
+        torch.testing.assert_close(ours(PROMPT).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("option", ["nf4", "nf4-double"])
 def test_saved_after_a_forward_like_transformers(option, family_folder, tmp_path):
     """After an inference forward (where bitsandbytes repacks CPU weights on AVX512-BF16 machines) both libraries save
     the same bytes, but for an unnested absmax that transformers saves as bitsandbytes' inverse leaves it, in the

@@ -9,6 +9,7 @@ quantization_config) is read as it was saved. bitsandbytes is imported here only
 from __future__ import annotations
 
 import sys
+from copy import copy
 
 import torch
 from torch import nn
@@ -48,27 +49,31 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
-def unpacked(module: nn.Module) -> None:
-    """Turn the CPU-packed layout a Linear4bit takes at its first inference forward on AVX512-BF16 machines back
-    into the portable one, in place. bitsandbytes' own inverse (in its state_dict) leaves an unnested absmax as the
-    packed layout holds it, bfloat16 of shape (blocks per row, rows), which no loader reads right: it is laid out
-    again here, in float32 (its values were rounded to bfloat16 by the packing, which is what the packed kernel
-    multiplied by)."""
+def portable(module: nn.Module) -> tuple[torch.Tensor, object]:
+    """A Linear4bit's packed weight and quant state in the portable layout, the layer left as it runs.
+
+    On AVX512-BF16 machines bitsandbytes repacks a 4-bit layer for the CPU at its first inference forward, absmax
+    rounded to bfloat16 (what its kernel multiplies by). Its own way back (in state_dict) works in place, so the layer
+    then packs again: a nested absmax quantized anew drifts each time, and an unnested one, which it leaves as the
+    packed layout holds it (bfloat16, blocks per row by rows), is read in the wrong order by every loader and by
+    that next packing. Here the way back works on a copy of the state and lays such an absmax out in float32."""
     weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if state is None:
-        return
+    data, state = weight.data, weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        weight.data, state = sys.modules["bitsandbytes"].functional._convert_weight_packed_for_cpu_inverse(weight.data,
-                                                                                                          state)
-    if state.absmax.dim() == 2:
+        data, state = sys.modules["bitsandbytes"].functional._convert_weight_packed_for_cpu_inverse(data, copy(state))
+    if state.absmax.dim() == 2:  # also where bitsandbytes' state_dict already went back
+        state = copy(state)
         state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
 
 
 def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
     """A bitsandbytes layer's weight and quant-state tensors, in the portable layout, under the names transformers
     saves (`name` is the weight's)."""
-    unpacked(module)
+    if isinstance(module, sys.modules["bitsandbytes"].nn.Linear4bit):
+        data, state = portable(module)
+        return [(name, data.detach().as_subclass(torch.Tensor))] + [
+            (f"{name}.{key}", tensor.detach()) for key, tensor in state.as_dict(packed=True).items()]
     prefix = name.removesuffix("weight")
     return [(key, tensor.detach().as_subclass(torch.Tensor)) for key, tensor in module.state_dict(prefix=prefix).items()
             if key != prefix + "bias"]
@@ -76,10 +81,9 @@ def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     bnb = sys.modules["bitsandbytes"]
-    unpacked(module)  # dequantize_4bit reads the portable layout
-    weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return bnb.functional.dequantize_4bit(*portable(module))
+    weight = module.weight
     scale = weight.SCB if weight.SCB is not None else module.state.SCB  # the first forward moves it to the state
     return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
 

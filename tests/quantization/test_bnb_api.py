@@ -28,8 +28,9 @@ def test_memory_footprint_and_flags(family_folder):
 @pytest.mark.parametrize("option", ["nf4-double", "int8"])
 def test_dequantize_like_transformers(option, family_folder):
     ref, ours = load_both(family_folder("phi3"), OPTIONS[option])
-    with torch.no_grad():
-        quantized = ours(PROMPT).logits
+    with torch.no_grad():  # in training mode, which bitsandbytes never repacks for (its CPU-packed layout, AVX512-BF16
+        quantized = ours.train()(PROMPT).logits  # machines) and runs in float32 like the dequantized layers
+    ours.eval()
     assert ref.dequantize() is not None and ours.dequantize() is ours
     assert not ours.is_quantized and not ours.is_loaded_in_4bit and not hasattr(ours.config, "quantization_config")
     assert all(type(m).__name__ not in ("Linear4bit", "Linear8bitLt") for m in ours.modules())

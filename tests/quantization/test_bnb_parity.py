@@ -58,7 +58,10 @@ def test_skip_modules_and_storage(family_folder):
     assert type(ours.lm_head).__name__ == "Linear4bit"  # an explicit list replaces the default one
     assert ours.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        torch.testing.assert_close(ours(PROMPT).logits, ref(PROMPT).logits, rtol=1e-5, atol=1e-5)
+        # In training mode, where bitsandbytes keeps the portable layout: in inference, on AVX512-BF16 machines, it
+        # packs each layer for the CPU, which fails on the reference's 97-row lm_head; maestrale leaves that one out.
+        torch.testing.assert_close(ours.train()(PROMPT).logits, ref.train()(PROMPT).logits, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(ours.eval()(PROMPT).logits).all()
 
 
 def test_int8_options(family_folder):

@@ -9,6 +9,7 @@ quantization_config) is read as it was saved. bitsandbytes is imported here only
 from __future__ import annotations
 
 import sys
+from copy import copy
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ INSTALL = "pip install 'maestrale[bnb]'"
 PIECES_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                "quant_state.bitsandbytes__fp4")
 PIECES_8BIT = ("SCB", "weight_format")
+# bitsandbytes' CPU-packed 4-bit layout (AVX512-BF16 machines) takes a weight's rows in blocks of this many
+# (_convert_weight_packed_for_cpu's block_n) and fails on others at the first inference forward.
+CPU_PACKED_ROWS = 32
 
 
 def require_bitsandbytes():
@@ -45,10 +49,31 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
+def portable(module: nn.Module) -> tuple[torch.Tensor, object]:
+    """A Linear4bit's packed weight and quant state in the portable layout, the layer left as it runs.
+
+    On AVX512-BF16 machines bitsandbytes repacks a 4-bit layer for the CPU at its first inference forward, absmax
+    rounded to bfloat16 (what its kernel multiplies by). Its own way back (in state_dict) works in place, so the layer
+    then packs again: a nested absmax quantized anew drifts each time, and an unnested one, which it leaves as the
+    packed layout holds it (bfloat16, blocks per row by rows), is read in the wrong order by every loader and by
+    that next packing. Here the way back works on a copy of the state and lays such an absmax out in float32."""
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = sys.modules["bitsandbytes"].functional._convert_weight_packed_for_cpu_inverse(data, copy(state))
+    if state.absmax.dim() == 2:  # also where bitsandbytes' state_dict already went back
+        state = copy(state)
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
+
+
 def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
-    """A bitsandbytes layer's weight and quant-state tensors under the names transformers saves (`name` is the
-    weight's). state_dict() also turns bitsandbytes' CPU-packed layout (AVX512-BF16 machines) back into the
-    portable one."""
+    """A bitsandbytes layer's weight and quant-state tensors, in the portable layout, under the names transformers
+    saves (`name` is the weight's)."""
+    if isinstance(module, sys.modules["bitsandbytes"].nn.Linear4bit):
+        data, state = portable(module)
+        return [(name, data.detach().as_subclass(torch.Tensor))] + [
+            (f"{name}.{key}", tensor.detach()) for key, tensor in state.as_dict(packed=True).items()]
     prefix = name.removesuffix("weight")
     return [(key, tensor.detach().as_subclass(torch.Tensor)) for key, tensor in module.state_dict(prefix=prefix).items()
             if key != prefix + "bias"]
@@ -56,10 +81,9 @@ def weight_tensors(module: nn.Module, name: str) -> list[tuple[str, torch.Tensor
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     bnb = sys.modules["bitsandbytes"]
-    weight_tensors(module, "weight")  # the portable layout, which dequantize_4bit reads
-    weight = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return bnb.functional.dequantize_4bit(*portable(module))
+    weight = module.weight
     scale = weight.SCB if weight.SCB is not None else module.state.SCB  # the first forward moves it to the state
     return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
 
@@ -101,6 +125,8 @@ def _bnb_linear(bnb, linear: nn.Linear, config: BitsAndBytesConfig) -> nn.Module
                                 compress_statistics=config.bnb_4bit_use_double_quant,
                                 quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
                                 device="meta")
+        if linear.out_features % CPU_PACKED_ROWS:  # then its portable product, as where the CPU cannot pack
+            new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = linear.bias
     return new.requires_grad_(False)  # frozen, as transformers leaves them: train adapters or unquantized layers

@@ -12,25 +12,11 @@ block per row, read as a ring. `t` lives on the device, so one captured graph se
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from ..models.kernels import tl, triton, use_triton  # triton None on CPU-only installs: the torch versions run
 from ..models.rotary import apply_rotary
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch versions below are used
-    triton = None
-
-# Triton's interpreter runs the kernels on CPU tensors (how the kernel tests run without a GPU).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or _INTERPRETED)
 
 
 def slot_tokens(t: torch.Tensor, capacity: int) -> torch.Tensor:

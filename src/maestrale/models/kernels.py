@@ -18,7 +18,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch versions are used
-    triton = None
+    triton = tl = None
 
 # Triton's interpreter runs the kernels on CPU tensors (how the kernel tests run without a GPU).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,6 +26,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def use_triton(x: torch.Tensor) -> bool:
+    """Whether x's device runs Triton kernels here (the engine's too)."""
     return triton is not None and (x.is_cuda or _INTERPRETED)
 
 

@@ -38,6 +38,9 @@ class AsyncEngine:
         self._stopping = False
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._undelivered: list[tuple[str, object]] = []  # the last step's outputs, handed out during the next
+        # On CUDA a step's model work runs while the host hands out the previous outputs; on CPU it would only delay
+        # them by a step.
+        self._overlap = engine.runner.model.device.type == "cuda"
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="maestrale-engine", daemon=True)
 
@@ -76,7 +79,7 @@ class AsyncEngine:
             try:
                 # Waking the event loop hands it the GIL, which the engine thread then waits to get back: done while
                 # the GPU runs the next step, that wait costs nothing.
-                outputs = engine.step(while_running=self._flush)
+                outputs = engine.step(while_running=self._flush if self._overlap else None)
             except Exception as e:  # a failed step fails the requests in it, not the server
                 self._flush()
                 logger.exception("engine step failed")
@@ -86,6 +89,8 @@ class AsyncEngine:
                 continue
             self._flush()  # a step that ran no model
             self._undelivered = [(out.request_id, out) for out in outputs]
+            if not self._overlap:
+                self._flush()
             self.metrics.engine_cpu_seconds = time.thread_time()
         self._flush()
 

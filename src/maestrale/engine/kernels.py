@@ -581,20 +581,26 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
                   ) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of packed_matmul's kernel for m rows of x and an
-    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds, int4
-    as 64 weight rows by 256 inputs a one-warp program (each thread then holds 8 rows of 4 words of each group of 128:
-    x's loads and conversions shared by 8 rows, 4.4 instructions a 4-bit value on sm_90), int8 as 8 rows of 1024
-    inputs; the inputs split in shares until there are 512 programs, so that enough of the weight is in flight
-    (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
-    padded to 16), split until there are 132 programs (an H200's multiprocessors). Untuned on a GPU: see
-    benchmarks/gpu_kernels.py --quant."""
+    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds; int4
+    as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md, 2026-12-03): gated 16
+    outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256 inputs in 4 shares of the
+    inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of 1024 inputs, the inputs
+    split in shares until there are 512 programs, so that enough of the weight is in flight (never gated: the gate
+    needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16), split
+    until there are 132 programs (an H200's multiprocessors)."""
+    per = 32 // bits
+    if m == 1 and bits == 4:
+        block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384
+                                          else (64, 128, 8, 1))
+        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
+        while split > 1 and block_k * split > k:  # short rows: no empty shares
+            split //= 2
+        return 1, block_n, block_k, split, warps, 1
     if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
-        block_m, block_n, block_k, warps, stages, programs_wanted = (
-            (1, 32 if gated else 64, 256, 1, 1, 512) if bits == 4 else (1, 8, 1024, 4, 1, 512))
+        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
             min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4, 3, 132)
-    per = 32 // bits
     block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:

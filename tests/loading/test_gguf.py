@@ -51,6 +51,20 @@ def _k_quant(rows, cols, qtype, block_bytes, f16_at, rng):
     return blocks.reshape(rows, -1)
 
 
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_blocks_dequantize_as_the_gguf_package_does_bit_for_bit(kind):
+    from gguf.quants import dequantize
+
+    from maestrale.loading.gguf import _dequantized
+    from maestrale.loading.gguf_file import GGUFTensor
+
+    values = (np.random.default_rng(1).standard_normal((3, 37, 96)) * 4).astype(np.float32)  # experts, odd rows
+    packed = quantize(values, kind)
+    ours = _dequantized(GGUFTensor("t", values.shape, kind, packed))
+    reference = dequantize(packed, kind).reshape(values.shape)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
+
+
 def test_quantisation_types_dequantize_like_transformers(tmp_path):
     rng = np.random.default_rng(0)
     hidden, heads, kv_heads, vocab = 256, 4, 2, 256

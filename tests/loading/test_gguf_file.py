@@ -10,6 +10,28 @@ from conftest import GGUF_NAME
 from maestrale.loading.gguf_file import GGUFFile
 
 
+def test_known_types_have_gguf_s_numbers_names_and_block_sizes():
+    from gguf import GGML_QUANT_SIZES
+
+    from maestrale.loading.gguf_file import BLOCK_SIZES, GGMLType
+
+    for kind in GGMLType:
+        assert kind == Q[kind.name] and BLOCK_SIZES[kind] == GGML_QUANT_SIZES[Q[kind.name]]
+
+
+def test_the_default_model_loads_without_importing_gguf(smollm2_folder):
+    import subprocess
+    import sys
+
+    code = (f"import sys, maestrale; p = {str(smollm2_folder)!r}; "
+            f"maestrale.AutoTokenizer.from_pretrained(p, gguf_file={GGUF_NAME!r}); "
+            f"maestrale.AutoModelForCausalLM.from_pretrained(p, gguf_file={GGUF_NAME!r}); "
+            "print(sorted(m for m in ('gguf', 'mistral_common') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # importing gguf costs ~0.3 s of a first answer (it imports mistral_common)
+
+
 def test_real_file_reads_as_gguf_reads_it(smollm2_folder):
     path = f"{smollm2_folder}/{GGUF_NAME}"
     ours, theirs = GGUFFile(path), GGUFReader(path)

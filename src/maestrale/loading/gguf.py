@@ -115,17 +115,22 @@ def _config(path: Path, arch: str, fields: dict[str, Any], tensors: dict[str, An
 
 
 def _dequantized(tensor: GGUFTensor) -> np.ndarray:
-    """float32 values, as the gguf package computes them: its numpy loops, or for the commonest block types torch's
-    ops in the same operations and order (equal bit for bit, and faster: the default model loads in less time)."""
+    """float32 values, as the gguf package computes them: its numpy loops, or for the commonest types torch's ops in
+    the same operations and order (equal bit for bit, and faster: the default model loads in less time)."""
     kind = tensor.tensor_type.name
-    if kind in ("Q4_0", "Q4_1", "Q8_0"):
+    if kind in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"):
         with warnings.catch_warnings():  # a read-only view of the file, only read
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             data = torch.from_numpy(tensor.data)
-        return _dequantized_blocks(kind, data).numpy().reshape(tensor.shape)
+        if kind in ("F32", "F16", "BF16"):
+            values = data.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]).float()
+        else:
+            values = _dequantized_blocks(kind, data)
+        return values.numpy().reshape(tensor.shape)
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    return dequantize(tensor.data, tensor.tensor_type).reshape(tensor.shape)
+    return dequantize(tensor.data, GGMLQuantizationType(int(tensor.tensor_type))).reshape(tensor.shape)
 
 
 def _dequantized_blocks(kind: str, data: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 views of a memory map.
 
 The header is parsed with struct in one pass (gguf's GGUFReader builds a numpy view per string, which takes seconds on
-a tokenizer's vocabulary); the gguf package still supplies the quantization formats. Layout, version 2 and 3,
+a tokenizer's vocabulary). The commonest tensor types are known here; the gguf package, whose import takes ~0.3 s
+(it imports mistral_common), supplies the others. Layout, version 2 and 3,
 little-endian: magic, version, tensor count, field count; the fields (key, value type, value); the tensor records
 (name, dimensions fastest-first, GGML type, offset); then, aligned to `general.alignment`, the tensor data.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import mmap
 import struct
@@ -23,11 +25,39 @@ STRING, ARRAY = 8, 9
 DEFAULT_ALIGNMENT = 32
 
 
+class GGMLType(enum.IntEnum):
+    """The tensor types read without the gguf package, by GGML's numbers (equal to gguf's GGMLQuantizationType)."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+    Q4_K = 12
+    Q6_K = 14
+    BF16 = 30
+
+
+# (values, bytes) of a block of each type
+BLOCK_SIZES = {GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.Q4_0: (32, 18),
+               GGMLType.Q4_1: (32, 20), GGMLType.Q8_0: (32, 34), GGMLType.Q4_K: (256, 144), GGMLType.Q6_K: (256, 210)}
+
+
+def tensor_type(type_id: int) -> tuple[Any, tuple[int, int]]:
+    """A GGML type number's type (GGMLType, or gguf's GGMLQuantizationType for the others) and block sizes."""
+    if type_id in GGMLType._value2member_map_:
+        return GGMLType(type_id), BLOCK_SIZES[GGMLType(type_id)]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    kind = GGMLQuantizationType(type_id)  # a ValueError or KeyError where gguf does not know it either
+    return kind, GGML_QUANT_SIZES[kind]
+
+
 @dataclass
 class GGUFTensor:
     name: str
     shape: tuple[int, ...]  # torch order, slowest-varying dimension first
-    tensor_type: Any  # gguf.GGMLQuantizationType
+    tensor_type: Any  # GGMLType, or gguf's GGMLQuantizationType (same numbers)
     data: np.ndarray  # the raw bytes, (*shape[:-1], bytes per row)
 
 
@@ -46,8 +76,6 @@ class GGUFFile:
             raise OSError(f"{self.path} is not a readable GGUF file ({e}); download it again") from None
 
     def _parse(self) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
         if self._buffer[:4] != b"GGUF":
             raise ValueError("it does not start with the GGUF magic bytes")
         version, tensor_count, field_count = struct.unpack_from("<IQQ", self._buffer, 4)
@@ -70,8 +98,7 @@ class GGUFFile:
         self.tensors: list[GGUFTensor] = []
         for name, shape, type_id, offset in records:
             try:
-                tensor_type = GGMLQuantizationType(type_id)
-                block, block_bytes = GGML_QUANT_SIZES[tensor_type]
+                kind, (block, block_bytes) = tensor_type(type_id)
             except (ValueError, KeyError):
                 raise ValueError(f"tensor {name!r} has GGML type {type_id}, which the gguf package cannot read; "
                                  "upgrade it (pip install -U gguf)") from None
@@ -82,7 +109,7 @@ class GGUFFile:
             if start + offset + rows * row_bytes > len(self._buffer):
                 raise ValueError(f"tensor {name!r} runs past the end of the file: it is truncated")
             data = np.frombuffer(self._buffer, np.uint8, rows * row_bytes, start + offset)
-            self.tensors.append(GGUFTensor(name, shape, tensor_type, data.reshape(*shape[:-1], row_bytes)))
+            self.tensors.append(GGUFTensor(name, shape, kind, data.reshape(*shape[:-1], row_bytes)))
 
     def _unpack(self, fmt: str):
         (value,) = struct.unpack_from(fmt, self._buffer, self._pos)

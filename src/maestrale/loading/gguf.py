@@ -125,7 +125,7 @@ def _dequantized(tensor: GGUFTensor) -> np.ndarray:
         if kind in ("F32", "F16", "BF16"):
             values = data.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]).float()
         else:
-            values = _dequantized_blocks(kind, data)
+            values = dequantize_blocks(kind, data)
         return values.numpy().reshape(tensor.shape)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -133,8 +133,8 @@ def _dequantized(tensor: GGUFTensor) -> np.ndarray:
     return dequantize(tensor.data, GGMLQuantizationType(int(tensor.tensor_type))).reshape(tensor.shape)
 
 
-def _dequantized_blocks(kind: str, data: torch.Tensor) -> torch.Tensor:
-    """Rows of Q4_0 / Q4_1 / Q8_0 blocks of 32 values, each a float16 scale d (Q4_1: then a minimum m) and the
+def dequantize_blocks(kind: str, data: torch.Tensor) -> torch.Tensor:
+    """float32 values of rows (..., bytes) of Q4_0 / Q4_1 / Q8_0 blocks of 32 values, each a float16 scale d (Q4_1: then a minimum m) and the
     values: Q8_0 q * d; Q4_0 (q - 8) * d, Q4_1 q * d + m, the low nibbles of 16 bytes first, then the high ones."""
     blocks = data.view(*data.shape[:-1], -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind])
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()

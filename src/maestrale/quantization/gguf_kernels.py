@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..loading.gguf import dequantize_blocks
 from .weight_only import PackedWeight, QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -212,13 +213,5 @@ class BlocksWeight(PackedWeight):
         return self._values(blocks[:self.shape[0]])
 
     def _values(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Float rows from the file's blocks, (..., blocks, bytes a block)."""
-        d = blocks[..., 0:2].contiguous().view(torch.float16).float()
-        if self.kind == "Q8_0":
-            values = blocks[..., 2:].contiguous().view(torch.int8).float() * d
-        else:
-            qs = blocks[..., -16:].int()
-            values = torch.cat([qs & 15, qs >> 4], dim=-1).float()
-            zero = blocks[..., 2:4].contiguous().view(torch.float16).float() if self.kind == "Q4_1" else -8 * d
-            values = values * d + zero
-        return values.flatten(-2).to(self.dtype)
+        """Float rows from the file's blocks, (..., blocks, bytes a block): the values the float model loads."""
+        return dequantize_blocks(self.kind, blocks.flatten(-2)).to(self.dtype)

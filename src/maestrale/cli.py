@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import re
@@ -403,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What is imported lives as long as the command: leave it out of the cycle collector's passes, which would
+    # otherwise go over torch's objects again while the model loads.
+    gc.freeze()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

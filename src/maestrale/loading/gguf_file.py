@@ -140,4 +140,18 @@ class GGUFFile:
             values = np.frombuffer(self._buffer, dtype, count, self._pos).tolist()
             self._pos += count * dtype.itemsize
             return values
+        if item_kind == STRING:  # a vocabulary: tens of thousands of strings, in one tight loop
+            return self._strings(count)
         return [self._value(item_kind) for _ in range(count)]
+
+    def _strings(self, count: int) -> list[str]:
+        buffer, pos, end, length = self._buffer, self._pos, len(self._buffer), struct.Struct("<Q").unpack_from
+        strings = []
+        for _ in range(count):
+            (size,) = length(buffer, pos)
+            pos += 8 + size
+            if pos > end:
+                raise ValueError("a string runs past the end of the file: it is truncated")
+            strings.append(buffer[pos - size:pos].decode("utf-8"))
+        self._pos = pos
+        return strings

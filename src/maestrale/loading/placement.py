@@ -134,7 +134,8 @@ def materialize(model: nn.Module, device_map: DeviceMap) -> None:
                 continue
             if id(param) not in fresh:
                 device = device_for(device_map, f"{module_name}.{name}".lstrip("."))
-                fresh[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
+                # torch.empty, not empty_like: from a meta tensor empty_like takes ~1 ms a call
+                fresh[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
                                                 requires_grad=param.requires_grad)
             module._parameters[name] = fresh[id(param)]
         for name, buffer in module._buffers.items():

@@ -30,10 +30,10 @@ def tokenizer_from_gguf(metadata: dict[str, Any], architecture: str | None = Non
         raise ValueError("The GGUF metadata has no tokenizer.ggml.tokens: this file carries no tokenizer")
     types = fields.get("ggml.token_type") or [1] * len(tokens)
     if kind == "gpt2":
-        tokenizer = _byte_level(tokens, fields.get("ggml.merges"))
         alphabet = set(byte_alphabet().values())
         # A control token outside the byte alphabet is a converter's mislabel; adding it would grow the vocabulary.
         usable = [set(token) <= alphabet for token in tokens]
+        tokenizer = _byte_level(tokens, usable, fields.get("ggml.merges"))
     elif kind == "llama":
         tokenizer = _sentencepiece(tokens, fields.get("ggml.merges"), phi3=architecture == "phi3")
         usable = [True] * len(tokens)
@@ -62,10 +62,9 @@ def _merges(merges: list[str] | None, vocab: dict[str, int]) -> list[tuple[str, 
     return [tuple(m.split(" ", 1)) for m in merges]
 
 
-def _byte_level(tokens: list[str], merges: list[str] | None) -> Tokenizer:
-    alphabet = set(byte_alphabet().values())
-    # Vocabularies store tokens in the byte alphabet; respell any that a converter wrote as plain text.
-    vocab = {token if set(token) <= alphabet else spell(token.encode("utf-8")): i for i, token in enumerate(tokens)}
+def _byte_level(tokens: list[str], spelled: list[bool], merges: list[str] | None) -> Tokenizer:
+    # Vocabularies store tokens in the byte alphabet (`spelled`); respell any that a converter wrote as plain text.
+    vocab = {token if ok else spell(token.encode("utf-8")): i for i, (token, ok) in enumerate(zip(tokens, spelled))}
     tokenizer = Tokenizer(BPE(vocab, _merges(merges, vocab), continuing_subword_prefix="", end_of_word_suffix="",
                               fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

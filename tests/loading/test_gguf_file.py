@@ -81,6 +81,7 @@ def test_fields_tensors_and_alignment(tmp_path, alignment):
     (lambda b: b[:4] + (1).to_bytes(4, "little") + b[8:], "GGUF version 0x1 is not 2 or 3"),
     (lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "is not 2 or 3 \\(or the file is big-endian\\)"),
     (lambda b: b[:100], "truncated|unpack_from requires"),  # cut inside the metadata
+    (lambda b: b[:b.index("日本".encode()) + 2], "a string runs past the end of the file: it is truncated"),
     (lambda b: b[:-100], "tensor 'h' runs past the end of the file: it is truncated"),
     (lambda b: b"", "cannot mmap an empty file"),
     (lambda b: b.replace(b"general.alignment\x04\x00\x00\x00\x40", b"general.alignment\x04\x00\x00\x00\x00"),

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/first_answer.py [--runs 5] [--max-new-tokens 16] [--baseline-src OTHER/src]
 
-Runs `.venv/bin/maestrale generate --chat "What is the capital of France, and what is it famous for?"` (the default
-SmolLM2 model, dequantized) and the same with --keep-quantized, alternating, and prints for each the time from the
+Runs `maestrale generate --chat "What is the capital of France, and what is it famous for?"` (as `.venv/bin/python -m
+maestrale`; the default SmolLM2 model, dequantized) and the same with --keep-quantized, alternating, and prints for each the time from the
 process's start to the first byte on its stdout (the first streamed piece of the reply) and to its end, median and
 best of --runs. --baseline-src also runs the command on another source tree (e.g. an older commit's `src`, put
 first on PYTHONPATH), alternating with this one's, to see what a change gained on the same machine state.
@@ -25,7 +25,8 @@ QUESTION = "What is the capital of France, and what is it famous for?"
 
 def first_answer(src: Path, extra: list[str], max_new_tokens: int) -> tuple[float, float, str]:
     """(seconds to the first stdout byte, seconds to the end, the reply) of one fresh `maestrale generate`."""
-    command = [str(ROOT / ".venv/bin/maestrale"), "generate", "--chat", QUESTION, "--max-new-tokens",
+    # `python -m maestrale` is the `maestrale` command, and runs whichever tree PYTHONPATH puts first
+    command = [str(ROOT / ".venv/bin/python"), "-m", "maestrale", "generate", "--chat", QUESTION, "--max-new-tokens",
                str(max_new_tokens), *extra]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

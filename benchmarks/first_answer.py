@@ -5,8 +5,9 @@
 Runs `maestrale generate --chat "What is the capital of France, and what is it famous for?"` (as `.venv/bin/python -m
 maestrale`; the default SmolLM2 model, dequantized) and the same with --keep-quantized, alternating, and prints for
 each the time from the process's start to the first byte on its stdout (the first streamed piece of the reply) and
-to its end, median and best of --runs. --baseline-src also runs the command on another source tree (e.g. an older commit's `src`, put
-first on PYTHONPATH), alternating with this one's, to see what a change gained on the same machine state.
+to its end, median and best of --runs. --baseline-src also runs the command on another source tree (e.g. an older
+commit's `src`, put first on PYTHONPATH), alternating with this one's, to see what a change gained on the same
+machine state.
 """
 
 from __future__ import annotations

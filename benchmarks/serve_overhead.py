@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -183,13 +185,24 @@ def serve_tiny(batch: int, max_tokens: int, step_ms: float, port: int) -> None:
                 log_level="warning")
 
 
-def wait_healthy(url: str) -> None:
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
+@contextlib.contextmanager
+def serving(args, *options: str) -> Iterator[tuple[str, int]]:
+    """(URL, pid) of this script's server in a process of its own, as under real clients (which do not take the
+    server's GIL), once /health answers; stopped on leaving."""
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", "--tokens", str(args.tokens), "--step-ms",
+                             str(args.step_ms), "--port", str(args.port), *options])
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def batch_report(args) -> None:
@@ -200,15 +213,8 @@ def batch_report(args) -> None:
     parts = step_breakdown(args.batch, args.steps, sampling)
     print(f"engine step, {args.batch} rows decoding ({sampling}), best of {args.steps} steps (ms): " +
           ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f"; load average {os.getloadavg()[0]:.2f}", flush=True)
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", "--batch", str(args.batch), "--tokens",
-                             str(args.tokens), "--step-ms", str(args.step_ms), "--port", str(args.port)])
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        wait_healthy(url)
-        cpu, wall = asyncio.run(many_clients(url, args.batch, args.tokens, proc.pid))
-    finally:
-        proc.terminate()
-        proc.wait()
+    with serving(args, "--batch", str(args.batch)) as (url, pid):
+        cpu, wall = asyncio.run(many_clients(url, args.batch, args.tokens, pid))
     print(f"server, {args.batch} streaming clients x {args.tokens} tokens, model step a {args.step_ms} ms wait: "
           f"CPU per token {cpu['main']:.0f} us in the event loop thread, {cpu['other']:.0f} us in the engine "
           f"thread; wall {wall:.0f} us per token ({wall * args.batch / 1e3:.1f} ms per step of {args.batch}); "
@@ -280,16 +286,8 @@ def main() -> None:
     engine, tokenizer = fixed_logits_engine(args.tokens, args.step_ms)
     prompt = tokenizer("Once upon a time")["input_ids"]
     loop_us = min(engine_loop(engine, prompt, args.tokens) for _ in range(args.requests))
-    # The server in a process of its own, as under a real client: the client does not take the server's GIL.
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", "--tokens", str(args.tokens), "--step-ms",
-                             str(args.step_ms), "--port", str(args.port)])
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        wait_healthy(url)
-        server_us, server_cpu_us = asyncio.run(one_client(url, args.tokens, args.requests, proc.pid))
-    finally:
-        proc.terminate()
-        proc.wait()
+    with serving(args) as (url, pid):
+        server_us, server_cpu_us = asyncio.run(one_client(url, args.tokens, args.requests, pid))
     step_us = args.step_ms * 1e3
     print(f"{args.tokens} tokens, model step {step_us:.0f} us, best of {args.requests}: engine loop {loop_us:.0f} "
           f"us/token ({loop_us - step_us:.0f} beyond the step), server with one streaming client {server_us:.0f} "

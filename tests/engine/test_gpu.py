@@ -28,16 +28,21 @@ FAMILIES = {
 }
 
 
+def bf16_model(name: str):
+    """A MEDIUM model of the family on CUDA in bfloat16, its weights drawn from seed 0."""
+    config_class, overrides = FAMILIES[name]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return maestrale.AutoModelForCausalLM.from_config(config_class(**{**MEDIUM, **overrides}),
+                                                          dtype=torch.bfloat16).eval()
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_bf16_logits_match_reference(name, batch):
     """Decode 80 tokens on the fast path, then score the same sequences with the reference forward: the logits of
     every step agree within bfloat16 tolerance (the window of 40/48 rolls; Phi-3's longrope switches at 64)."""
-    config_class, overrides = FAMILIES[name]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = maestrale.AutoModelForCausalLM.from_config(config_class(**{**MEDIUM, **overrides}),
-                                                           dtype=torch.bfloat16).eval()
+    model = bf16_model(name)
     ids = torch.randint(3, 1000, (batch, 20), device="cuda")
     mask = torch.ones_like(ids)
     mask[batch // 2:, :5] = 0  # half the rows left-padded
@@ -114,11 +119,7 @@ def test_paged_engine_decodes_in_graphs_as_the_reference(name):
     from maestrale.engine.llm_engine import LLMEngine
     from maestrale.engine.sampling import SamplingParams
 
-    config_class, overrides = FAMILIES[name]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = maestrale.AutoModelForCausalLM.from_config(config_class(**{**MEDIUM, **overrides}),
-                                                           dtype=torch.bfloat16).eval()
+    model = bf16_model(name)
     engine = LLMEngine(model, block_size=16, num_blocks=128, max_num_seqs=8, max_num_batched_tokens=96)
     assert sorted(engine.runner.decoder.graphs) == [1, 2, 4, 8]
     g = torch.Generator().manual_seed(1)
@@ -154,11 +155,7 @@ def test_packed_prefill_on_flash_varlen_equals_each_sequence_alone(name):
     within bfloat16 tolerance."""
     from maestrale.engine.runner import ModelRunner
 
-    config_class, overrides = FAMILIES[name]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = maestrale.AutoModelForCausalLM.from_config(config_class(**{**MEDIUM, **overrides}),
-                                                           dtype=torch.bfloat16).eval()
+    model = bf16_model(name)
     runner = ModelRunner(model, num_blocks=64, block_size=16, max_num_seqs=8, max_model_len=512)
     runner.decoder = None  # every row through the packed forward
     g = torch.Generator().manual_seed(2)

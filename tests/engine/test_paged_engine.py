@@ -265,7 +265,7 @@ def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()):
     """Feed the output one token at a time, as the engine does: (texts after each step, pieces sent, stopped)."""
     text, texts, pieces = _Text(tokenizer, stop), [], []
     for k in range(1, len(ids) + 1):
-        stopped = text.update(ids[:k])
+        stopped = text.update(ids[:k], *tokenizer.batch_decode(text.windows(ids[:k]), skip_special_tokens=True))
         texts.append(text.text)
         pieces.append(text.delta(final=stopped or k == len(ids)))
         if stopped:

@@ -50,13 +50,11 @@ class _Text:
         """The two runs of ids whose texts update() takes (the engine decodes all its rows' runs in one call)."""
         return output_ids[self.prefix : self.read], output_ids[self.prefix :]
 
-    def update(self, output_ids: list[int], known: str | None = None, window: str | None = None) -> bool:
-        """Take in the new tokens, given or decoded here the texts of windows(output_ids); True when the text now
-        contains a stop string (the text ends before it)."""
+    def update(self, output_ids: list[int], known: str | None, window: str | None) -> bool:
+        """Take in the new tokens, given the texts of windows(output_ids) (None without a tokenizer); True when the
+        text now contains a stop string (the text ends before it)."""
         if self.tokenizer is None:
             return False
-        if known is None:
-            known, window = self.tokenizer.batch_decode(self.windows(output_ids), skip_special_tokens=True)
         searched = self.settled  # no stop string lies within the settled text: it would have stopped
         self.text = self.text[: self.settled] + window[len(known) :]
         if not self.text.endswith("\ufffd"):  # else the last character's bytes are not all in

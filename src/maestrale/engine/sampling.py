@@ -68,14 +68,15 @@ class Sampler:
 
     def __call__(self, seqs: list, logits: torch.Tensor) -> list[Sampled]:
         params = [seq.params for seq in seqs]
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-        plain = [i for i, p in enumerate(params) if self._plain_greedy(p)]
-        if len(plain) == len(seqs):  # every row, as is: no copy of (batch, vocab) logits
+        plain, rest = [], []
+        for i, p in enumerate(params):
+            (plain if self._plain_greedy(p) else rest).append(i)
+        if not rest:  # every row, as is: no copy of (batch, vocab) logits
             tokens = logits.argmax(-1)
-        elif plain:
-            tokens[plain] = logits[plain].argmax(-1)
-        rest = [i for i, p in enumerate(params) if not self._plain_greedy(p)]
-        if rest:
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            if plain:
+                tokens[plain] = logits[plain].argmax(-1)
             self._sample(seqs, rest, logits[rest].float(), tokens)
         tokens = tokens.tolist()
         out = [Sampled(token) for token in tokens]

@@ -134,8 +134,9 @@ def _dequantized(tensor: GGUFTensor) -> np.ndarray:
 
 
 def dequantize_blocks(kind: str, data: torch.Tensor) -> torch.Tensor:
-    """float32 values of rows (..., bytes) of Q4_0 / Q4_1 / Q8_0 blocks of 32 values, each a float16 scale d (Q4_1: then a minimum m) and the
-    values: Q8_0 q * d; Q4_0 (q - 8) * d, Q4_1 q * d + m, the low nibbles of 16 bytes first, then the high ones."""
+    """float32 values of rows (..., bytes) of Q4_0 / Q4_1 / Q8_0 blocks of 32 values, each a float16 scale d (Q4_1:
+    then a minimum m) and the values: Q8_0 q * d; Q4_0 (q - 8) * d, Q4_1 q * d + m, the low nibbles of 16 bytes
+    first, then the high ones."""
     blocks = data.view(*data.shape[:-1], -1, {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind])
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()
     if kind == "Q8_0":

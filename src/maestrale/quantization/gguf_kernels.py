@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..loading.gguf import dequantize_blocks
+from ..models.linear import stacked_rows
 from .weight_only import PackedWeight, QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -152,9 +153,8 @@ def stacked_blocks(linears) -> BlocksWeight | None:
     """The GGUF blocks of bias-free QuantizedLinear layers that read the same input, as one BlocksWeight: a decode
     step then quantizes the input once and runs one product instead of several.
 
-    As models/linear.py's stacked_weight does, the first call copies the blocks into one tensor and points each
-    layer's blocks at its rows, so nothing is stored twice. None where the layers are not all such layers of one
-    GGUF type and dtype.
+    The blocks are laid out once (models/linear.py's stacked_rows), so nothing is stored twice. None where the
+    layers are not all such layers of one GGUF type and dtype.
     """
     weights = [linear.weight for linear in linears]
     if any(type(linear) is not QuantizedLinear or linear.bias is not None or linear._forward_hooks
@@ -167,18 +167,7 @@ def stacked_blocks(linears) -> BlocksWeight | None:
         return first
     if any(w.shape[0] % GROUP for w in weights[:-1]):
         return None  # a padded group inside would put its zero rows among the outputs
-    rows = [w.blocks.shape[0] for w in weights]
-    base, offset, laid_out = first.blocks.data_ptr(), 0, True
-    for w, n in zip(weights, rows):
-        laid_out = laid_out and w.blocks.is_contiguous() and w.blocks.data_ptr() == base + offset
-        offset += w.blocks.numel()
-    if not laid_out:
-        with torch.inference_mode(False):
-            stacked = torch.cat([w.blocks for w in weights])
-        for w, part in zip(weights, stacked.split(rows)):
-            w.blocks = part
-    cols = first.blocks.shape[1]
-    blocks = torch.as_strided(first.blocks, (sum(rows), cols), (cols, 1))
+    blocks = stacked_rows([w.blocks for w in weights], lambda i, rows: setattr(weights[i], "blocks", rows))
     return BlocksWeight(first.kind, blocks, sum(w.shape[0] for w in weights), first.shape[1], first.dtype)
 
 

@@ -30,6 +30,9 @@ from torch import nn
 
 from ..models.linear import Linear, stacked_rows
 
+# torch 2.13's AVX-512 build of its int8 product crashes (a segmentation fault) on some shapes, e.g. 37 x 200 by 3
+# rows of bfloat16: not used there.
+INT8PACK_CRASHES = torch.backends.cpu.get_cpu_capability() == "AVX512"
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 products take
 INT4_ROWS = 16  # torch's CPU int4 layout takes whole tiles of rows: rows are padded (on every device, one layout of
 # scales), cut from products
@@ -156,9 +159,8 @@ class Int8Weight(PackedWeight):
 
             return int8_matmul(x, self.values, self.scales)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
-        # 20-30x slower than dequantized row chunks on an AVX2 machine (BENCHMARKS.md). torch 2.13's AVX-512 build of it
-        # crashes (a segmentation fault) on some shapes, e.g. 37 x 200 by 3 rows of bfloat16: not used there.
-        if self.scales.shape[1] == 1 and x.dtype != torch.float32 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # 20-30x slower than dequantized row chunks on an AVX2 machine (BENCHMARKS.md).
+        if self.scales.shape[1] == 1 and x.dtype != torch.float32 and not INT8PACK_CRASHES:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
         step = max(1, CHUNK_VALUES // self.shape[1])
         return torch.cat([F.linear(x, self.rows(slice(start, start + step)))

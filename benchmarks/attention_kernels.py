@@ -1,24 +1,37 @@
-"""The attention kernels that ship with torch on a sliding-window prefill, at Mistral-7B's heads, one GPU, bfloat16.
+"""Attention kernels on a sliding-window prefill, at Mistral-7B's heads, one GPU, bfloat16: maestrale's banded
+Triton kernel (models/kernels.py window_attention) beside the kernels that ship with torch.
 
-    python3 benchmarks/attention_kernels.py [--window 4096] [--chunks 1024 2048 4096 8192] [--prompt 32768]
+    PYTHONPATH=src python3 benchmarks/attention_kernels.py [--window 4096] [--chunks 1024 2048 4096 8192 16384]
+                                                           [--prompt 32768] [--head-dim 128] [--sweep]
 
-For each chunk of queries that follows a full window of cached keys (what generate()'s chunked prefill runs): torch's
-FA2 build (`aten._flash_attention_forward` with its window), and cuDNN's and the memory-efficient SDPA kernels with
-the window as a mask; then both flash and cuDNN on plain causal squares (no window), and FA2 and compiled
-FlexAttention on the whole prompt in one call. Times are medians of 10 CUDA-event timings; TFLOP/s count the useful
-work, 4 x heads x head_dim per attended (query, key) pair. 32 query heads, 8 key/value heads, head_dim 128.
+For each chunk of queries that follows a full window of cached keys (what generate()'s chunked prefill runs):
+maestrale's kernel (its table's configuration) and torch's FA2 build (`aten._flash_attention_forward` with its
+window), and cuDNN's and the memory-efficient SDPA kernels with the window as a mask; then flash and cuDNN on plain
+causal squares (no window), and maestrale's kernel, FA2 and compiled FlexAttention on the whole prompt in one call.
+Times are medians of 10 CUDA-event timings; TFLOP/s count the useful work, 4 x heads x head_dim per attended (query,
+key) pair. 32 query heads, 8 key/value heads.
+
+--sweep times maestrale's kernel in every configuration (blocks, warps, stages, one program per head or per group
+of heads, then TMA loads and warp-specialized loops on the fastest plain ones) on chunks of 2,048 and 16,384 after a
+full window, prints TFLOP/s per configuration and the fastest, and stops (about 2-3 minutes on an H200).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-SCALE = HEAD_DIM**-0.5
+from maestrale.models.kernels import ATTENTION_CONFIGS, AttentionConfig, window_attention
+
+HEADS, KV_HEADS = 32, 8
+HEAD_DIM = 128  # --head-dim sets it
+SWEEP_CHUNKS = (2048, 16384)  # queries after a full window: today's prefill chunk, and a long one
 
 
 def median_ms(fn, runs: int = 10) -> float:
@@ -42,7 +55,71 @@ def report(name: str, ms: float, pairs: float, note: str = "") -> None:
 def flash(q, k, v, window: int):
     """(batch, tokens, heads, head_dim) tensors, causal aligned to the bottom right, within `window` keys."""
     return torch.ops.aten._flash_attention_forward(q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
-                                                   scale=SCALE, window_size_left=window - 1, window_size_right=0)[0]
+                                                   scale=HEAD_DIM**-0.5, window_size_left=window - 1,
+                                                   window_size_right=0)[0]
+
+
+def ours(q, k, v, window: int, config: AttentionConfig | None = None):
+    return window_attention(q, k, v, HEAD_DIM**-0.5, window, config)
+
+
+def difference(out, reference) -> float:
+    return (out.float() - reference.float()).abs().max().item()
+
+
+def sweep_configs():
+    """Every plain configuration: blocks of 64/128 queries and 32/64/128 keys, 4/8 warps, 2-4 stages, per head or
+    per group of heads (blocks of 64 queries with 4 warps only: one warp group)."""
+    for m, n, warps, stages, group in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (False, True)):
+        if m == 128 or warps == 4:
+            yield AttentionConfig(m, n, group, warps, stages)
+
+
+def label(config: AttentionConfig) -> str:
+    extras = [name for name in ("group_heads", "tma", "warp_specialize") if getattr(config, name)]
+    return (f"block_m {config.block_m:3d} block_n {config.block_n:3d} warps {config.warps} stages {config.stages} "
+            + " ".join(extras))
+
+
+def sweep(window: int) -> None:
+    inputs = {}
+    for chunk in SWEEP_CHUNKS:
+        q = randn(1, chunk, HEADS, HEAD_DIM)
+        k, v = (randn(1, window + chunk, KV_HEADS, HEAD_DIM) for _ in range(2))
+        inputs[chunk] = q, k, v, flash(q, k, v, window)
+        report(f"FA2, chunk {chunk} after {window} keys", median_ms(lambda: flash(q, k, v, window)), chunk * window)
+
+    def measure(config):
+        rates = []
+        for chunk, (q, k, v, reference) in inputs.items():
+            off = difference(ours(q, k, v, window, config), reference)
+            if off > 0.05:
+                raise RuntimeError(f"differs from FA2 by {off:.3g}")
+            ms = median_ms(lambda: ours(q, k, v, window, config))
+            rates.append(4 * HEADS * HEAD_DIM * chunk * window / ms / 1e9)
+        return rates
+
+    results = []
+
+    def run(config):
+        try:
+            rates = measure(config)
+        except Exception as e:  # a config the compiler or the device refuses: reported, the sweep goes on
+            print(f"{label(config):64s} failed: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
+            return
+        results.append((sum(rates) / len(rates), config))
+        print(f"{label(config):64s} " + " ".join(f"{r:6.1f}" for r in rates) + " TFLOP/s (chunks "
+              + ", ".join(map(str, SWEEP_CHUNKS)) + ")", flush=True)
+
+    for config in sweep_configs():
+        run(config)
+    best_plain = [config for _, config in sorted(results, key=lambda r: -r[0])[:3]]
+    for config in best_plain:
+        run(config._replace(tma=True))
+        run(config._replace(warp_specialize=True))
+    rate, best = max(results, key=lambda r: r[0])
+    print(f"fastest: {best} at {rate:.1f} TFLOP/s (mean of the chunks); the table's "
+          f"{ATTENTION_CONFIGS.get(max(16, triton.next_power_of_2(HEAD_DIM)))}")
 
 
 def randn(*shape):
@@ -50,21 +127,30 @@ def randn(*shape):
 
 
 def main() -> None:
+    global HEAD_DIM
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=int, default=4096)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--sweep", action="store_true", help="time every configuration of maestrale's kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_kernels.py times CUDA kernels: run it on a GPU machine")
-    window = args.window
+    HEAD_DIM, window = args.head_dim, args.window
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
-          f"window {window}", flush=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"triton {triton.__version__}; window {window}, head_dim {HEAD_DIM}; load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    if args.sweep:
+        return sweep(window)
     for chunk in args.chunks:
         q = randn(1, chunk, HEADS, HEAD_DIM)
         k, v = (randn(1, window + chunk, KV_HEADS, HEAD_DIM) for _ in range(2))
         reference = flash(q, k, v, window)
+        report(f"maestrale's kernel, chunk {chunk} after {window} keys",
+               median_ms(lambda: ours(q, k, v, window)), chunk * window,
+               f"(max difference from FA2 {difference(ours(q, k, v, window), reference):.3g})")
         report(f"FA2, chunk {chunk} after {window} keys", median_ms(lambda: flash(q, k, v, window)), chunk * window)
         groups = HEADS // KV_HEADS
         qh = q.transpose(1, 2).contiguous()
@@ -73,16 +159,16 @@ def main() -> None:
         key = torch.arange(window + chunk, device="cuda")[None]
         allowed = ((key > query) & (key <= window + query))[None, None]
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-            run = lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=SCALE)  # noqa: E731
+            run = lambda: F.scaled_dot_product_attention(  # noqa: E731
+                qh, kh, vh, attn_mask=allowed, scale=HEAD_DIM**-0.5)
             try:
                 with sdpa_kernel(backend):
                     ms, out = median_ms(run), run()
             except RuntimeError as e:
                 print(f"{backend.name}, chunk {chunk}: {str(e).splitlines()[0][:120]}", flush=True)
                 continue
-            difference = (out.transpose(1, 2).float() - reference.float()).abs().max().item()
             report(f"{backend.name} with the window as a mask, chunk {chunk}", ms, chunk * window,
-                   f"(max difference from FA2 {difference:.3g})")
+                   f"(max difference from FA2 {difference(out.transpose(1, 2), reference):.3g})")
     for size in (window, 2 * window):
         q, k, v = (randn(1, HEADS, size, HEAD_DIM) for _ in range(3))
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -93,6 +179,8 @@ def main() -> None:
     q = randn(1, tokens, HEADS, HEAD_DIM)
     k, v = (randn(1, tokens, KV_HEADS, HEAD_DIM) for _ in range(2))
     pairs = window * (window + 1) / 2 + (tokens - window) * window
+    report(f"maestrale's kernel, the whole {tokens} in one call", median_ms(lambda: ours(q, k, v, window)), pairs,
+           f"(max difference from FA2 {difference(ours(q, k, v, window), flash(q, k, v, window)):.3g})")
     report(f"FA2, the whole {tokens} in one call", median_ms(lambda: flash(q, k, v, window)), pairs)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -101,7 +189,7 @@ def main() -> None:
     kernel = torch.compile(flex_attention)
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     report(f"FlexAttention compiled, the whole {tokens}, the window a Python int",
-           median_ms(lambda: kernel(qh, kh, vh, block_mask=mask, scale=SCALE, enable_gqa=True)), pairs)
+           median_ms(lambda: kernel(qh, kh, vh, block_mask=mask, scale=HEAD_DIM**-0.5, enable_gqa=True)), pairs)
 
 
 if __name__ == "__main__":

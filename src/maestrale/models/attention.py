@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import Cache
+from . import kernels
 from .linear import Linear, decode_step, linear, stacked_weight
 from .rotary import apply_rotary
 
@@ -220,6 +221,8 @@ def _flash_attn(q, k, v, mask: AttentionMask, scaling: float, dropout: float) ->
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash's layout: (batch, tokens, heads, head_dim)
     b, s, heads, d = q.shape
     if mask.padding is None and mask.documents is None:
+        if s > 1 and not dropout and kernels.fused(q, k, v):  # an inference prefill: maestrale's banded kernel
+            return kernels.window_attention(q, k, v, scaling, mask.window).transpose(1, 2)
         out = _flash_kernel(q, k, v, None, None, s, k.shape[1], dropout, scaling, mask.window)
         return out.transpose(1, 2)
     # Tokens that attend, back to back; segment = row (padding) or row and packed sequence (documents).

@@ -11,6 +11,7 @@ torch.compile (which fuses the chains itself), the eager chain runs.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -121,4 +122,141 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), heads, seq, D=d,
         ROT=rot, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s, num_warps=4,
         enable_fp_fusion=False)  # a product and the sum contracted into one fma would skip eager's rounding
+    return out
+
+
+class AttentionConfig(NamedTuple):
+    """How window_attention tiles the work: queries (rows) and keys a block, whether one program serves all the
+    query heads of a key/value head (rows = queries x heads, each K/V tile read once for the group) or one head,
+    Triton's warps and pipeline stages, and two Hopper variants (TMA loads of K/V, warp-specialized loops)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    group_heads: bool = False
+    warps: int = 8
+    stages: int = 3
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+# By head_dim rounded up to a power of two; the sweep of benchmarks/attention_kernels.py (an H200) picks them.
+ATTENTION_CONFIGS = {64: AttentionConfig(warps=4), 128: AttentionConfig()}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend(acc, l_i, m_i, q, K, V, k_stride, v_stride, pos, start, stop, keys, window, qk_scale, b, kv_head,
+                offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        """Online softmax over the key blocks from `start` to `stop`; MASKED: the blocks at the band's edges, where
+        key j counts for the query at position p only if p - window < j <= p (and j < keys)."""
+        d_ok = offs_d[None, :] < D
+        for n in tl.range(start, stop, BLOCK_N, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
+            at = n + offs_n
+            if TMA:  # K and V are (batch, keys, kv_heads, head_dim) descriptors; TMA zero-fills past their ends
+                k = K.load([b, n, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+                v = V.load([b, n, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
+            elif MASKED:
+                ok = (at < keys)[:, None] & d_ok
+                k = tl.load(K + at[:, None].to(tl.int64) * k_stride + offs_d[None, :], mask=ok, other=0.0)
+                v = tl.load(V + at[:, None].to(tl.int64) * v_stride + offs_d[None, :], mask=ok, other=0.0)
+            else:
+                k = tl.load(K + at[:, None].to(tl.int64) * k_stride + offs_d[None, :], mask=d_ok, other=0.0)
+                v = tl.load(V + at[:, None].to(tl.int64) * v_stride + offs_d[None, :], mask=d_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k))
+            if MASKED:
+                seen = (at[None, :] <= pos[:, None]) & (at[None, :] > pos[:, None] - window)
+                qk = tl.where(seen, qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                qk = qk - m_new[:, None]
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                qk = qk * qk_scale - m_new[:, None]
+            p = tl.math.exp2(qk)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _window_attention_kernel(Q, K, V, OUT, q_b, q_s, q_h, k_b, k_s, k_h, v_b, v_s, v_h, o_b, o_s, o_h,
+                                 QUERIES, KEYS, HEADS, GROUPS, window, qk_scale, D: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 ROW_HEADS: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
+                                 WARP_SPECIALIZE: tl.constexpr):
+        """One block of rows: ROW_HEADS query heads (1, or all of a key/value head's group) x BLOCK_M // ROW_HEADS
+        consecutive queries, against the keys in their band."""
+        per_block = BLOCK_M // ROW_HEADS
+        first = tl.program_id(0) * per_block
+        bh = tl.program_id(1)
+        b, head0 = bh // (HEADS // ROW_HEADS), bh % (HEADS // ROW_HEADS) * ROW_HEADS
+        kv_head = head0 // GROUPS
+        rows = tl.arange(0, BLOCK_M)
+        query, head = first + rows // ROW_HEADS, head0 + rows % ROW_HEADS
+        row_ok = (query < QUERIES) & (rows < per_block * ROW_HEADS)
+        offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < D
+        q_at = b.to(tl.int64) * q_b + query[:, None].to(tl.int64) * q_s + head[:, None] * q_h + offs_d[None, :]
+        q = tl.load(Q + q_at, mask=row_ok[:, None] & d_ok, other=0.0)
+        offset = KEYS - QUERIES  # bottom-right aligned: query i sits at key position i + offset
+        pos = query + offset
+        low_pos = first + offset
+        high_pos = tl.minimum(first + per_block, QUERIES) - 1 + offset
+        # The band of this block: keys low..high, of which [full_low, full_high) every row sees; the blocks before
+        # and after that run masked.
+        low = tl.maximum(low_pos - window + 1, 0)
+        high = high_pos + 1
+        full_low, full_high = tl.maximum(high_pos - window + 1, low), low_pos + 1
+        blocks = tl.cdiv(high - low, BLOCK_N)
+        edge = tl.minimum(tl.cdiv(full_low - low, BLOCK_N), blocks)
+        middle = tl.maximum(full_high - (low + edge * BLOCK_N), 0) // BLOCK_N
+        if TMA:
+            k_src, v_src = K, V
+        else:
+            k_src = K + b.to(tl.int64) * k_b + kv_head * k_h
+            v_src = V + b.to(tl.int64) * v_b + kv_head * v_h
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a row's first masked blocks give p = 0, no NaN
+        mid_start = low + edge * BLOCK_N
+        mid_stop = mid_start + middle * BLOCK_N
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, low, mid_start, KEYS, window,
+                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, True, TMA, STAGES,
+                                WARP_SPECIALIZE)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, mid_start, mid_stop, KEYS, window,
+                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, False, TMA, STAGES,
+                                WARP_SPECIALIZE)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, mid_stop, low + blocks * BLOCK_N,
+                                KEYS, window, qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, True, TMA,
+                                STAGES, WARP_SPECIALIZE)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past the last query may see no key
+        o_at = b.to(tl.int64) * o_b + query[:, None].to(tl.int64) * o_s + head[:, None] * o_h + offs_d[None, :]
+        tl.store(OUT + o_at, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, window: int | None,
+                     config: AttentionConfig | None = None) -> torch.Tensor:
+    """Causal attention within `window` keys (None: all before), bottom-right aligned (the queries are the last
+    positions of the keys), grouped KV heads: models.attention._flash_kernel's result without dropout or packed
+    sequences. q (batch, queries, heads, head_dim), k and v (batch, keys, kv_heads, head_dim), any strides with a
+    contiguous last dim; returns (batch, queries, heads, head_dim), contiguous."""
+    b, queries, heads, d = q.shape
+    keys, kv_heads = k.shape[1], k.shape[2]
+    k_strides, v_strides = k.stride()[:3], v.stride()[:3]
+    block_d = max(16, triton.next_power_of_2(d))
+    config = config or ATTENTION_CONFIGS.get(block_d, AttentionConfig())
+    row_heads = heads // kv_heads if config.group_heads else 1
+    out = torch.empty(b, queries, heads, d, dtype=q.dtype, device=q.device)
+    if config.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k, v = (TensorDescriptor.from_tensor(t, [1, config.block_n, 1, block_d]) for t in (k, v))
+    grid = (triton.cdiv(queries, config.block_m // row_heads), b * heads // row_heads)
+    _window_attention_kernel[grid](
+        q, k, v, out, *q.stride()[:3], *k_strides, *v_strides, *out.stride()[:3], queries, keys, heads,
+        heads // kv_heads, keys + 1 if window is None else window, scaling * 1.4426950408889634, D=d,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, ROW_HEADS=row_heads, TMA=config.tma,
+        STAGES=config.stages, WARP_SPECIALIZE=config.warp_specialize, num_warps=config.warps)
     return out

@@ -2,10 +2,14 @@
 the prompt): the tokens and scores of transformers running the prompt in one forward, and a rolling cache that never
 holds more than the window and one chunk."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from maestrale import GenerationConfig
 from maestrale.cache import ROOM
+from maestrale.generation.utils import AUTO_FLASH_PREFILL_CHUNK, AUTO_PREFILL_CHUNK
 from parity import model_pair
 from test_generate import FAMILIES, PAD, prompts
 
@@ -60,3 +64,19 @@ def test_bad_chunk_sizes_and_combinations_are_refused():
     with pytest.raises(ValueError, match="prefill_chunk_size=4 cannot be combined with output_attentions"):
         ours.generate(ids, max_new_tokens=2, prefill_chunk_size=4, output_attentions=True,
                       return_dict_in_generate=True)
+
+
+def test_automatic_chunks_on_cuda_follow_the_backend(monkeypatch):
+    """On CUDA a prompt longer than the window prefills in chunks by itself: sdpa's short (its mask is dense),
+    flash_attention_2's longer (its kernels skip what is outside the window); a prompt within the window, or within
+    one chunk, in one forward; prefill_chunk_size set wins."""
+    _, ours = model_pair("mistral", sliding_window=4)
+    monkeypatch.setattr(type(ours), "device", property(lambda self: torch.device("cuda")))
+    run = SimpleNamespace(config=GenerationConfig(), past=0)
+    long, mid = 2 * AUTO_FLASH_PREFILL_CHUNK, AUTO_FLASH_PREFILL_CHUNK - 1
+    assert (ours._prefill_chunk(run, long), ours._prefill_chunk(run, mid), ours._prefill_chunk(run, 3)) == (
+        AUTO_PREFILL_CHUNK, AUTO_PREFILL_CHUNK, None)
+    ours.set_attn_implementation("flash_attention_2")
+    assert (ours._prefill_chunk(run, long), ours._prefill_chunk(run, mid), ours._prefill_chunk(run, 3)) == (
+        AUTO_FLASH_PREFILL_CHUNK, None, None)
+    assert ours._prefill_chunk(SimpleNamespace(config=GenerationConfig(prefill_chunk_size=16), past=0), long) == 16

@@ -59,6 +59,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "past_key_values", "cache", "inpu
 # Prompt tokens a prefill chunk holds on CUDA (see _prefill_chunk): products of this many rows still run near the
 # device's matrix rate, and each chunk computes 2048 x (window + 2048) scores of which a window's worth are used.
 AUTO_PREFILL_CHUNK = 2048
+# flash_attention_2's kernels skip the keys outside the window instead of masking a dense square, so its chunks are
+# longer: fewer, longer products (Mistral-7B's 32k prompt on an H200: 0.990 s in chunks of 2,048, 0.960 s in 8,192).
+AUTO_FLASH_PREFILL_CHUNK = 8192
 
 
 @dataclass(repr=False, eq=False)
@@ -325,9 +328,9 @@ class GenerationMixin:
 
     def _prefill_chunk(self, run: _Run, new: int) -> int | None:
         """Prompt tokens per prefill forward, None for one forward: prefill_chunk_size, or on CUDA, where a sliding
-        window is shorter than the prompt, AUTO_PREFILL_CHUNK. A chunk's queries attend to the keys the rolling cache
-        holds (the window behind them) and to each other, so the mask and the cache follow the window, not the
-        prompt's square."""
+        window is shorter than the prompt, AUTO_PREFILL_CHUNK (AUTO_FLASH_PREFILL_CHUNK under flash_attention_2). A
+        chunk's queries attend to the keys the rolling cache holds (the window behind them) and to each other, so the
+        mask and the cache follow the window, not the prompt's square."""
         config = run.config
         chunk = config.prefill_chunk_size
         per_token_outputs = [name for name in ("output_attentions", "output_hidden_states") if getattr(config, name)]
@@ -338,7 +341,8 @@ class GenerationMixin:
             kinds = self.config.attention_layer_types
             window = self.config.sliding_window if "sliding_attention" in kinds else None
             if window is not None and window < run.past + new:
-                chunk = AUTO_PREFILL_CHUNK
+                flash = self.config._attn_implementation == "flash_attention_2"
+                chunk = AUTO_FLASH_PREFILL_CHUNK if flash else AUTO_PREFILL_CHUNK
         return chunk if chunk is not None and chunk < new else None
 
     # ----- greedy and sampling -----

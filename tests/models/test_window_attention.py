@@ -1,5 +1,5 @@
 """maestrale's banded flash-attention kernel (models/kernels.py window_attention) against float32 SDPA on the dense
-window mask, and flash_attention_2's routing to it.
+window mask, and the routing of flash_attention_2 and sdpa to it.
 
 Runs on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1 with triton installed, small shapes and
 blocks); skipped otherwise.
@@ -14,7 +14,7 @@ from maestrale.models.kernels import AttentionConfig
 
 if torch.cuda.is_available() and kernels.triton is not None:
     DEVICE, SCALE, DTYPES = "cuda", 4, [torch.float16, torch.bfloat16]  # sequences 4x longer
-    CONFIGS = [None, AttentionConfig(64, 32), AttentionConfig(group_heads=True)]
+    CONFIGS = [None, AttentionConfig(64, 32, warps=4), AttentionConfig(group_heads=True)]
     if torch.cuda.get_device_capability() >= (9, 0):
         CONFIGS.append(AttentionConfig(tma=True))
 elif kernels.use_triton(torch.empty(0)):
@@ -101,4 +101,24 @@ def test_flash_attention_2_runs_it_for_unpadded_inference_prefill_only(case, mon
     out, _ = attention.flash_attention(q, k, v, mask, 0.125, 0.0, False)
     assert calls == (["ours"] if case == "prefill" else ["fa2"])
     expected = reference(*(t.transpose(1, 2) for t in (q, k, v)), 0.125, 9).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["chunk-after-cache", "window-shorter", "causal-square", "decode", "padded"])
+def test_sdpa_runs_it_for_unpadded_banded_prefill_only(case, monkeypatch):
+    """sdpa: a banded mask (cached keys before the queries, or a window shorter than them), more than one query, no
+    padding -> this kernel, not SDPA on the dense mask; plain causal squares, decoding and padding stay on SDPA."""
+    calls = []
+    window_attention, sdpa = kernels.window_attention, F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append("ours") or window_attention(*a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or sdpa(*a, **kw))
+    queries, past, window = {"chunk-after-cache": (20, 6, 30), "window-shorter": (26, 0, 9),
+                             "causal-square": (26, 0, 30), "decode": (1, 25, 9), "padded": (20, 6, 9)}[case]
+    q, k, v = (t.transpose(1, 2) for t in inputs(queries, 26, 8, 2, 64, torch.float16, batch=1))
+    padding = torch.ones(1, 26, dtype=torch.bool, device=DEVICE) if case == "padded" else None
+    mask = attention.AttentionMask(padding, 1, past, queries, 0, window, torch.device(DEVICE))
+    with torch.no_grad():
+        out, _ = attention.sdpa_attention(q, k, v, mask, 0.125, 0.0, False)
+    assert calls == (["ours"] if case in ("chunk-after-cache", "window-shorter") else ["sdpa"])
+    expected = reference(*(t.transpose(1, 2) for t in (q, k, v)), 0.125, window).transpose(1, 2)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)

@@ -118,9 +118,19 @@ def eager_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float
     return torch.matmul(weights, v), weights
 
 
+def _banded(mask: AttentionMask) -> bool:
+    """The mask is causal within the window only, with keys cached before the queries or a window shorter than them
+    (no padding, no packed sequences): what kernels.window_attention computes where SDPA needs the dense mask."""
+    return mask.padding is None and mask.documents is None and not mask.is_causal
+
+
 def sdpa_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
     """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding)."""
     b, heads, s, d = q.shape
+    if s > 1 and _banded(mask) and not (dropout and training) and kernels.fused(q, k, v):
+        # a chunk of a long prefill: the banded kernel skips what SDPA would compute and mask on the dense mask
+        out = kernels.window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling, mask.window)
+        return out.transpose(1, 2), None
     groups = heads // k.shape[1]
     allowed = mask.dense()
     gqa = {}

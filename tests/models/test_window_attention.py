@@ -65,6 +65,15 @@ def test_equals_float32_reference_on_odd_shapes(shape, config):
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.125, window), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("config", [None, AttentionConfig(group_heads=True)], ids=["table", "group-heads"])
+def test_full_size_blocks_on_a_chunk_after_a_cached_window(config):
+    """Blocks of 128 queries and 64 keys: two query blocks, each with masked edges and unmasked blocks between."""
+    queries, window = 200 * SCALE, 256 * SCALE
+    q, k, v = inputs(queries, queries + window - 1, 8, 2, 128, torch.float16, batch=1)
+    out = kernels.window_attention(q, k, v, 128**-0.5, window, config)
+    torch.testing.assert_close(out.float(), reference(q, k, v, 128**-0.5, window), atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)], ids=["groups1", "groups4"])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from maestrale.models.kernels import ATTENTION_CONFIGS, AttentionConfig, window_attention
+from maestrale.models.kernels import AttentionConfig, attention_config, window_attention
 
 HEADS, KV_HEADS = 32, 8
 HEAD_DIM = 128  # --head-dim sets it
@@ -120,8 +120,8 @@ def sweep(window: int) -> None:
         run(config._replace(tma=True))
         run(config._replace(warp_specialize=True))
     rate, best = max(results, key=lambda r: r[0])
-    print(f"fastest: {best} at {rate:.1f} TFLOP/s (mean of the chunks); the table's "
-          f"{ATTENTION_CONFIGS.get(max(16, triton.next_power_of_2(HEAD_DIM)))}")
+    print(f"fastest: {label(best)} at {rate:.1f} TFLOP/s (mean of the chunks), {best}; the table's: "
+          f"{label(attention_config(HEAD_DIM))}")
 
 
 def randn(*shape):

@@ -139,8 +139,17 @@ class AttentionConfig(NamedTuple):
     warp_specialize: bool = False
 
 
-# By head_dim rounded up to a power of two; the sweep of benchmarks/attention_kernels.py (an H200) picks them.
-ATTENTION_CONFIGS = {64: AttentionConfig(warps=4), 128: AttentionConfig()}
+# By head_dim rounded up to a power of two (Phi-3's 96 runs as 128, padded); the sweep of
+# benchmarks/attention_kernels.py (an H200) picks them; other head dims take AttentionConfig's defaults.
+ATTENTION_CONFIGS = {128: AttentionConfig()}
+
+
+def attention_config(head_dim: int) -> AttentionConfig:
+    return ATTENTION_CONFIGS.get(_padded_head_dim(head_dim), AttentionConfig())
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot's smallest inner dimension is 16
 
 
 if triton is not None:
@@ -245,8 +254,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
     b, queries, heads, d = q.shape
     keys, kv_heads = k.shape[1], k.shape[2]
     k_strides, v_strides = k.stride()[:3], v.stride()[:3]
-    block_d = max(16, triton.next_power_of_2(d))
-    config = config or ATTENTION_CONFIGS.get(block_d, AttentionConfig())
+    block_d = _padded_head_dim(d)
+    config = config or attention_config(d)
     row_heads = heads // kv_heads if config.group_heads else 1
     out = torch.empty(b, queries, heads, d, dtype=q.dtype, device=q.device)
     if config.tma:

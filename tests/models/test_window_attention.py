@@ -131,3 +131,31 @@ def test_sdpa_runs_it_for_unpadded_banded_prefill_only(case, monkeypatch):
     assert calls == (["ours"] if case in ("chunk-after-cache", "window-shorter") else ["sdpa"])
     expected = reference(*(t.transpose(1, 2) for t in (q, k, v)), 0.125, window).transpose(1, 2)
     torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash_attention_2"])
+def test_chunked_prefill_of_a_model_on_it_equals_the_dense_mask(backend, monkeypatch):
+    """A model's prompt in chunks after cached keys (the rolling cache's buffers as the keys): the first logits with
+    the kernel, and with every chunk on SDPA's dense mask instead, agree in float16."""
+    from maestrale import MistralConfig, MistralForCausalLM
+
+    if DEVICE == "cpu" and backend == "flash_attention_2":
+        pytest.skip("flash_attention_2 runs SDPA on CPU")
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8 * SCALE)
+    model = MistralForCausalLM(config).to(DEVICE, torch.float16).eval()
+    model.set_attn_implementation(backend)
+    ids = torch.randint(0, 128, (1, 40 * SCALE), device=DEVICE)
+    kwargs = dict(max_new_tokens=1, do_sample=False, prefill_chunk_size=16 * SCALE, cache_implementation="dynamic",
+                  output_logits=True, return_dict_in_generate=True)
+    calls = []
+    window_attention = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(1) or window_attention(*a))
+    ours = model.generate(ids, **kwargs).logits[0]
+    assert len(calls) == 3 * 2  # every chunk of every layer
+    monkeypatch.setattr(attention, "_banded", lambda mask: False)
+    model.set_attn_implementation("sdpa")
+    dense = model.generate(ids, **kwargs).logits[0]
+    assert len(calls) == 6
+    torch.testing.assert_close(ours, dense, atol=2e-2, rtol=2e-2)

@@ -198,7 +198,7 @@ if triton is not None:
         """One block of rows: ROW_HEADS query heads (1, or all of a key/value head's group) x BLOCK_M // ROW_HEADS
         consecutive queries, against the keys in their band."""
         per_block = BLOCK_M // ROW_HEADS
-        first = tl.program_id(0) * per_block
+        first = (tl.num_programs(0) - 1 - tl.program_id(0)) * per_block  # the last queries, the most keys, first
         bh = tl.program_id(1)
         b, head0 = bh // (HEADS // ROW_HEADS), bh % (HEADS // ROW_HEADS) * ROW_HEADS
         kv_head = head0 // GROUPS

@@ -7,7 +7,7 @@ Triton kernel (models/kernels.py window_attention) beside the kernels that ship 
 For each chunk of queries that follows a full window of cached keys (what generate()'s chunked prefill runs):
 maestrale's kernel (its table's configuration) and torch's FA2 build (`aten._flash_attention_forward` with its
 window), and cuDNN's and the memory-efficient SDPA kernels with the window as a mask; then flash and cuDNN on plain
-causal squares (no window), and maestrale's kernel, FA2 and compiled FlexAttention on the whole prompt in one call.
+causal squares (no window) beside maestrale's kernel, and maestrale's kernel, FA2 and compiled FlexAttention on the whole prompt in one call.
 Times are medians of 10 CUDA-event timings; TFLOP/s count the useful work, 4 x heads x head_dim per attended (query,
 key) pair. 32 query heads, 8 key/value heads.
 
@@ -59,7 +59,7 @@ def flash(q, k, v, window: int):
                                                    window_size_right=0)[0]
 
 
-def ours(q, k, v, window: int, config: AttentionConfig | None = None):
+def ours(q, k, v, window: int | None, config: AttentionConfig | None = None):
     return window_attention(q, k, v, HEAD_DIM**-0.5, window, config)
 
 
@@ -173,6 +173,9 @@ def main() -> None:
                    f"(max difference from FA2 {difference(out.transpose(1, 2), reference):.3g})")
     for size in (window, 2 * window):
         q, k, v = (randn(1, HEADS, size, HEAD_DIM) for _ in range(3))
+        q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+        report(f"maestrale's kernel, plain causal square of {size}", median_ms(lambda: ours(q_, k_, v_, None)),
+               size * (size + 1) / 2)
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             with sdpa_kernel(backend):
                 ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -6,10 +6,10 @@ Triton kernel (models/kernels.py window_attention) beside the kernels that ship 
 
 For each chunk of queries that follows a full window of cached keys (what generate()'s chunked prefill runs):
 maestrale's kernel (its table's configuration) and torch's FA2 build (`aten._flash_attention_forward` with its
-window), and cuDNN's and the memory-efficient SDPA kernels with the window as a mask; then flash and cuDNN on plain
-causal squares (no window) beside maestrale's kernel, and maestrale's kernel, FA2 and compiled FlexAttention on the whole prompt in one call.
-Times are medians of 10 CUDA-event timings; TFLOP/s count the useful work, 4 x heads x head_dim per attended (query,
-key) pair. 32 query heads, 8 key/value heads.
+window), and cuDNN's and the memory-efficient SDPA kernels with the window as a mask; then maestrale's kernel,
+flash and cuDNN on plain causal squares (no window), and maestrale's kernel, FA2 and compiled FlexAttention on the
+whole prompt in one call. Times are medians of 10 CUDA-event timings; TFLOP/s count the useful work, 4 x heads x
+head_dim per attended (query, key) pair. 32 query heads, 8 key/value heads.
 
 --sweep times maestrale's kernel in every configuration (blocks, warps, stages, one program per head or per group
 of heads, then TMA loads and warp-specialized loops on the fastest plain ones) on chunks of 2,048 and 16,384 after a

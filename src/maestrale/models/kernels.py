@@ -194,7 +194,9 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit
+    # The lengths and the window change from prompt to prompt: one compiled kernel for them all, where Triton would
+    # compile one per length divisible by 16 or not.
+    @triton.jit(do_not_specialize=["QUERIES", "KEYS", "window"])
     def _window_attention_kernel(Q, K, V, OUT, q_b, q_s, q_h, k_b, k_s, k_h, v_b, v_s, v_h, o_b, o_s, o_h,
                                  QUERIES, KEYS, HEADS, GROUPS, window, qk_scale, D: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -12,7 +12,7 @@ whole prompt in one call. Times are medians of 10 CUDA-event timings; TFLOP/s co
 head_dim per attended (query, key) pair. 32 query heads, 8 key/value heads.
 
 --sweep times maestrale's kernel in every configuration (blocks, warps, stages, one program per head or per group
-of heads, then TMA loads and warp-specialized loops on the fastest plain ones) on chunks of 2,048 and 16,384 after a
+of heads, then TMA loads and warp-specialized loops on the fastest plain ones) on chunks of 2,048 and 8,192 after a
 full window, prints TFLOP/s per configuration and the fastest, and stops (about 2-3 minutes on an H200).
 """
 
@@ -31,7 +31,7 @@ from maestrale.models.kernels import AttentionConfig, attention_config, window_a
 
 HEADS, KV_HEADS = 32, 8
 HEAD_DIM = 128  # --head-dim sets it
-SWEEP_CHUNKS = (2048, 16384)  # queries after a full window: today's prefill chunk, and a long one
+SWEEP_CHUNKS = (2048, 8192)  # queries after a full window: the prefill chunks of sdpa and flash_attention_2
 
 
 def median_ms(fn, runs: int = 10) -> float:

@@ -125,7 +125,8 @@ def _banded(mask: AttentionMask) -> bool:
 
 
 def sdpa_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
-    """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding)."""
+    """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding); the
+    unpadded chunks of a long prefill in half-precision inference on CUDA run kernels.window_attention instead."""
     b, heads, s, d = q.shape
     if s > 1 and _banded(mask) and not (dropout and training) and kernels.fused(q, k, v):
         # a chunk of a long prefill: the banded kernel skips what SDPA would compute and mask on the dense mask

@@ -118,20 +118,9 @@ def eager_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float
     return torch.matmul(weights, v), weights
 
 
-def _banded(mask: AttentionMask) -> bool:
-    """The mask is causal within the window only, with keys cached before the queries or a window shorter than them
-    (no padding, no packed sequences): what kernels.window_attention computes where SDPA needs the dense mask."""
-    return mask.padding is None and mask.documents is None and not mask.is_causal
-
-
 def sdpa_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float, training: bool):
-    """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding); the
-    unpadded chunks of a long prefill in half-precision inference on CUDA run kernels.window_attention instead."""
+    """SDPA on the KV heads as stored where it can (the same choices as transformers, so the same rounding)."""
     b, heads, s, d = q.shape
-    if s > 1 and _banded(mask) and not (dropout and training) and kernels.fused(q, k, v):
-        # a chunk of a long prefill: the banded kernel skips what SDPA would compute and mask on the dense mask
-        out = kernels.window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scaling, mask.window)
-        return out.transpose(1, 2), None
     groups = heads // k.shape[1]
     allowed = mask.dense()
     gqa = {}
@@ -195,7 +184,8 @@ def flash_attention(q, k, v, mask: AttentionMask, scaling: float, dropout: float
     """flash-attn where it is installed and the tensors are on CUDA; elsewhere torch's kernels, same semantics."""
     if _flash_attn_usable(q):
         if not _flash_attn_installed():
-            _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs on the flash "
+            _note_once("flash-attn is not installed: attn_implementation='flash_attention_2' runs maestrale's Triton "
+                       "kernel for inference prefill (models/kernels.py window_attention) and otherwise the flash "
                        "attention kernel that ships with torch (aten._flash_attention_forward)")
         return _flash_attn(q, k, v, mask, scaling, dropout if training else 0.0), None
     if q.is_cuda:
@@ -232,7 +222,7 @@ def _flash_attn(q, k, v, mask: AttentionMask, scaling: float, dropout: float) ->
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash's layout: (batch, tokens, heads, head_dim)
     b, s, heads, d = q.shape
     if mask.padding is None and mask.documents is None:
-        if s > 1 and not dropout and kernels.fused(q, k, v):  # an inference prefill: maestrale's banded kernel
+        if s > 1 and not dropout and not _flash_attn_installed() and kernels.fused(q, k, v):  # inference prefill
             return kernels.window_attention(q, k, v, scaling, mask.window).transpose(1, 2)
         out = _flash_kernel(q, k, v, None, None, s, k.shape[1], dropout, scaling, mask.window)
         return out.transpose(1, 2)

@@ -171,37 +171,6 @@ def test_matvec(n, k, gated, dtype):
     torch.testing.assert_close(out, ref, rtol=units, atol=2 * units * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("experts", [False, True])
-def test_matvec_over_several_tiles(gated, experts):
-    """Rows longer than a tile: the kernel streams tile after tile (the first loaded before its wait), the last
-    one partial."""
-    n, k, tile = 40, 200, 64
-    weight = torch.randn(3, 2 * n if gated else n, k, device=DEVICE) / math.sqrt(k)
-    x = torch.randn(2, k, device=DEVICE)
-    chosen = torch.tensor([2, 0], device=DEVICE) if experts else None
-    act = torch.nn.functional.silu if gated else None
-    w = weight if experts else weight[1]
-    x = x if experts else x[:1]
-    out = kernels.matvec(x, w, act, chosen, config=(2, tile, 1, 1))
-    ref = kernels.matvec_torch(x.double(), w.double(), act, chosen)
-    assert rel_error(out, ref) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hidden", [64, 200])
-def test_residual_rms_norm(dtype, hidden):
-    """x + out rounded to x's dtype, exactly as torch adds; its RMSNorm as models.decoder.rms_norm rounds it, up to
-    a unit of the mean's last bit (its sum runs in another order)."""
-    x, out = (torch.randn(3, hidden, device=DEVICE, dtype=dtype) * 4 for _ in range(2))
-    weight = torch.rand(hidden, device=DEVICE, dtype=dtype) + 0.5
-    x_new, normed = kernels.residual_rms_norm(x, out, weight, 1e-6)
-    x_ref, normed_ref = kernels.residual_rms_norm_torch(x, out, weight, 1e-6)
-    assert torch.equal(x_new, x_ref)
-    unit = 1e-6 if dtype == torch.float32 else 2**-10
-    torch.testing.assert_close(normed, normed_ref, rtol=2 * unit, atol=2 * unit)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows_per_x,gated,n", [(2, True, 48), (1, False, 96), (2, False, 40000)])
 def test_matvec_experts(rows_per_x, gated, n, dtype):

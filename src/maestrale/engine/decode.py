@@ -5,10 +5,10 @@ in how `_attention` addresses the keys and values (kernels.py reads both).
 The prompt goes through the model's own forward (SDPA); its keys and values are then copied into preallocated caches,
 a ring of exactly the window's size for sliding-window layers. Each later token runs `_step`: per layer one q/k/v
 product, rotary with the cache write and flash-decoding attention (kernels.py), the output product and the
-feed-forward, whose residual add carries the next layer's norm (one kernel each). At batch 1 on CUDA the products of
-matrices run matvec's kernel (the silu gate fused into gate/up's), at larger batches cuBLAS; on Hopper these kernels
-launch as programmatic dependents, each starting while the one before ends. On CUDA the rest of the glue is fused by
-torch.compile and the whole step is captured in one CUDA graph, so a token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
+feed-forward, whose residual add carries the next layer's norm. At batch 1 on CUDA the products of matrices run
+matvec's kernel (the silu gate fused into gate/up's), at larger batches cuBLAS. On CUDA
+the glue between the matrix products is fused by torch.compile and the whole step is captured in one CUDA graph, so a
+token costs one graph replay; elsewhere the same step runs eagerly (how the CPU tests check it), or on CPU, when
 generate() is given a compile_config, as one graph compiled by torch.compile (fused C++ glue around the products).
 
 GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
@@ -36,7 +36,7 @@ from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
 from ..quantization.weight_only import Int4Weight, Int8Weight, PackedWeight, stacked_packed
-from .kernels import decode_attention, matvec, residual_rms_norm, rotary_cache_write, use_triton
+from .kernels import decode_attention, matvec, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
@@ -65,6 +65,12 @@ def _gated(x, gate_up, act, gate):
     if isinstance(gate_up, (Int4Weight, Int8Weight)) and act is F.silu and gate_up.fuses_gate(x):
         return gate_up.matmul(x, act).to(x.dtype)
     return gate(_product(x, gate_up), act)
+
+
+def _residual_norm(x, out, norm, eps: float):
+    """The residual add of a block's output; the normed input of the next block."""
+    x = x + out
+    return x, rms_norm(x, norm, eps)
 
 
 def _route(h, router, top_k: int):
@@ -96,7 +102,7 @@ def _dense_experts(x, h, gate_up, down, top_weights, top_experts, act, next_norm
     return x, rms_norm(x, next_norm, eps)
 
 
-STEP_PARTS = {f.__name__: f for f in (rms_norm, _gate, _route, _mix, _dense_experts)}
+STEP_PARTS = {f.__name__: f for f in (rms_norm, _residual_norm, _gate, _route, _mix, _dense_experts)}
 
 
 def _weights(*linears) -> torch.Tensor | tuple:
@@ -189,10 +195,10 @@ class DecodeStep:
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
             attn = self._attention(i, _product(h, w.qkv), cos, sin)
-            x, h = residual_rms_norm(x, _product(attn.flatten(1), w.o_proj), w.post_norm, eps)
+            x, h = part["_residual_norm"](x, _product(attn.flatten(1), w.o_proj), w.post_norm, eps)
             if w.router is None:
                 ffn = _product(_gated(h, w.gate_up, self.act, part["_gate"]), w.down)
-                x, h = residual_rms_norm(x, ffn, next_norm, eps)
+                x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)
             # Gathered up to one pair per expert (no more bytes than dense), as the model's Experts decode: the same

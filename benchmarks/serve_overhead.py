@@ -16,8 +16,8 @@ the engine had a process of its own, where its thread shared the event loop's GI
 
     PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256
     git archive 64de85b src | tar -x -C /tmp/base
-    PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256 --steps 0 --step-ms 2 --baseline-src /tmp/base/src \
-        --repeats 2
+    PYTHONPATH=src python benchmarks/serve_overhead.py --batch 96 --tokens 400 --steps 0 --step-ms 5 --launch-ms 6 \
+        --baseline-src /tmp/base/src --repeats 2
 """
 
 from __future__ import annotations
@@ -79,10 +79,11 @@ def mistral_v3_tokenizer():
         shutil.rmtree(folder)
 
 
-def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None):
+def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None, launch_ms: float = 0.0):
     """An LLMEngine on a 2-layer random model with Mistral-7B-v0.3's vocabulary and tokenizer, its decode rows through
     PagedDecoder (eager on CPU); with step_ms, the model and sampler are replaced by a GIL-free wait of step_ms
-    where the tokens are copied to the host, and random tokens."""
+    where the tokens are copied to the host, and random tokens, the launch taking launch_ms of Python work (holding the
+    GIL, as the launches, inputs and sampling calls of a real step do)."""
     import torch
 
     from maestrale import MistralConfig, MistralForCausalLM
@@ -105,6 +106,8 @@ def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None):
 
         def run(new_tokens, *_):
             launched[0] = time.perf_counter()
+            while time.perf_counter() < launched[0] + launch_ms / 1e3:
+                pass
             return torch.zeros(len(new_tokens), 1)
 
         def sample(seqs, logits):  # the step's "GPU time" runs from the launch
@@ -225,12 +228,12 @@ def async_engine(build, max_pending: int):
     return async_engine.AsyncEngine(build if hasattr(async_engine, "EngineDead") else build(), max_pending)
 
 
-def serve_tiny(batch: int, max_tokens: int, step_ms: float, port: int) -> None:
+def serve_tiny(batch: int, max_tokens: int, step_ms: float, launch_ms: float, port: int) -> None:
     import uvicorn
 
     from maestrale.serving.app import create_app
 
-    engine = async_engine(functools.partial(tiny_engine, batch, max_tokens, step_ms), 2 * batch)
+    engine = async_engine(functools.partial(tiny_engine, batch, max_tokens, step_ms, launch_ms), 2 * batch)
     uvicorn.run(create_app(engine, mistral_v3_tokenizer(), "m"), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -239,7 +242,8 @@ def serving(args, *options: str, src: str = str(SRC)) -> Iterator[tuple[str, int
     """(URL, pid) of this script's server on maestrale's tree `src`, in a process of its own, as under real clients
     (which do not take the server's GIL), once /health answers; stopped on leaving."""
     proc = subprocess.Popen([sys.executable, __file__, "--serve", "--tokens", str(args.tokens), "--step-ms",
-                             str(args.step_ms), "--port", str(args.port), "--src", src, *options])
+                             str(args.step_ms), "--launch-ms", str(args.launch_ms), "--port", str(args.port), "--src", src,
+                             *options])
     url = f"http://127.0.0.1:{args.port}"
     try:
         while True:
@@ -270,7 +274,7 @@ def batch_report(args) -> None:
             with serving(args, "--batch", str(args.batch), src=src) as (url, pid):
                 r = asyncio.run(many_clients(url, args.batch, args.tokens, pid))
             print(f"{name:9}: {args.batch} streaming clients x {args.tokens} tokens, model step a {args.step_ms} ms "
-                  f"wait: {r['rows']:.0f} decode rows a step; ms a step: wall {r['wall']:.2f} "
+                  f"wait, its launch {args.launch_ms} ms of Python: {r['rows']:.0f} decode rows a step; ms a step: wall {r['wall']:.2f} "
                   f"({r['rows'] / r['wall'] * 1e3:.0f} tok/s), engine busy {r['busy']:.2f}; server CPU ms a step: "
                   f"event loop {r['event loop']:.2f}, other threads {r['other threads']:.2f}, engine process "
                   f"{r['engine process']:.2f}; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -330,6 +334,9 @@ def main() -> None:
     parser.add_argument("--baseline-src", help="with --batch, also serve maestrale's src folder at this path (e.g. a "
                         "`git archive` of an older commit), alternating with this tree's")
     parser.add_argument("--repeats", type=int, default=1, help="server runs of each tree with --batch")
+    parser.add_argument("--launch-ms", type=float, default=0.0, help="with --batch, Python work (holding the GIL) of "
+                        "each step's launch in the servers, overlapping the --step-ms wait (the H200's engine took "
+                        "12.4 ms of CPU a step at 96 rows)")
     parser.add_argument("--src", default=str(SRC), help=argparse.SUPPRESS)  # the server process's maestrale
     parser.add_argument("--temperature", type=float, default=0.0, help="of the --batch rows (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="of the --batch rows")
@@ -338,7 +345,7 @@ def main() -> None:
     if args.serve:
         sys.path.insert(0, args.src)
         if args.batch:
-            return serve_tiny(args.batch, args.tokens, args.step_ms, args.port)
+            return serve_tiny(args.batch, args.tokens, args.step_ms, args.launch_ms, args.port)
         return serve(args.tokens, args.step_ms, args.port)
     if args.batch:
         return batch_report(args)

@@ -3,12 +3,15 @@ with Mistral's v3 tokenizer and chat template: tool calls round trip through the
 queue. The model's replies are scripted by a test double of the engine's sampler (a random model would never write a
 tool call)."""
 
+import concurrent.futures
+import contextlib
 import functools
 import json
 import multiprocessing
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -81,16 +84,9 @@ class Served:
         return self._prompts[-1]
 
 
-@pytest.fixture(scope="module")
-def served(tokenizer_folder, tokenizer):
-    """A server whose model replies with one call of get_weather for Paris."""
-    call = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
-    script = ([tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")] + tokenizer(call, add_special_tokens=False)["input_ids"]
-              + [2])
-    context = multiprocessing.get_context("spawn")
-    gate, seen = context.Event(), context.SimpleQueue()
-    gate.set()
-    engine = AsyncEngine(functools.partial(scripted_engine, str(tokenizer_folder), script, gate, seen), max_pending=1)
+@contextlib.contextmanager
+def serving(engine: AsyncEngine, tokenizer) -> Iterator[str]:
+    """The URL of the app over `engine` on a free loopback port, uvicorn in a thread of this process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -100,9 +96,30 @@ def served(tokenizer_folder, tokenizer):
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield Served(f"http://127.0.0.1:{port}", gate, seen)
-    server.should_exit = True
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def scripted_server(tokenizer_folder, tokenizer, max_pending: int):
+    """(AsyncEngine, gate, seen) of a model that replies with one call of get_weather for Paris."""
+    call = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    script = ([tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")] + tokenizer(call, add_special_tokens=False)["input_ids"]
+              + [2])
+    context = multiprocessing.get_context("spawn")
+    gate, seen = context.Event(), context.SimpleQueue()
+    gate.set()
+    build = functools.partial(scripted_engine, str(tokenizer_folder), script, gate, seen)
+    return AsyncEngine(build, max_pending=max_pending), gate, seen
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer_folder, tokenizer):
+    engine, gate, seen = scripted_server(tokenizer_folder, tokenizer, max_pending=1)
+    with serving(engine, tokenizer) as url:
+        yield Served(url, gate, seen)
 
 
 def client(url: str, key: str = KEY):
@@ -181,3 +198,23 @@ def test_stop_string_cuts_the_text_streamed_and_not(served):
     text = reply.choices[0].text
     assert text.endswith('"arguments": {') and reply.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].text for c in client(url).completions.create(**kwargs, stream=True)) == text
+
+
+def test_a_dead_engine_fails_its_requests_and_health_says_so(tokenizer_folder, tokenizer):
+    engine, gate, _ = scripted_server(tokenizer_folder, tokenizer, max_pending=4)
+    gate.clear()  # the request below stays in flight
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny-mistral", "prompt": "one two", "max_tokens": 3}
+    with serving(engine, tokenizer) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+            while engine.in_flight == 0:
+                time.sleep(0.05)
+            engine._process.kill()
+            failed = pending.result()
+        assert failed.status_code == 500 and "engine process was killed by signal 9" in failed.json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "killed by signal 9" in health.json()["error"]
+        again = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"

@@ -269,6 +269,10 @@ class AsyncEngine:
         ids = [f"{base}-{i}" for i in range(len(prompts))]
         for i, request_id in enumerate(ids):
             self._streams[request_id] = (loop, q, i)
+        if self.error is not None:  # the engine died after check(), before the streams above could be failed
+            for request_id in ids:
+                del self._streams[request_id]
+            raise EngineDead(self.error)
         timing = self.metrics.request_started(sum(map(len, prompts)))
         left = len(prompts) * params.n
         try:

@@ -56,7 +56,8 @@ MISTRAL_7B_V03 = dict(vocab_size=32768, hidden_size=4096, intermediate_size=1433
 
 
 def random_mistral(folder: str, layers: int) -> None:
-    """A checkpoint folder at Mistral-7B-v0.3's shape (`layers` of them), random bfloat16 weights, a real tokenizer."""
+    """A checkpoint folder at Mistral-7B-v0.3's shape (`layers` of them), random bfloat16 weights, a real tokenizer
+    with Mistral-7B-Instruct-v0.3's chat template (for --chat)."""
     import importlib.util
 
     import torch
@@ -66,7 +67,10 @@ def random_mistral(folder: str, layers: int) -> None:
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
     tokenizer_dir = tempfile.mkdtemp(prefix="tokenizer-")
     shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", Path(tokenizer_dir) / "tokenizer.model")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = (SRC.parent / "tests" / "fixtures" / "chat_templates" /
+                               "Mistral-7B-Instruct-v0.3.jinja").read_text()
+    tokenizer.save_pretrained(folder)
     shutil.rmtree(tokenizer_dir)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # from_config draws N(0, 0.02) weights

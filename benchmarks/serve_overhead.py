@@ -291,24 +291,18 @@ def engine_loop(engine, prompt: list[int], max_tokens: int) -> float:
     return (time.perf_counter() - begin) / tokens * 1e6
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid`, all its threads (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def one_client(url: str, max_tokens: int, requests: int, pid: int) -> tuple[float, float]:
     """(wall, server CPU) microseconds per streamed token, best of `requests` requests one after the other; wall
     from the first token to the last."""
     wall = cpu = float("inf")
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         for _ in range(requests):
-            start = cpu_seconds(pid)
+            start = sum(server_cpu_seconds(pid).values())
             stream = await client.completions.create(model="m", prompt="Once upon a time", max_tokens=max_tokens,
                                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
             stamps = [time.perf_counter() async for chunk in stream if chunk.choices and chunk.choices[0].text]
             wall = min(wall, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e6)
-            cpu = min(cpu, (cpu_seconds(pid) - start) / len(stamps) * 1e6)
+            cpu = min(cpu, (sum(server_cpu_seconds(pid).values()) - start) / len(stamps) * 1e6)
     return wall, cpu
 
 

@@ -9,6 +9,7 @@ engine process owns the model, the scheduler, sampling and detokenization.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -195,10 +196,13 @@ class AsyncEngine:
         for name, value in info.items():
             setattr(self, name, value)
         self._reader.start()
+        # Also on an exit that skips stop(): before multiprocessing's own exit handler (registered earlier, so run
+        # later) would wait for the engine process, which ignores SIGTERM.
+        atexit.register(self.stop)
 
     def stop(self) -> None:
         """Stop the engine process once its requests are done (the server drains them first)."""
-        if self._process is None:
+        if self._process is None or self._stopping:
             return
         self._stopping = True
         if self.error is None:

@@ -174,8 +174,8 @@ class AsyncEngine:
         return len(self._streams)
 
     def start(self) -> None:
-        """Start the engine process and wait until its model is loaded (again: nothing); raises what building the
-        engine raised there."""
+        """Start the engine process and wait until it has built the engine (a second call does nothing); raises what
+        building it raised there."""
         if self._process is not None:
             return
         context = multiprocessing.get_context("spawn")  # CUDA cannot run in a forked child

@@ -11,8 +11,12 @@ and time between tokens (p50/p99). Then 16 concurrent clients against one client
         --input-mean 200 --output-mean 200 --rates inf,8 --compare-transformers --client-processes 4 \\
         --server-args "--device cuda --max-num-seqs 256 --max-num-batched-tokens 4096"   # a GPU run
 
+A rate run's "in flight" is how many requests were running on average; at a fixed rate it is the rate times a
+request's latency, so a rate that keeps ~32 in flight is found from a first run's figure (--time-limit stops a run
+whose server is slow, counting the tokens that came by then).
+
 After each maestrale run it prints where the server's time went: the engine's steps (how many, their decode rows and
-prefill tokens, milliseconds by part from /metrics) and the CPU time of the engine thread and of the HTTP event loop.
+prefill tokens, milliseconds by part from /metrics) and the CPU time of the engine process and of the HTTP event loop.
 
 --random-model writes Mistral-7B-v0.3's shape with random weights (and mistral-common's v3 tokenizer) to a folder
 both servers load.
@@ -52,7 +56,8 @@ MISTRAL_7B_V03 = dict(vocab_size=32768, hidden_size=4096, intermediate_size=1433
 
 
 def random_mistral(folder: str, layers: int) -> None:
-    """A checkpoint folder at Mistral-7B-v0.3's shape (`layers` of them), random bfloat16 weights, a real tokenizer."""
+    """A checkpoint folder at Mistral-7B-v0.3's shape (`layers` of them), random bfloat16 weights, a real tokenizer
+    with Mistral-7B-Instruct-v0.3's chat template (for --chat)."""
     import importlib.util
 
     import torch
@@ -62,7 +67,10 @@ def random_mistral(folder: str, layers: int) -> None:
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
     tokenizer_dir = tempfile.mkdtemp(prefix="tokenizer-")
     shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", Path(tokenizer_dir) / "tokenizer.model")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = (SRC.parent / "tests" / "fixtures" / "chat_templates" /
+                               "Mistral-7B-Instruct-v0.3.jinja").read_text()
+    tokenizer.save_pretrained(folder)
     shutil.rmtree(tokenizer_dir)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # from_config draws N(0, 0.02) weights
@@ -104,17 +112,26 @@ def workload(count: int, input_mean: int, output_mean: int, seed: int) -> list[t
             for _ in range(count)]
 
 
-async def one(client, model: str, prompt: str, max_tokens: int, records: list, extra: dict) -> None:
+async def one(client, model: str, prompt: str, max_tokens: int, records: list, extra: dict,
+              chat: bool = False) -> None:
+    """Stream one completion (with `chat`, a chat completion of the prompt as the user's message) and record (start,
+    stamps of the chunks with text, tokens, end), also when cancelled at the time limit."""
     start = time.perf_counter()
     stamps, tokens = [], 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}, extra_body=extra)
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            stamps.append(time.perf_counter())
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    records.append((start, stamps, tokens or len(stamps)))
+    kwargs = dict(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                  stream_options={"include_usage": True}, extra_body=extra)
+    try:
+        if chat:
+            stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kwargs)
+        else:
+            stream = await client.completions.create(prompt=prompt, **kwargs)
+        async for chunk in stream:
+            if chunk.choices and (chunk.choices[0].delta.content if chat else chunk.choices[0].text):
+                stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    finally:
+        records.append((start, stamps, tokens or len(stamps), time.perf_counter()))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,20 +142,31 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summary(records: list, wall: float) -> dict:
-    ttft = [stamps[0] - start for start, stamps, _ in records if stamps]
-    tbt = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
-    tokens = sum(n for *_, n in records)
+    """Output tokens/s, requests/s, TTFT and time between tokens (p50/p99; 0 between tokens that arrive together),
+    time per output token (p50 of each request's (last - first) / (tokens - 1), as vLLM's TPOT), and the requests in
+    flight on average (Little's law: their total time over the wall time)."""
+    ttft = [stamps[0] - start for start, stamps, *_ in records if stamps]
+    tbt = [b - a for _, stamps, *_ in records for a, b in zip(stamps, stamps[1:])]
+    tpot = [(stamps[-1] - stamps[0]) / (n - 1) for _, stamps, n, _ in records if len(stamps) > 1 and n > 1]
+    tokens = sum(n for _, _, n, _ in records)
     return {"wall": wall, "tok/s": tokens / wall, "req/s": len(records) / wall, "ttft50": percentile(ttft, 50),
-            "ttft99": percentile(ttft, 99), "tbt50": percentile(tbt, 50), "tbt99": percentile(tbt, 99)}
+            "ttft99": percentile(ttft, 99), "tbt50": percentile(tbt, 50), "tbt99": percentile(tbt, 99),
+            "tpot50": percentile(tpot, 50), "in flight": sum(end - start for start, *_, end in records) / wall}
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of process `pid` (Linux): its main thread (the server's event loop) and its other threads (the
-    engine thread, torch's)."""
-    out = {"main": 0.0, "other": 0.0}
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of server process `pid` (Linux): its main thread (the HTTP event loop), its other threads, and its
+    child processes (maestrale's engine process)."""
+    out = {"main": 0.0, "other": 0.0, "children": 0.0}
+
+    def seconds(stat: Path) -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     for task in Path(f"/proc/{pid}/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        out["main" if int(task.name) == pid else "other"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["main" if int(task.name) == pid else "other"] += seconds(task / "stat")
+        for child in (task / "children").read_text().split():
+            out["children"] += sum(seconds(t / "stat") for t in Path(f"/proc/{child}/task").iterdir())
     return out
 
 
@@ -147,7 +175,7 @@ def server_counters(url: str, pid: int) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     out = {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines
                                                     if line.startswith("maestrale_engine_"))}
-    return {**out, **{f"cpu_{k}": v for k, v in thread_cpu_seconds(pid).items()}}
+    return {**out, **{f"cpu_{k}": v for k, v in server_cpu_seconds(pid).items()}}
 
 
 def engine_report(before: dict, after: dict, wall: float) -> str:
@@ -160,48 +188,65 @@ def engine_report(before: dict, after: dict, wall: float) -> str:
     return (f"  engine: {steps:.0f} steps, {wall / steps * 1e3:.1f} ms each; a step {work.get('decode_rows', 0) / steps:.0f} "
             f"decode rows, {work.get('prefill_rows', 0) / steps:.1f} prefill chunks of {work.get('prefill_tokens', 0) / steps:.0f} "
             f"tokens; ms a step: " + ", ".join(f"{k} {per_step(v)}" for k, v in parts.items()) +
-            f", idle {per_step(d.get('maestrale_engine_idle_seconds_total', 0))}; CPU ms a step: engine thread "
-            f"{per_step(d.get('maestrale_engine_thread_cpu_seconds_total', 0))} (all but the main thread "
-            f"{per_step(d['cpu_other'])}), HTTP event loop {per_step(d['cpu_main'])}")
+            f", idle {per_step(d.get('maestrale_engine_idle_seconds_total', 0))}; CPU ms a step: engine "
+            f"{per_step(d.get('maestrale_engine_thread_cpu_seconds_total', 0))} (its process in all "
+            f"{per_step(d['cpu_children'])}), HTTP event loop {per_step(d['cpu_main'])} (the HTTP process's other "
+            f"threads {per_step(d['cpu_other'])})")
 
 
 def connect(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
 
 
-async def send_all(url: str, extra: dict, model: str, prompts, rate: float, seed: int) -> tuple:
-    """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf: (records, start, end, this
-    process's CPU seconds)."""
+async def send_all(url: str, extra: dict, model: str, prompts, rate: float, seed: int, chat: bool = False,
+                   time_limit: float | None = None) -> tuple:
+    """All prompts, arriving at `rate` requests/s (Poisson), or at once for rate inf, the requests still running
+    after `time_limit` seconds cancelled: (records, start, end, this process's CPU seconds, requests finished)."""
     rng, records, tasks = random.Random(seed), [], []
     cpu = time.process_time()
     async with connect(url) as client:
         begin = time.perf_counter()
-        for prompt, max_tokens in prompts:
-            tasks.append(asyncio.create_task(one(client, model, prompt, max_tokens, records, extra)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        return records, begin, time.perf_counter(), time.process_time() - cpu
+
+        async def everything():
+            for prompt, max_tokens in prompts:
+                tasks.append(asyncio.create_task(one(client, model, prompt, max_tokens, records, extra, chat)))
+                if rate != float("inf"):
+                    await asyncio.sleep(rng.expovariate(rate))
+            await asyncio.gather(*tasks)
+
+        try:
+            await asyncio.wait_for(everything(), time_limit)
+        except asyncio.TimeoutError:
+            pass
+        end, finished = time.perf_counter(), sum(t.done() and not t.cancelled() for t in tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return records, begin, end, time.process_time() - cpu, finished
 
 
 def send_share(*args) -> tuple:
     return asyncio.run(send_all(*args))
 
 
-def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int, processes: int = 1) -> dict:
+def at_rate(url: str, extra: dict, model: str, prompts, rate: float, seed: int, processes: int = 1,
+            chat: bool = False, time_limit: float | None = None) -> dict:
     """summary() of send_all() over `processes` client processes, each sending every processes-th prompt at
     rate / processes (together a Poisson stream at `rate`), so the clients' own CPU time (the openai client parses
     each chunk in Python) does not cap what is measured. perf_counter is CLOCK_MONOTONIC on Linux, one clock for
     all processes."""
-    shares = [(url, extra, model, prompts[i::processes], rate / processes, seed + i) for i in range(processes)]
+    shares = [(url, extra, model, prompts[i::processes], rate / processes, seed + i, chat, time_limit)
+              for i in range(processes)]
     if processes == 1:
         parts = [send_share(*shares[0])]
     else:
         with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(send_share, *zip(*shares)))
-    wall = max(end for *_, end, _ in parts) - min(begin for _, begin, *_ in parts)
+    wall = max(end for _, _, end, _, _ in parts) - min(begin for _, begin, *_ in parts)
     out = summary([r for records, *_ in parts for r in records], wall)
-    return {**out, "client cpu": sum(cpu for *_, cpu in parts) / wall / processes}
+    finished = sum(finished for *_, finished in parts)
+    return {**out, "req/s": finished / wall, "client cpu": sum(cpu for *_, cpu, _ in parts) / wall / processes,
+            "finished": finished}
 
 
 async def clients(url: str, model: str, count: int, requests_each: int, max_tokens: int) -> dict:
@@ -234,6 +279,10 @@ def main() -> None:
                         "at a few thousand tokens/s)")
     parser.add_argument("--compare-transformers", action="store_true", help="also run transformers serve")
     parser.add_argument("--server-args", default="", help="extra options for maestrale serve")
+    parser.add_argument("--chat", action="store_true", help="send each prompt as a user's message to "
+                        "/v1/chat/completions instead of /v1/completions")
+    parser.add_argument("--time-limit", type=float, help="cancel what a rate run still has running after this many "
+                        "seconds and count the tokens that came by then (bounds transformers serve's runs)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(SRC))
@@ -278,15 +327,23 @@ def main() -> None:
         model = served if name == "transformers" else httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         try:
             extra = MAESTRALE_EXTRA if name == "maestrale" else {}
-            at_rate(url, extra, model, prompts[:2], float("inf"), 0)  # warm-up
+            if not args.chat:
+                probe = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1},
+                                   timeout=600)
+                if probe.status_code == 404:
+                    raise RuntimeError(f"{name} serve has no /v1/completions (404): run with --chat")
+            at_rate(url, extra, model, prompts[:2], float("inf"), 0, chat=args.chat)  # warm-up
             for rate in rates:
                 before = server_counters(url, proc.pid) if name == "maestrale" else None
-                results[name, rate] = at_rate(url, extra, model, prompts, rate, 1, args.client_processes)
+                results[name, rate] = at_rate(url, extra, model, prompts, rate, 1, args.client_processes, args.chat,
+                                              args.time_limit)
                 r = results[name, rate]
+                cut = "" if r["finished"] == len(prompts) else f", time limit: {r['finished']} of {len(prompts)} done"
                 print(f"{name:12} rate {rate:>4}: {r['tok/s']:8.1f} output tok/s {r['req/s']:6.2f} req/s  "
                       f"TTFT p50 {r['ttft50'] * 1e3:7.0f} ms p99 {r['ttft99'] * 1e3:7.0f} ms  "
-                      f"TBT p50 {r['tbt50'] * 1e3:6.0f} ms p99 {r['tbt99'] * 1e3:6.0f} ms  "
-                      f"(client processes busy {r['client cpu']:.0%})", flush=True)
+                      f"TBT p50 {r['tbt50'] * 1e3:6.1f} ms p99 {r['tbt99'] * 1e3:6.0f} ms  "
+                      f"TPOT p50 {r['tpot50'] * 1e3:6.1f} ms  in flight {r['in flight']:.1f}  "
+                      f"(client processes busy {r['client cpu']:.0%}{cut})", flush=True)
                 if before is not None:
                     print(engine_report(before, server_counters(url, proc.pid), r["wall"]), flush=True)
             if name == "maestrale":

@@ -86,21 +86,26 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        rss = psutil.Process(proc.pid).memory_info
+        server = psutil.Process(proc.pid)
+
+        def rss() -> list[float]:  # MiB of the HTTP process and of its children (the engine process)
+            return [p.memory_info().rss / 2**20 for p in [server, *server.children(recursive=True)]]
+
         begin = time.perf_counter()
         failed = asyncio.run(run(url, model, args.warmup, args.concurrency))
-        after_warmup = rss().rss / 2**20
+        after_warmup = rss()
         failed += asyncio.run(run(url, model, args.requests - args.warmup, args.concurrency))
         time.sleep(1)  # aborted streams free their blocks at the next step
-        at_end, used = rss().rss / 2**20, kv_blocks_used(url)
+        at_end, used = rss(), kv_blocks_used(url)
         wall = time.perf_counter() - begin
     finally:
         proc.terminate()
         code = proc.wait(timeout=120)
-    growth = at_end - after_warmup
+    growth = sum(at_end) - sum(after_warmup)
+    mib = lambda values: " + ".join(f"{v:.0f}" for v in values) + " MiB"  # noqa: E731
     print(f"{args.requests} requests ({args.concurrency} clients) in {wall:.0f}s, {failed} failed; resident memory "
-          f"{after_warmup:.0f} MiB after {args.warmup} warm-up requests, {at_end:.0f} MiB at the end "
-          f"({growth:+.1f} MiB); KV blocks in use when idle: {used}; exit code after SIGTERM: {code}; "
+          f"(the server's processes) {mib(after_warmup)} after {args.warmup} warm-up requests, {mib(at_end)} at the "
+          f"end ({growth:+.1f} MiB); KV blocks in use when idle: {used}; exit code after SIGTERM: {code}; "
           f"load average {os.getloadavg()[0]:.2f}")
     return int(failed > 0 or used != 0 or growth > args.max_growth_mib or code != 0)
 

@@ -54,23 +54,38 @@ def quantization_for(args):
     return None
 
 
-def load(model: str | None, device: str | None, dtype: str, quantization_config=None, keep_quantized: bool = False):
-    """(model, tokenizer) for a hub id, a local folder or a .gguf file (its blocks kept packed with keep_quantized)."""
-    from . import AutoModelForCausalLM, AutoTokenizer
-
+def _source(model: str | None, keep_quantized: bool = False) -> tuple[str, str, dict]:
+    """(the --model or the default, the folder or hub id to load from, from_pretrained's gguf_file keyword)."""
     source = model or default_model()
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf")
     if looks_like_path and not os.path.exists(source):
         raise CliError(f"--model {source}: no such file or folder")
     if os.path.isfile(source) and not source.endswith(".gguf"):
         raise CliError(f"--model {source}: a file must be a .gguf checkpoint; otherwise pass its folder")
-    kwargs = {}
     if source.endswith(".gguf"):
-        folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(source))
-    elif keep_quantized:
+        folder, gguf_file = os.path.split(os.path.abspath(source))
+        return source, folder, {"gguf_file": gguf_file}
+    if keep_quantized:
         raise CliError(f"--keep-quantized keeps a .gguf file's blocks packed, but --model {source} is not a .gguf file")
-    else:
-        folder = source
+    return source, source, {}
+
+
+def load_tokenizer(model: str | None):
+    """The tokenizer of a hub id, a local folder or a .gguf file, without its model."""
+    from . import AutoTokenizer
+
+    source, folder, kwargs = _source(model)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise CliError(f"cannot load the tokenizer of {source}: {e}") from None
+
+
+def load(model: str | None, device: str | None, dtype: str, quantization_config=None, keep_quantized: bool = False):
+    """(model, tokenizer) for a hub id, a local folder or a .gguf file (its blocks kept packed with keep_quantized)."""
+    from . import AutoModelForCausalLM, AutoTokenizer
+
+    source, folder, kwargs = _source(model, keep_quantized)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=pick_device(device),
@@ -277,6 +292,19 @@ def memory_size(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
+def serve_engine(args):
+    """The LLMEngine of `maestrale serve`'s options; run in the engine process (serving/async_engine.py)."""
+    from .engine.llm_engine import LLMEngine
+
+    model, tokenizer = load(args.model, args.device, args.dtype)
+    try:
+        return LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_serve(args) -> None:
     try:
         from .serving import require_serve_extras
@@ -284,9 +312,10 @@ def cmd_serve(args) -> None:
         require_serve_extras()
     except ImportError as e:
         raise CliError(str(e)) from None
+    import functools
+
     import uvicorn
 
-    from .engine.llm_engine import LLMEngine
     from .serving.app import create_app
     from .serving.async_engine import AsyncEngine
 
@@ -295,18 +324,13 @@ def cmd_serve(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    model, tokenizer = load(args.model, args.device, args.dtype)
-    try:
-        engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                           kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    tokenizer = load_tokenizer(args.model)  # here only the tokenizer: the model loads in the engine process
+    engine = AsyncEngine(functools.partial(serve_engine, args), args.max_num_seqs + args.max_queue_len)
+    engine.start()
     name = args.served_model_name or os.path.basename(str(args.model or default_model()).rstrip("/"))
-    app = create_app(AsyncEngine(engine, args.max_num_seqs + args.max_queue_len), tokenizer, name, args.api_key)
-    blocks = engine.blocks
-    print(f"maestrale: serving {name} on http://{args.host}:{args.port}/v1 ({blocks.num_blocks} KV blocks of "
-          f"{blocks.block_size} tokens, context {engine.max_model_len}, up to {args.max_num_seqs} sequences)",
+    app = create_app(engine, tokenizer, name, args.api_key)
+    print(f"maestrale: serving {name} on http://{args.host}:{args.port}/v1 ({engine.num_blocks} KV blocks of "
+          f"{engine.block_size} tokens, context {engine.max_model_len}, up to {args.max_num_seqs} sequences)",
           flush=True)
     # uvicorn stops taking requests on SIGTERM, finishes those in flight, then returns and raises the signal again
     # under the handler it found; this one lets the drained server exit with 0.

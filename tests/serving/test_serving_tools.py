@@ -1,11 +1,17 @@
-"""The server in-process on a tiny random Mistral with Mistral's v3 tokenizer and chat template: tool calls round
-trip through the openai client, the API key, a full queue. The model's replies are scripted by a test double of
-the engine's sampler (a random model would never write a tool call)."""
+"""The server in this process (its engine in a child process, as in `maestrale serve`) on a tiny random Mistral
+with Mistral's v3 tokenizer and chat template: tool calls round trip through the openai client, the API key, a full
+queue. The model's replies are scripted by a test double of the engine's sampler (a random model would never write a
+tool call)."""
 
+import concurrent.futures
+import contextlib
+import functools
 import json
+import multiprocessing
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,46 +35,91 @@ WEATHER = {"type": "function", "function": {
 
 
 class Scripted(Sampler):
-    """Answers every sequence with `script`, token by token, once `gate` is open; keeps the prompts it saw."""
+    """Answers every sequence with `script`, token by token, once `gate` is open; puts the prompts it sees in `seen`
+    (it runs in the engine process: both are multiprocessing's)."""
 
-    def __init__(self, script: list[int]):
-        self.script, self.gate, self.prompts = script, threading.Event(), []
-        self.gate.set()
+    def __init__(self, script: list[int], gate, seen):
+        self.script, self.gate, self.seen = script, gate, seen
 
     def __call__(self, seqs, logits):
         self.gate.wait()
-        self.prompts += [seq.token_ids[: seq.num_prompt_tokens] for seq in seqs if not seq.output_ids]
+        for seq in seqs:
+            if not seq.output_ids:
+                self.seen.put(seq.token_ids[: seq.num_prompt_tokens])
         return [Sampled(self.script[len(seq.output_ids) % len(self.script)]) for seq in seqs]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return mistral_v3_tokenizer(tmp_path_factory.mktemp("mistral_v3"), chat_template=TEMPLATE.read_text())
-
-
-@pytest.fixture(scope="module")
-def served(tokenizer):
-    """(base url, scripted sampler) of a server whose model replies with one call of get_weather for Paris."""
+def scripted_engine(folder: str, script: list[int], gate, seen) -> LLMEngine:
+    """The served engine (built in the engine process): a tiny random Mistral replying with `script`."""
+    tokenizer = maestrale.AutoTokenizer.from_pretrained(folder)
     config = maestrale.MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                      bos_token_id=1, eos_token_id=2)
-    model = maestrale.MistralForCausalLM(config).eval()
-    engine = LLMEngine(model, tokenizer, num_blocks=64, max_num_seqs=4)
-    call = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
-    engine.sampler = Scripted([tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")]
-                              + tokenizer(call, add_special_tokens=False)["input_ids"] + [2])
+    engine = LLMEngine(maestrale.MistralForCausalLM(config).eval(), tokenizer, num_blocks=64, max_num_seqs=4)
+    engine.sampler = Scripted(script, gate, seen)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistral_v3")
+    mistral_v3_tokenizer(folder, chat_template=TEMPLATE.read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_folder):
+    return maestrale.AutoTokenizer.from_pretrained(tokenizer_folder)
+
+
+class Served:
+    """The test's handles on the served engine: its URL, the sampler's gate, the prompts the engine saw."""
+
+    def __init__(self, url: str, gate, seen):
+        self.url, self.gate, self._seen, self._prompts = url, gate, seen, []
+
+    def last_prompt(self) -> list[int]:
+        while not self._seen.empty():
+            self._prompts.append(self._seen.get())
+        return self._prompts[-1]
+
+
+@contextlib.contextmanager
+def serving(engine: AsyncEngine, tokenizer) -> Iterator[str]:
+    """The URL of the app over `engine` on a free loopback port, uvicorn in a thread of this process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(AsyncEngine(engine, max_pending=1), tokenizer, "tiny-mistral", api_key=KEY)
+    app = create_app(engine, tokenizer, "tiny-mistral", api_key=KEY)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine.sampler
-    server.should_exit = True
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def scripted_server(tokenizer_folder, tokenizer, max_pending: int):
+    """(AsyncEngine, gate, seen) of a model that replies with one call of get_weather for Paris."""
+    call = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    script = ([tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")] + tokenizer(call, add_special_tokens=False)["input_ids"]
+              + [2])
+    context = multiprocessing.get_context("spawn")
+    gate, seen = context.Event(), context.SimpleQueue()
+    gate.set()
+    build = functools.partial(scripted_engine, str(tokenizer_folder), script, gate, seen)
+    return AsyncEngine(build, max_pending=max_pending), gate, seen
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer_folder, tokenizer):
+    engine, gate, seen = scripted_server(tokenizer_folder, tokenizer, max_pending=1)
+    with serving(engine, tokenizer) as url:
+        yield Served(url, gate, seen)
 
 
 def client(url: str, key: str = KEY):
@@ -76,7 +127,7 @@ def client(url: str, key: str = KEY):
 
 
 def test_tool_call_round_trip(served, tokenizer):
-    url, sampler = served
+    url = served.url
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = client(url).chat.completions.create(model="tiny-mistral", messages=messages, tools=[WEATHER],
                                                 max_tokens=40)
@@ -85,12 +136,12 @@ def test_tool_call_round_trip(served, tokenizer):
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert len(call.id) == 9 and call.id.isalnum()
-    assert "[AVAILABLE_TOOLS]" in tokenizer.decode(sampler.prompts[-1])
+    assert "[AVAILABLE_TOOLS]" in tokenizer.decode(served.last_prompt())
 
     messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
     client(url).chat.completions.create(model="tiny-mistral", messages=messages, tools=[WEATHER], max_tokens=40)
-    prompt = tokenizer.decode(sampler.prompts[-1])
+    prompt = tokenizer.decode(served.last_prompt())
     calls = prompt[prompt.index("[TOOL_CALLS]"):prompt.index("[TOOL_RESULTS]")]
     for part in ('"name": "get_weather"', '"arguments": {"city": "Paris"}', f'"id": "{call.id}"'):
         assert part in calls
@@ -98,7 +149,7 @@ def test_tool_call_round_trip(served, tokenizer):
 
 
 def test_tool_call_streamed(served):
-    url, _ = served
+    url = served.url
     stream = client(url).chat.completions.create(
         model="tiny-mistral", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
         max_tokens=40, stream=True)
@@ -109,7 +160,7 @@ def test_tool_call_streamed(served):
 
 
 def test_without_tools_the_text_is_content(served):
-    url, _ = served
+    url = served.url
     reply = client(url).chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=40)
     assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
@@ -117,7 +168,7 @@ def test_without_tools_the_text_is_content(served):
 
 
 def test_api_key(served):
-    url, _ = served
+    url = served.url
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong").models.list()
     response = httpx.get(f"{url}/v1/models")
@@ -127,8 +178,8 @@ def test_api_key(served):
 
 
 def test_full_queue_gets_503_with_retry_after(served):
-    url, sampler = served
-    sampler.gate.clear()  # the first request holds the only place until the gate opens
+    url = served.url
+    served.gate.clear()  # the first request holds the only place until the gate opens
     body = {"model": "tiny-mistral", "prompt": "one two", "max_tokens": 3, "stream": True}
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as first:
@@ -136,14 +187,34 @@ def test_full_queue_gets_503_with_retry_after(served):
         second = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert second.json()["error"]["code"] == "server_overloaded"
-        sampler.gate.set()
+        served.gate.set()
         assert first.read().decode().rstrip().endswith("data: [DONE]")
 
 
 def test_stop_string_cuts_the_text_streamed_and_not(served):
-    url, _ = served
+    url = served.url
     kwargs = dict(model="tiny-mistral", prompt="Weather?", max_tokens=40, stop=['"city"', "never"])
     reply = client(url).completions.create(**kwargs)
     text = reply.choices[0].text
     assert text.endswith('"arguments": {') and reply.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].text for c in client(url).completions.create(**kwargs, stream=True)) == text
+
+
+def test_a_dead_engine_fails_its_requests_and_health_says_so(tokenizer_folder, tokenizer):
+    engine, gate, _ = scripted_server(tokenizer_folder, tokenizer, max_pending=4)
+    gate.clear()  # the request below stays in flight
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny-mistral", "prompt": "one two", "max_tokens": 3}
+    with serving(engine, tokenizer) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/completions", json=body, headers=headers, timeout=30)
+            while engine.in_flight == 0:
+                time.sleep(0.05)
+            engine._process.kill()
+            failed = pending.result()
+        assert failed.status_code == 500 and "engine process was killed by signal 9" in failed.json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "killed by signal 9" in health.json()["error"]
+        again = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"

@@ -31,6 +31,16 @@ class StepOutput:
     num_output_tokens: int = 0
 
 
+def check_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> None:
+    """ValueError, naming the fix, when the request cannot fit a context of `max_model_len` tokens."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
+                         f"together more than the {max_model_len} tokens of context this server allows; "
+                         "shorten the prompt or lower max_tokens")
+
+
 class _Text:
     """Incremental detokenisation of one sequence's output, cut at the first stop string.
 
@@ -130,12 +140,7 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError, naming the fix, when the request cannot fit this engine's context."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
-                             f"together more than the {self.max_model_len} tokens of context this server allows; "
-                             "shorten the prompt or lower max_tokens")
+        check_request(prompt_token_ids, params, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from ..engine.sampling import SamplingParams  # noqa: E402
-from .async_engine import AsyncEngine, QueueFull  # noqa: E402
+from .async_engine import AsyncEngine, EngineDead, QueueFull  # noqa: E402
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest  # noqa: E402
 from .tools import TOOL_CALLS, parse_tool_calls, template_messages  # noqa: E402
 
@@ -43,7 +43,8 @@ class _Choice:
 
 def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app; it starts `engine`'s loop on startup and stops it once the last request is answered."""
+    """The FastAPI app; it starts `engine` on startup (unless started) and stops it once the last request is
+    answered."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -54,7 +55,6 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
     app = FastAPI(title="maestrale", lifespan=lifespan)
     vocab = tokenizer.get_vocab()
     tool_token = vocab.get(TOOL_CALLS)
-    eos = engine.engine.eos_token_ids
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -98,7 +98,7 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
     def sampling(req, prompts: list[list[int]], max_tokens: int | None, top_logprobs: int | None):
         if max_tokens is None:  # as long as the context allows
-            max_tokens = max(engine.engine.max_model_len - max(map(len, prompts)), 1)
+            max_tokens = max(engine.max_model_len - max(map(len, prompts)), 1)
         try:
             params = req.sampling_params(max_tokens, top_logprobs)
             engine.check(prompts, params)
@@ -107,6 +107,8 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             raise APIError(400, str(e), param=field if field in SamplingParams.__dataclass_fields__ else None) from None
         except QueueFull as e:
             raise APIError(503, str(e), code="server_overloaded", headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise APIError(503, str(e), code="engine_dead") from None
         return params
 
     def token_logprobs(sampled) -> dict:
@@ -160,11 +162,13 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
 
     @app.get("/health")
     async def health():
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": engine.error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(engine.engine, engine.in_flight),
+        return PlainTextResponse(engine.metrics.render(engine.counters, engine.in_flight),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -232,7 +236,7 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | N
             choice.message = {"content": choice.text}
             if choice.tool_mode:
                 start = choice.ids.index(tool_token) + 1 if tool_token in choice.ids else 0
-                rest = [t for t in choice.ids[start:] if t not in eos]
+                rest = [t for t in choice.ids[start:] if t not in engine.eos_token_ids]
                 calls = parse_tool_calls(tokenizer.decode(rest))
                 if calls:
                     choice.message = {"content": choice.text or None, "tool_calls": calls}

@@ -53,10 +53,6 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished: Counter[str] = Counter()
-        # The engine thread's CPU time (what it held the GIL for, less the GIL-free waits inside torch) and its
-        # time waiting for requests; the rest of its wall time is waiting for the GPU or for the GIL.
-        self.engine_cpu_seconds = 0.0
-        self.engine_idle_seconds = 0.0
         self.time_to_first_token = Histogram("maestrale_time_to_first_token_seconds",
                                              "Time from a request's arrival to its first token.")
         self.time_between_tokens = Histogram("maestrale_time_per_output_token_seconds",
@@ -72,12 +68,12 @@ class Metrics:
     def choice_finished(self, reason: str, count: int = 1) -> None:
         self.finished[reason] += count
 
-    def render(self, engine, in_flight: int) -> str:
-        """The Prometheus exposition of these metrics and of `engine`'s queue and KV blocks."""
+    def render(self, engine: dict, in_flight: int) -> str:
+        """The Prometheus exposition of these metrics and of the engine's counters (its queue, KV blocks, steps: what
+        the engine process sent last)."""
         def metric(name, kind, help_text, value, labels=""):
             return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
 
-        scheduler, blocks = engine.scheduler, engine.blocks
         lines = metric("maestrale_requests_total", "counter", "Requests received.", self.requests)
         lines += ["# HELP maestrale_request_choices_finished_total Choices finished, by reason.",
                   "# TYPE maestrale_request_choices_finished_total counter"]
@@ -87,27 +83,29 @@ class Metrics:
         lines += metric("maestrale_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens)
         lines += metric("maestrale_requests_in_flight", "gauge", "Requests received and not yet answered.", in_flight)
         lines += metric("maestrale_num_requests_running", "gauge", "Sequences in the running batch.",
-                        len(scheduler.running))
+                        engine["running"])
         lines += metric("maestrale_num_requests_waiting", "gauge", "Sequences waiting for the batch (queue length).",
-                        len(scheduler.waiting))
-        lines += metric("maestrale_kv_blocks_used", "gauge", "KV-cache blocks in use.", blocks.num_used)
-        lines += metric("maestrale_kv_blocks_total", "gauge", "KV-cache blocks in all.", blocks.num_blocks)
+                        engine["waiting"])
+        lines += metric("maestrale_kv_blocks_used", "gauge", "KV-cache blocks in use.", engine["kv_blocks_used"])
+        lines += metric("maestrale_kv_blocks_total", "gauge", "KV-cache blocks in all.", engine["kv_blocks_total"])
         lines += metric("maestrale_preemptions_total", "counter", "Sequences preempted for want of blocks.",
-                        scheduler.preemptions)
+                        engine["preemptions"])
         lines += metric("maestrale_prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix "
-                        "cache.", blocks.prefix_hits)
+                        "cache.", engine["prefix_hits"])
         lines += ["# HELP maestrale_engine_step_seconds_total Time of the engine's steps, by part.",
                   "# TYPE maestrale_engine_step_seconds_total counter"]
         lines += [f'maestrale_engine_step_seconds_total{{part="{part}"}} {seconds}'
-                  for part, seconds in sorted(engine.step_seconds.items())]
+                  for part, seconds in sorted(engine["step_seconds"].items())]
         lines += ["# HELP maestrale_engine_step_work_total What the engine's steps computed: steps, decode rows, "
                   "prefill chunks (rows) and their tokens.", "# TYPE maestrale_engine_step_work_total counter"]
         lines += [f'maestrale_engine_step_work_total{{kind="{kind}"}} {count}'
-                  for kind, count in sorted(engine.step_counts.items())]
-        lines += metric("maestrale_engine_thread_cpu_seconds_total", "counter", "CPU time of the engine thread.",
-                        self.engine_cpu_seconds)
+                  for kind, count in sorted(engine["step_counts"].items())]
+        # The engine thread's CPU time (less the waits inside torch), and its time waiting for requests; the rest of
+        # its wall time is waiting for the GPU.
+        lines += metric("maestrale_engine_thread_cpu_seconds_total", "counter", "CPU time of the engine process's "
+                        "main thread.", engine["engine_cpu_seconds"])
         lines += metric("maestrale_engine_idle_seconds_total", "counter", "Time the engine waited for requests.",
-                        self.engine_idle_seconds)
+                        engine["engine_idle_seconds"])
         for histogram in (self.time_to_first_token, self.time_between_tokens, self.request_latency):
             lines += histogram.lines()
         return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import random
@@ -77,6 +78,43 @@ def random_mistral(folder: str, layers: int) -> None:
         model = MistralForCausalLM.from_config(MistralConfig(**dict(MISTRAL_7B_V03, num_hidden_layers=layers)),
                                                dtype=torch.bfloat16)
     model.save_pretrained(folder)
+
+
+# Run by transformers' own Python: the folder's tokenizer as transformers serve loads it, and one prompt's text and ids.
+TRANSFORMERS_ENCODE = """
+import json, sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+prompt = sys.argv[2]
+if sys.argv[3] == "chat":
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+print(json.dumps([prompt, tokenizer(prompt, add_special_tokens=sys.argv[3] != "chat")["input_ids"]]))
+"""
+
+
+def check_transformers_tokenizer(cli: str, folder: str, prompt: str, chat: bool) -> None:
+    """Fail, with transformers' own error, unless the Python of transformers' CLI `cli` loads the folder's tokenizer
+    and encodes `prompt` (as a user's message with `chat`) to maestrale's ids; transformers serve would only say
+    "Unrecognized processing class" (its AutoProcessor hides why each class failed)."""
+    from maestrale import AutoTokenizer
+
+    first = Path(cli).read_text(errors="replace").splitlines()[0] if Path(cli).is_file() else ""
+    python = first[2:].strip() if first.startswith("#!") and "python" in first else sys.executable
+    done = subprocess.run([python, "-c", TRANSFORMERS_ENCODE, folder, prompt, "chat" if chat else "text"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"transformers ({python}) cannot load the tokenizer of {folder}:\n{done.stderr[-3000:]}")
+    text, ids = json.loads(done.stdout.splitlines()[-1])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ours = prompt
+    if chat:
+        ours = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    our_ids = tokenizer(ours, add_special_tokens=not chat)["input_ids"]
+    if (ours, our_ids) != (text, ids):
+        raise RuntimeError(f"transformers and maestrale tokenize the prompt of {folder} differently: {text!r} -> "
+                           f"{ids[:32]}... against {ours!r} -> {our_ids[:32]}...")
 
 
 def free_port() -> int:
@@ -314,6 +352,7 @@ def main() -> None:
         servers["transformers"] = lambda port: [transformers_cli, "serve", "--continuous-batching", "--device",
                                                 "cpu" if "cuda" not in args.server_args else "auto", "--dtype",
                                                 args.dtype, "--port", str(port), "--host", "127.0.0.1", served]
+        check_transformers_tokenizer(transformers_cli, served, prompts[0][0], args.chat)
 
     print(f"model {name}, {args.dtype}; {args.num_prompts} prompts, mean {args.input_mean} words in, "
           f"{args.output_mean} tokens out; load average {os.getloadavg()[0]:.2f}")

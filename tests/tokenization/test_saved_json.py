@@ -5,10 +5,12 @@ before and after every special and control token, and on the mixed corpus."""
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_FILES, TEKKEN_FILES, llama_folder, mistral_common_data
+from conftest import MODEL_FILES, TEKKEN_FILES, TEMPLATES, llama_folder, mistral_common_data
 from transformers import AutoTokenizer as HFAutoTokenizer
 
 from maestrale.tokenization import AutoTokenizer
@@ -125,3 +127,36 @@ def test_text_after_a_control_token_gets_no_prefix_piece(saved):
     ours, ref = AutoTokenizer.from_pretrained(folder), HFAutoTokenizer.from_pretrained(folder)
     assert ours.tokenize(text) == ref.tokenize(text)
     assert ours(text)["input_ids"] == ref(text)["input_ids"]
+
+
+# Run in a process where sentencepiece cannot be imported (as where transformers serve lacks it).
+WITHOUT_SENTENCEPIECE = """
+import json, sys
+sys.modules["sentencepiece"] = None
+from transformers import AutoTokenizer
+from transformers.utils import is_sentencepiece_available
+assert not is_sentencepiece_available()
+tokenizer, lines = AutoTokenizer.from_pretrained(sys.argv[1]), json.load(sys.stdin)
+chat = tokenizer.apply_chat_template([{"role": "user", "content": lines[0]}], tokenize=False, add_generation_prompt=True)
+print(json.dumps([tokenizer(lines)["input_ids"], chat, tokenizer(chat, add_special_tokens=False)["input_ids"]]))
+"""
+
+
+def test_our_save_of_a_sentencepiece_model_loads_in_transformers_without_sentencepiece(tmp_path, corpus):
+    """maestrale's save of a tokenizer.model (tokenizer.json; what benchmarks/serve.py --random-model writes) loads
+    in transformers without sentencepiece and encodes the corpus and a chat prompt as maestrale does."""
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(mistral_common_data() / MODEL_FILES["v3"], source / "tokenizer.model")
+    ours = AutoTokenizer.from_pretrained(source)
+    ours.chat_template = (TEMPLATES / "Mistral-7B-Instruct-v0.3.jinja").read_text()
+    ours.save_pretrained(tmp_path / "saved")
+    lines = corpus[::10]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_SENTENCEPIECE, str(tmp_path / "saved")],
+                          input=json.dumps(lines), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ids, chat, chat_ids = json.loads(done.stdout.splitlines()[-1])
+    assert ids == ours(lines)["input_ids"]
+    assert chat == ours.apply_chat_template([{"role": "user", "content": lines[0]}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert chat_ids == ours(chat, add_special_tokens=False)["input_ids"]

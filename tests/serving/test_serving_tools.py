@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -218,3 +219,18 @@ def test_a_dead_engine_fails_its_requests_and_health_says_so(tokenizer_folder, t
         assert health.status_code == 503 and "killed by signal 9" in health.json()["error"]
         again = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
         assert again.status_code == 503 and again.json()["error"]["code"] == "engine_dead"
+
+
+def _engine_environment() -> LLMEngine:
+    raise RuntimeError(f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
+
+
+def test_the_engine_process_detokenizes_without_a_thread_pool(monkeypatch):
+    """The engine process turns the tokenizers library's parallelism off (unless the user set it): a step's
+    batch_decode of a few tokens a row is faster without its thread pool."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    with pytest.raises(RuntimeError, match="^TOKENIZERS_PARALLELISM=false$"):
+        AsyncEngine(_engine_environment, max_pending=1).start()
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with pytest.raises(RuntimeError, match="^TOKENIZERS_PARALLELISM=true$"):
+        AsyncEngine(_engine_environment, max_pending=1).start()

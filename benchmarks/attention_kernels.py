@@ -12,7 +12,7 @@ whole prompt in one call. Times are medians of 10 CUDA-event timings; TFLOP/s co
 head_dim per attended (query, key) pair. 32 query heads, 8 key/value heads.
 
 --sweep times maestrale's kernel in every configuration (blocks, warps, stages, one program per head or per group
-of heads, then TMA loads and warp-specialized loops on the fastest plain ones) on chunks of 2,048 and 8,192 after a
+of heads, then TMA loads on the fastest plain ones) on chunks of 2,048 and 8,192 after a
 full window, prints TFLOP/s per configuration and the fastest, and stops (about 2-3 minutes on an H200).
 """
 
@@ -78,7 +78,7 @@ def sweep_configs():
 
 
 def label(config: AttentionConfig) -> str:
-    extras = [name for name in ("group_heads", "tma", "warp_specialize") if getattr(config, name)]
+    extras = [name for name in ("group_heads", "tma") if getattr(config, name)]
     return (f"block_m {config.block_m:3d} block_n {config.block_n:3d} warps {config.warps} stages {config.stages} "
             + " ".join(extras))
 
@@ -118,7 +118,6 @@ def sweep(window: int) -> None:
     best_plain = [config for _, config in sorted(results, key=lambda r: -r[0])[:3]]
     for config in best_plain:
         run(config._replace(tma=True))
-        run(config._replace(warp_specialize=True))
     rate, best = max(results, key=lambda r: r[0])
     print(f"fastest: {label(best)} at {rate:.1f} TFLOP/s (mean of the chunks), {best}; the table's: "
           f"{label(attention_config(HEAD_DIM))}")

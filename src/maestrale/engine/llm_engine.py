@@ -126,7 +126,7 @@ class LLMEngine:
         """Queue a request; it joins the running batch at a coming step. ValueError when it cannot fit."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        self.check_request(prompt_token_ids, params)
+        check_request(prompt_token_ids, params, self.max_model_len)
         seqs = []
         for index in range(params.n):
             generator = None
@@ -137,10 +137,6 @@ class LLMEngine:
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
-
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """ValueError, naming the fix, when the request cannot fit this engine's context."""
-        check_request(prompt_token_ids, params, self.max_model_len)
 
     def abort(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""

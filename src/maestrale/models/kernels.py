@@ -133,7 +133,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class AttentionConfig(NamedTuple):
     """How window_attention tiles the work: queries (rows) and keys a block, whether one program serves all the
     query heads of a key/value head (rows = queries x heads, each K/V tile read once for the group) or one head,
-    Triton's warps and pipeline stages, and two Hopper variants (TMA loads of K/V, warp-specialized loops)."""
+    Triton's warps and pipeline stages, and whether K/V load through TMA descriptors (Hopper). Triton's
+    warp-specialized loops were slower on an H200 (318-333 / 391-409 TFLOP/s on the sweep's chunks, against 395 / 492
+    for the table's configuration), so they are not a choice."""
 
     block_m: int = 128
     block_n: int = 64
@@ -141,7 +143,6 @@ class AttentionConfig(NamedTuple):
     warps: int = 8
     stages: int = 3
     tma: bool = False
-    warp_specialize: bool = False
 
 
 # By head_dim, the fastest of benchmarks/attention_kernels.py --sweep on an H200 (2026-12-03: 395 / 492 TFLOP/s on
@@ -163,11 +164,11 @@ if triton is not None:
     @triton.jit
     def _attend(acc, l_i, m_i, q, K, V, k_stride, v_stride, pos, start, stop, keys, window, qk_scale, b, kv_head,
                 offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASKED: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                MASKED: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr):
         """Online softmax over the key blocks from `start` to `stop`; MASKED: the blocks at the band's edges, where
         key j counts for the query at position p only if p - window < j <= p, and loads stop at `keys`."""
         d_ok = offs_d[None, :] < D
-        for n in tl.range(start, stop, BLOCK_N, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
+        for n in tl.range(start, stop, BLOCK_N, num_stages=STAGES):
             at = n + offs_n
             if TMA:  # K and V are (batch, keys, kv_heads, head_dim) descriptors; TMA zero-fills past their ends
                 k = K.load([b, n, kv_head, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -201,8 +202,7 @@ if triton is not None:
     def _window_attention_kernel(Q, K, V, OUT, q_b, q_s, q_h, k_b, k_s, k_h, v_b, v_s, v_h, o_b, o_s, o_h,
                                  QUERIES, KEYS, HEADS, GROUPS, window, qk_scale, D: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 ROW_HEADS: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr,
-                                 WARP_SPECIALIZE: tl.constexpr):
+                                 ROW_HEADS: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr):
         """One block of rows: ROW_HEADS query heads (1, or all of a key/value head's group) x BLOCK_M // ROW_HEADS
         consecutive queries, against the keys in their band."""
         per_block = BLOCK_M // ROW_HEADS
@@ -240,14 +240,12 @@ if triton is not None:
         mid_start = low + edge * BLOCK_N
         mid_stop = mid_start + middle * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, low, mid_start, KEYS, window,
-                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, True, TMA, STAGES,
-                                WARP_SPECIALIZE)
+                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, True, TMA, STAGES)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, mid_start, mid_stop, KEYS, window,
-                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, False, TMA, STAGES,
-                                WARP_SPECIALIZE)
+                                qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, False, TMA, STAGES)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_src, v_src, k_s, v_s, pos, mid_stop, low + blocks * BLOCK_N,
                                 KEYS, window, qk_scale, b, kv_head, offs_n, offs_d, D, BLOCK_N, BLOCK_D, True, TMA,
-                                STAGES, WARP_SPECIALIZE)
+                                STAGES)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past the last query may see no key
         o_at = b.to(tl.int64) * o_b + query[:, None].to(tl.int64) * o_s + head[:, None] * o_h + offs_d[None, :]
         tl.store(OUT + o_at, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok)
@@ -275,5 +273,5 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling:
         q, k, v, out, *q.stride()[:3], *k_strides, *v_strides, *out.stride()[:3], queries, keys, heads,
         heads // kv_heads, keys + 1 if window is None else window, scaling * 1.4426950408889634, D=d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, ROW_HEADS=row_heads, TMA=config.tma,
-        STAGES=config.stages, WARP_SPECIALIZE=config.warp_specialize, num_warps=config.warps)
+        STAGES=config.stages, num_warps=config.warps)
     return out

@@ -10,7 +10,7 @@ from parity import mistral_v3_tokenizer
 
 import maestrale
 from maestrale.engine.block_manager import BlockManager
-from maestrale.engine.decode import PagedDecoder
+from maestrale.engine.decode import PagedDecoder, batch_buckets
 from maestrale.engine.llm_engine import LLMEngine, _Text
 from maestrale.engine.runner import ModelRunner
 from maestrale.engine.sampling import Sampler, SamplingParams
@@ -298,3 +298,14 @@ def test_stop_strings_across_tokens_cut_the_decoded_text(tokenizer, stop):
     first = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
     assert stopped and len(texts) == first
     assert texts[-1] == "".join(pieces) == TEXT[: TEXT.index(stop)]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 16, 17, 100, 256])
+def test_batch_buckets_pad_by_less_than_16_rows(max_batch):
+    """Every batch up to max_batch runs a bucket at most 15 rows larger (at most twice it below 16), and the largest
+    bucket is max_batch."""
+    buckets = batch_buckets(max_batch)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
+    for batch in range(1, max_batch + 1):
+        rows = next(b for b in buckets if b >= batch)
+        assert rows - batch < 16 and (batch > 16 or rows < 2 * batch)

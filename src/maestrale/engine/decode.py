@@ -309,6 +309,14 @@ class StaticDecoder(DecodeStep):
             layer.keys, layer.values, layer.seen = k_cache.index_select(2, slots), v_cache.index_select(2, slots), seen
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes PagedDecoder captures: 1, 2, 4, 8, then every multiple of 16, up to max_batch. A batch runs
+    the smallest bucket that holds it; past 16 rows a padded row costs the products about what a real one does, so
+    the padding stays under 16 rows (powers of two ran 130 rows as 256)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
 class PagedDecoder(DecodeStep):
     """The server's decode step on CUDA: each row's next token against its KV blocks (the engine's paged pools,
     (num_blocks * block_size, kv_heads, head_dim) per layer), one CUDA graph per batch-size bucket.
@@ -322,7 +330,7 @@ class PagedDecoder(DecodeStep):
         super().__init__(model, dynamic=True)  # one compile of each part for all buckets
         self.pools = [(k.view(-1, block_size, *k.shape[1:]), v.view(-1, block_size, *v.shape[1:])) for k, v in pools]
         self.spans = [max_blocks * block_size if w is None else w for w in self.window_of]
-        self.buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [max_batch]
+        self.buckets = batch_buckets(max_batch)
         self.host = torch.zeros(max_batch, 3 + max_blocks, dtype=torch.long, pin_memory=self.on_cuda)
         self.host_rows = self.host.numpy()  # the same memory, filled row by row without torch calls
         self.inputs = torch.zeros_like(self.host, device=self.device)

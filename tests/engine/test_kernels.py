@@ -307,14 +307,36 @@ def test_packed_matmul_fuses_the_gate(bits, m):
 
 @pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1)), (1, (1, 16, 1024, 1, 8, 3)), (1, (1, 4, 32, 2, 1, 1)),
                                       (5, (16, 16, 128, 3, 4, 1)), (20, (32, 32, 256, 2, 4, 1))])
-def test_packed_int4_matmul_configs(m, config):
+@pytest.mark.parametrize("half", [False, True])
+def test_packed_int4_matmul_configs(m, config, half):
     """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
-    several, tiles longer than the rows."""
+    several, tiles longer than the rows; at one row both the float32 and the packed half (HALF) products."""
+    if half and m > 1:
+        pytest.skip("HALF runs one row")
     n, k, group = 13, 512, 64
     words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=config), x, weight,
+    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=(*config, half)), x, weight,
            torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("n,k,group", [(45, 256, 256), (19, 384, 32), (37, 640, 128), (70, 4096, 128)])
+def test_packed_int4_matmul_in_packed_halves(n, k, group, gated, dtype):
+    """One row of 16-bit x against int4 words in packed half arithmetic (packed_config's choice at one row; on
+    CUDA its assembly, under the interpreter the plain Triton of the same sums), gated or not, against the float64
+    product; the float32 path (HALF off) on the same inputs too."""
+    skip_interpreted_bfloat16(dtype)
+    rows = 2 * n if gated else n
+    words, scale_and_zeros, weight = _int4(rows, k, group, dtype, seed=n + k)
+    x = torch.randn(1, k, device=DEVICE, dtype=dtype) * 3
+    act = torch.nn.functional.silu if gated else None
+    config = kernels.packed_config(1, n, k, 4, group, gated)
+    assert config[-1]
+    for half in (True, False):
+        out = kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, act, config=(*config[:-1], half))
+        _check(out, x, weight, dtype, act)
 
 
 def test_packed_matmul_refuses_a_weight_of_other_inputs():

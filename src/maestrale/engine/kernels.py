@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.kernels import tl, triton, use_triton  # triton None on CPU-only installs: the torch versions run
+from ..models.kernels import _INTERPRETED, tl, triton, use_triton  # triton None on CPU-only installs: the torch
+# versions run
 from ..models.rotary import apply_rotary
 
 
@@ -293,6 +294,8 @@ if triton is not None:
         WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
         j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
         keep_j = j < end // PER
+        if BITS == 4:  # inputs in whole blocks of 32 (packed_matmul checks): the mask in runs of 4 words, 16-byte loads
+            keep_j = tl.max_constancy(keep_j, [1, 4])
         # int8: loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
         at = n[:, None].to(tl.int64) * s_w + (tl.max_contiguous(j, [1, 2]) if BITS == 8 else j)
         w = tl.load(W + at, mask=keep_n[:, None] & keep_j, other=0)
@@ -332,6 +335,100 @@ if triton is not None:
             xs += xv
         return qx, xs
 
+    # int4 fields as packed halves, two an instruction: lop3 ors a field pair (bits 4s.. and 16 + 4s..) into the
+    # mantissas of two halves of 2^e + field * ulp, one fma.rn.x2 subtracts 2^e + 8 ulp and scales to integers, exact;
+    # x's pairs multiply them in packed half arithmetic (4 instructions for a word's 8 products, summed in half), and
+    # the word's two half sums are added in float32. float16: 1024 + q (fields at bits 0..3 of a half) and 1024 + 16q
+    # (bits 4..7): one shift a word; bfloat16 has 7 mantissa bits: 128 + q, each field shifted to bits 0..3.
+    _HALF_F16 = tl.constexpr("""{
+    .reg .b32 s, a, b, c, d, one, low, sixteenth, high, acc;
+    .reg .b16 h0, h1;
+    .reg .f32 f0, f1;
+    mov.b32 one, 0x3C003C00;
+    mov.b32 low, 0xE408E408;
+    mov.b32 sixteenth, 0x2C002C00;
+    mov.b32 high, 0xD480D480;
+    shr.u32 s, $1, 8;
+    lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xea;
+    lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xea;
+    lop3.b32 c, s, 0x000F000F, 0x64006400, 0xea;
+    lop3.b32 d, s, 0x00F000F0, 0x64006400, 0xea;
+    fma.rn.f16x2 a, a, one, low;
+    fma.rn.f16x2 b, b, sixteenth, high;
+    fma.rn.f16x2 c, c, one, low;
+    fma.rn.f16x2 d, d, sixteenth, high;
+    mul.rn.f16x2 acc, a, $2;
+    fma.rn.f16x2 acc, b, $3, acc;
+    fma.rn.f16x2 acc, c, $4, acc;
+    fma.rn.f16x2 acc, d, $5, acc;
+    mov.b32 {h0, h1}, acc;
+    cvt.f32.f16 f0, h0;
+    cvt.f32.f16 f1, h1;
+    add.f32 $0, f0, f1;
+    }""")
+    _HALF_BF16 = tl.constexpr("""{
+    .reg .b32 s1, s2, s3, a, b, c, d, one, low, zero, acc, h0, h1;
+    .reg .f32 f0, f1;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 low, 0xC308C308;
+    mov.b32 zero, 0x80008000;
+    shr.u32 s1, $1, 4;
+    shr.u32 s2, $1, 8;
+    shr.u32 s3, $1, 12;
+    lop3.b32 a, $1, 0x000F000F, 0x43004300, 0xea;
+    lop3.b32 b, s1, 0x000F000F, 0x43004300, 0xea;
+    lop3.b32 c, s2, 0x000F000F, 0x43004300, 0xea;
+    lop3.b32 d, s3, 0x000F000F, 0x43004300, 0xea;
+    fma.rn.bf16x2 a, a, one, low;
+    fma.rn.bf16x2 b, b, one, low;
+    fma.rn.bf16x2 c, c, one, low;
+    fma.rn.bf16x2 d, d, one, low;
+    fma.rn.bf16x2 acc, a, $2, zero;
+    fma.rn.bf16x2 acc, b, $3, acc;
+    fma.rn.bf16x2 acc, c, $4, acc;
+    fma.rn.bf16x2 acc, d, $5, acc;
+    shl.b32 h0, acc, 16;
+    and.b32 h1, acc, 0xFFFF0000;
+    mov.b32 f0, h0;
+    mov.b32 f1, h1;
+    add.f32 $0, f0, f1;
+    }""")
+
+    @triton.jit
+    def _x_pair(a, b):
+        """Halves a (low) and b (high) in one int32, as packed half instructions read them."""
+        return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _halves_times_x(X, w, xk, keep_j, WORDS: tl.constexpr, ASM: tl.constexpr):
+        """For int4 words w (int4_words' layout) and one row of x in float16 or bfloat16: each word's sum over its
+        fields s of (u_s - 8) * x (the tile's shape, float32) and the sum of x over the words' inputs ((1, BLOCK_W)).
+        ASM: in packed half arithmetic (_HALF_F16 / _HALF_BF16), ~2 instructions a weight where _fields_times_x
+        takes 3; else the same sums in float32 in plain Triton, which the interpreter runs."""
+        if ASM:
+            x0 = tl.load(X + xk, mask=keep_j, other=0.0)
+            x1 = tl.load(X + xk + WORDS, mask=keep_j, other=0.0)
+            x2 = tl.load(X + xk + 2 * WORDS, mask=keep_j, other=0.0)
+            x3 = tl.load(X + xk + 3 * WORDS, mask=keep_j, other=0.0)
+            x4 = tl.load(X + xk + 4 * WORDS, mask=keep_j, other=0.0)
+            x5 = tl.load(X + xk + 5 * WORDS, mask=keep_j, other=0.0)
+            x6 = tl.load(X + xk + 6 * WORDS, mask=keep_j, other=0.0)
+            x7 = tl.load(X + xk + 7 * WORDS, mask=keep_j, other=0.0)
+            xs = ((x0.to(tl.float32) + x1.to(tl.float32)) + (x2.to(tl.float32) + x3.to(tl.float32))
+                  + ((x4.to(tl.float32) + x5.to(tl.float32)) + (x6.to(tl.float32) + x7.to(tl.float32))))
+            code: tl.constexpr = _HALF_BF16 if X.dtype.element_ty == tl.bfloat16 else _HALF_F16
+            qx = tl.inline_asm_elementwise(
+                code, "=f,r,r,r,r,r", [w, _x_pair(x0, x4), _x_pair(x1, x5), _x_pair(x2, x6), _x_pair(x3, x7)],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            qx = tl.zeros(w.shape, tl.float32)
+            xs = tl.zeros(xk.shape, tl.float32)
+            for s in tl.static_range(8):
+                xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
+                qx += (((w >> (4 * s)) & 15) - 8).to(tl.float32) * xv
+                xs += xv
+        return qx, xs
+
     @triton.jit
     def _scales(S, n, keep, group, s_row, s_group, ZEROS: tl.constexpr, OFFSET: tl.constexpr):
         """The scale and zero - OFFSET * scale of rows n at group indices `group` (any shape broadcasting with n)."""
@@ -346,7 +443,8 @@ if triton is not None:
     @triton.jit
     def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS: tl.constexpr,
                      GROUP: tl.constexpr, LAYOUT: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
         for one row). The inputs come in blocks of LAYOUT, each in LAYOUT * BITS / 32 words, word t of a block holding
         its inputs s * (words a block) + t in field s, unsigned (int8 values are offset by 128 with one xor); a weight
@@ -354,11 +452,12 @@ if triton is not None:
         row, applied once at the end).
 
         One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
-        their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
+        their scales; x's sums are scalars. HALF (int4, 16-bit x): the products in packed half arithmetic
+        (_halves_times_x; ASM: its assembly). Triton then keeps x and the tile in one layout and converts only
         (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
         whole tile between layouts, and load x twice)."""
         PER: tl.constexpr = 32 // BITS
-        OFFSET: tl.constexpr = 8 if BITS == 4 else 128
+        OFFSET: tl.constexpr = 0 if HALF else 8 if BITS == 4 else 128  # HALF's products are of q - 8
         ONE: tl.constexpr = GROUP >= (1 << 30)
         if ONE:
             scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
@@ -370,7 +469,10 @@ if triton is not None:
             for k0 in range(start, end, BLOCK_K):
                 for sub in tl.static_range(BLOCK_K // SUB):
                     w, high, j, keep_j, xk = _words(W, n, keep_n, k0 + sub * SUB, end, s_w, BITS, SUB // PER, LAYOUT)
-                    qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
+                    if HALF:
+                        qx, xs = _halves_times_x(X, w, xk, keep_j, LAYOUT // PER, ASM)
+                    else:
+                        qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
                     if ONE:
                         acc += qx
                         x_acc += xs
@@ -378,9 +480,15 @@ if triton is not None:
                         inside = (k0 + sub * SUB) < end
                         scale, zero = _scales(S, n, keep_n[:, None] & inside, (k0 + sub * SUB) // GROUP, s_row,
                                               s_group, ZEROS, OFFSET)
-                        row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
+                        if HALF:  # the tile's sums scaled in place, summed across once at the end
+                            acc += qx * scale
+                            row_acc += tl.sum(tl.sum(xs, 1), 0) * zero
+                        else:
+                            row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
             if ONE:
                 row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
+            elif HALF:
+                row_acc += tl.sum(acc, 1, keep_dims=True)
             out = tl.sum(row_acc, 1)
         else:
             BLOCK_W: tl.constexpr = BLOCK_K // PER
@@ -408,7 +516,8 @@ if triton is not None:
     @triton.jit
     def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, ones, BITS: tl.constexpr, GROUP: tl.constexpr,
                        LAYOUT: tl.constexpr, ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       PRECISION: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
         left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
         shares of the inputs; each weight tile is read and converted once for all the rows. GATED: the weight holds
@@ -431,16 +540,17 @@ if triton is not None:
             r = tl.arange(0, 2 * BLOCK_N)
             half = nb * BLOCK_N + r // 2
             both = _packed_rows(X, W, S, m, keep_m, half + (r % 2) * N, half < N, K, start, end, s_w, s_row, s_group,
-                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, 2 * BLOCK_N,
+                                BLOCK_K)
             acc, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
         else:
             acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
-                               LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                               LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
         if GATED:
             if BLOCK_M > 1:
                 up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end,
-                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N,
-                                  BLOCK_K)
+                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         if BLOCK_M == 1:
@@ -579,24 +689,19 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 
 
 def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
-                  ) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of packed_matmul's kernel for m rows of x and an
-    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds; int4
-    as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md, 2026-12-03): gated 16
-    outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256 inputs in 4 shares of the
-    inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of 1024 inputs, the inputs
-    split in shares until there are 512 programs, so that enough of the weight is in flight (never gated: the gate
-    needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16), split
-    until there are 132 programs (an H200's multiprocessors)."""
+                  ) -> tuple[int, int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x and
+    an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds;
+    int4 in packed half arithmetic (HALF), 64 rows by 256 inputs a four-warp program (gated: 32 outputs, the gate's
+    and the up's rows in one tile), the inputs split in shares until there are 512 programs, so that enough of the
+    weight is in flight (not yet timed: benchmarks/gpu_kernels.py --quant sweeps it beside the float32 path's
+    configurations); int8 as 8 rows of 1024 inputs, split until there are 512 programs (never gated: the gate needs
+    whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16), split until
+    there are 132 programs (an H200's multiprocessors)."""
     per = 32 // bits
     if m == 1 and bits == 4:
-        block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384
-                                          else (64, 128, 8, 1))
-        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
-        while split > 1 and block_k * split > k:  # short rows: no empty shares
-            split //= 2
-        return 1, block_n, block_k, split, warps, 1
-    if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
+        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 32 if gated else 64, 256, 4, 1, 512
+    elif m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
@@ -605,16 +710,18 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
         split *= 2
-    return block_m, block_n, block_k, split, warps, stages
+    return block_m, block_n, block_k, split, warps, stages, m == 1 and bits == 4
 
 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
-                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int, bool] | None = None
+                  ) -> torch.Tensor:
     """x @ w.T in x's dtype for x (m, k) and the first n rows of an int4 or int8 weight packed along the inputs in
     int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
     w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's
     (groups, rows, 2) scales and zeros (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's
-    n rows then the up's n rows, and the result silu(gate) * up."""
+    n rows then the up's n rows, and the result silu(gate) * up. config: packed_config's tuple; its HALF applies to
+    int4 weights at one row of float16 or bfloat16 x (float32 x takes the float32 path)."""
     (m, k), per = x.shape, 32 // bits
     if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
         raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
@@ -622,7 +729,9 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
-    block_m, block_n, block_k, split, warps, stages = config or packed_config(m, n, k, bits, group, gated)
+    block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated)
+    if half and (bits != 4 or block_m != 1):
+        raise ValueError(f"packed_matmul: HALF runs int4 weights at BLOCK_M 1, got {bits}-bit weights, BLOCK_M {block_m}")
     if split > 1 and gated:
         raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
@@ -633,6 +742,6 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
         LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half and x.dtype != torch.float32,
+        ASM=not _INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

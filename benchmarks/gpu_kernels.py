@@ -99,9 +99,10 @@ DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32,
 # One row, float32 products: the fastest of 2026-12-03's sweep (q/k/v, o, down; the head; gate/up), then others
 INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 64, 256, 4, 1, 1)]
 # packed halves: the rows a thread holds amortize x's loads and pairs; the inputs split so that enough is in flight
-INT4_HALF = [(1, 64, 128, 8, 1, 1), (1, 64, 128, 4, 1, 1), (1, 64, 256, 4, 2, 1), (1, 128, 128, 4, 4, 1),
-             (1, 128, 256, 2, 4, 1), (1, 128, 128, 8, 2, 1), (1, 32, 256, 4, 1, 1), (1, 64, 256, 2, 4, 2),
-             (1, 16, 1024, 1, 2, 1), (1, 32, 512, 1, 2, 1), (1, 64, 128, 1, 1, 1), (1, 64, 256, 1, 2, 1)]
+INT4_HALF = [(1, 64, 128, 4, 1, 1), (1, 128, 128, 4, 2, 1), (1, 128, 128, 8, 2, 1), (1, 64, 256, 4, 2, 1),
+             (1, 128, 128, 4, 1, 1), (1, 32, 128, 8, 1, 1), (1, 64, 128, 8, 1, 2), (1, 128, 256, 2, 4, 1),
+             (1, 16, 128, 1, 1, 1), (1, 32, 128, 1, 1, 1), (1, 32, 128, 1, 2, 1), (1, 16, 256, 1, 1, 1),
+             (1, 64, 128, 1, 2, 1), (1, 16, 128, 1, 1, 2)]  # the last six unsplit: gate/up's
 INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
     1: [(*c, False) for c in INT4_FLOAT32] + [(*c, True) for c in INT4_HALF],
     8: [(16, *c, False) for c in DOT_CONFIGS],

@@ -335,98 +335,84 @@ if triton is not None:
             xs += xv
         return qx, xs
 
-    # int4 fields as packed halves, two an instruction: lop3 ors a field pair (bits 4s.. and 16 + 4s..) into the
-    # mantissas of two halves of 2^e + field * ulp, one fma.rn.x2 subtracts 2^e + 8 ulp and scales to integers, exact;
-    # x's pairs multiply them in packed half arithmetic (4 instructions for a word's 8 products, summed in half), and
-    # the word's two half sums are added in float32. float16: 1024 + q (fields at bits 0..3 of a half) and 1024 + 16q
-    # (bits 4..7): one shift a word; bfloat16 has 7 mantissa bits: 128 + q, each field shifted to bits 0..3.
-    _HALF_F16 = tl.constexpr("""{
-    .reg .b32 s, a, b, c, d, one, low, sixteenth, high, acc;
-    .reg .b16 h0, h1;
-    .reg .f32 f0, f1;
-    mov.b32 one, 0x3C003C00;
-    mov.b32 low, 0xE408E408;
-    mov.b32 sixteenth, 0x2C002C00;
-    mov.b32 high, 0xD480D480;
-    shr.u32 s, $1, 8;
-    lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xea;
-    lop3.b32 b, $1, 0x00F000F0, 0x64006400, 0xea;
-    lop3.b32 c, s, 0x000F000F, 0x64006400, 0xea;
-    lop3.b32 d, s, 0x00F000F0, 0x64006400, 0xea;
-    fma.rn.f16x2 a, a, one, low;
-    fma.rn.f16x2 b, b, sixteenth, high;
-    fma.rn.f16x2 c, c, one, low;
-    fma.rn.f16x2 d, d, sixteenth, high;
-    mul.rn.f16x2 acc, a, $2;
-    fma.rn.f16x2 acc, b, $3, acc;
-    fma.rn.f16x2 acc, c, $4, acc;
-    fma.rn.f16x2 acc, d, $5, acc;
-    mov.b32 {h0, h1}, acc;
-    cvt.f32.f16 f0, h0;
-    cvt.f32.f16 f1, h1;
-    add.f32 $0, f0, f1;
-    }""")
-    _HALF_BF16 = tl.constexpr("""{
-    .reg .b32 s1, s2, s3, a, b, c, d, one, low, zero, acc, h0, h1;
-    .reg .f32 f0, f1;
-    mov.b32 one, 0x3F803F80;
-    mov.b32 low, 0xC308C308;
-    mov.b32 zero, 0x80008000;
-    shr.u32 s1, $1, 4;
-    shr.u32 s2, $1, 8;
-    shr.u32 s3, $1, 12;
-    lop3.b32 a, $1, 0x000F000F, 0x43004300, 0xea;
-    lop3.b32 b, s1, 0x000F000F, 0x43004300, 0xea;
-    lop3.b32 c, s2, 0x000F000F, 0x43004300, 0xea;
-    lop3.b32 d, s3, 0x000F000F, 0x43004300, 0xea;
-    fma.rn.bf16x2 a, a, one, low;
-    fma.rn.bf16x2 b, b, one, low;
-    fma.rn.bf16x2 c, c, one, low;
-    fma.rn.bf16x2 d, d, one, low;
-    fma.rn.bf16x2 acc, a, $2, zero;
-    fma.rn.bf16x2 acc, b, $3, acc;
-    fma.rn.bf16x2 acc, c, $4, acc;
-    fma.rn.bf16x2 acc, d, $5, acc;
-    shl.b32 h0, acc, 16;
-    and.b32 h1, acc, 0xFFFF0000;
-    mov.b32 f0, h0;
-    mov.b32 f1, h1;
-    add.f32 $0, f0, f1;
-    }""")
+    def _halves_asm(bf16: bool, words: int) -> str:
+        """PTX of _halves_times_x for `words` int32 words ($1..) and their x pairs (4 a word, after the words), out
+        $0 the float32 sum of their products. A pair of fields (bits 4s.. and 16 + 4s..) is or'ed by one lop3 into
+        the mantissas of two halves 2^e + field * ulp, which one fma.rn.x2 turns into q - 8, exactly: float16 takes
+        1024 + q (fields at bits 0..3 of a half) and 1024 + 16q (bits 4..7), one shift a word; bfloat16, with 7
+        mantissa bits, 128 + q, each field shifted to bits 0..3. The products are summed in half precision across the
+        words (8 a half), then the two halves in float32."""
+        t, code = ("bf16x2", ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]) if bf16 else (
+            "f16x2", ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
+                      "mov.b32 high, 0xD480D480;"])
+        magic = "0x43004300" if bf16 else "0x64006400"
+        for i in range(words):
+            for f in range(4):  # field pair (f, f + 4) of word i into q{f}
+                if bf16:
+                    src = f"${1 + i}" if f == 0 else "s"
+                    if f:
+                        code.append(f"shr.u32 s, ${1 + i}, {4 * f};")
+                    code += [f"lop3.b32 q{f}, {src}, 0x000F000F, {magic}, 0xea;", f"fma.rn.{t} q{f}, q{f}, one, low;"]
+                else:
+                    if f == 2:
+                        code.append(f"shr.u32 s, ${1 + i}, 8;")
+                    src, mask = (f"${1 + i}" if f < 2 else "s"), ("0x00F000F0" if f % 2 else "0x000F000F")
+                    scale, offset = ("sixteenth", "high") if f % 2 else ("one", "low")
+                    code += [f"lop3.b32 q{f}, {src}, {mask}, {magic}, 0xea;",
+                             f"fma.rn.{t} q{f}, q{f}, {scale}, {offset};"]
+            for f in range(4):
+                x = f"${1 + words + 4 * i + f}"
+                first = i == 0 and f == 0
+                code.append(f"mul.rn.{t} acc, q0, {x};" if first and not bf16 else
+                            f"fma.rn.{t} acc, q{f}, {x}, {'zero' if first else 'acc'};")
+        if bf16:  # a bfloat16 is a float32's top half
+            code += ["shl.b32 h0, acc, 16;", "and.b32 h1, acc, 0xFFFF0000;", "mov.b32 f0, h0;", "mov.b32 f1, h1;"]
+        else:
+            code += ["mov.b32 {g0, g1}, acc;", "cvt.f32.f16 f0, g0;", "cvt.f32.f16 f1, g1;"]
+        regs = [".reg .b32 s, q0, q1, q2, q3, one, low, sixteenth, high, zero, acc, h0, h1;", ".reg .b16 g0, g1;",
+                ".reg .f32 f0, f1;", "mov.b32 zero, 0x80008000;"]
+        return "{\n" + "\n".join(regs + code + ["add.f32 $0, f0, f1;", "}"])
+
+    _HALF_F16 = tl.constexpr(_halves_asm(False, 2))
+    _HALF_BF16 = tl.constexpr(_halves_asm(True, 2))
 
     @triton.jit
-    def _x_pair(a, b):
-        """Halves a (low) and b (high) in one int32, as packed half instructions read them."""
-        return (a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (b.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    def _word_pairs(t):
+        """(rows, 2c) -> its even and odd columns, (rows, c) each: a thread's neighbouring words, in its registers."""
+        return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
 
     @triton.jit
     def _halves_times_x(X, w, xk, keep_j, WORDS: tl.constexpr, ASM: tl.constexpr):
-        """For int4 words w (int4_words' layout) and one row of x in float16 or bfloat16: each word's sum over its
-        fields s of (u_s - 8) * x (the tile's shape, float32) and the sum of x over the words' inputs ((1, BLOCK_W)).
-        ASM: in packed half arithmetic (_HALF_F16 / _HALF_BF16), ~2 instructions a weight where _fields_times_x
-        takes 3; else the same sums in float32 in plain Triton, which the interpreter runs."""
+        """For int4 words w (int4_words' layout, (rows, 2c)) and one row of x in float16 or bfloat16: the sums of
+        (u_s - 8) * x over the fields s of words 2i and 2i + 1 ((rows, c), float32), and the sum of x over the words'
+        inputs ((1, 2c)). ASM: in packed half arithmetic (_halves_asm), ~2 instructions a weight where
+        _fields_times_x takes 3; else the same sums in float32 in plain Triton, which the interpreter runs."""
+        xs = tl.zeros(xk.shape, tl.float32)
+        for s in tl.static_range(8):
+            xs += tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
         if ASM:
-            x0 = tl.load(X + xk, mask=keep_j, other=0.0)
-            x1 = tl.load(X + xk + WORDS, mask=keep_j, other=0.0)
-            x2 = tl.load(X + xk + 2 * WORDS, mask=keep_j, other=0.0)
-            x3 = tl.load(X + xk + 3 * WORDS, mask=keep_j, other=0.0)
-            x4 = tl.load(X + xk + 4 * WORDS, mask=keep_j, other=0.0)
-            x5 = tl.load(X + xk + 5 * WORDS, mask=keep_j, other=0.0)
-            x6 = tl.load(X + xk + 6 * WORDS, mask=keep_j, other=0.0)
-            x7 = tl.load(X + xk + 7 * WORDS, mask=keep_j, other=0.0)
-            xs = ((x0.to(tl.float32) + x1.to(tl.float32)) + (x2.to(tl.float32) + x3.to(tl.float32))
-                  + ((x4.to(tl.float32) + x5.to(tl.float32)) + (x6.to(tl.float32) + x7.to(tl.float32))))
+            # x's pairs (x_f, x_f+4) of the even and of the odd words: int32 loads of the two inputs of field f of
+            # words 2i and 2i + 1 (neighbours in a block), and of field f + 4, regrouped by one prmt a pair
+            X32 = X.to(tl.pointer_type(tl.int32), bitcast=True)
+            at, _ = _word_pairs(xk // 2)
+            keep, _ = _word_pairs(keep_j)
+            pairs = ()
+            for f in tl.static_range(4):
+                pairs += tl.inline_asm_elementwise(
+                    "prmt.b32 $0, $2, $3, 0x5410;\nprmt.b32 $1, $2, $3, 0x7632;", "=r,=r,r,r",
+                    [tl.load(X32 + at + f * (WORDS // 2), mask=keep, other=0),
+                     tl.load(X32 + at + (f + 4) * (WORDS // 2), mask=keep, other=0)],
+                    dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
             code: tl.constexpr = _HALF_BF16 if X.dtype.element_ty == tl.bfloat16 else _HALF_F16
-            qx = tl.inline_asm_elementwise(
-                code, "=f,r,r,r,r,r", [w, _x_pair(x0, x4), _x_pair(x1, x5), _x_pair(x2, x6), _x_pair(x3, x7)],
-                dtype=tl.float32, is_pure=True, pack=1)
+            wa, wb = _word_pairs(w)
+            qx = tl.inline_asm_elementwise(code, "=f" + ",r" * 10, [wa, wb, pairs[0], pairs[2], pairs[4], pairs[6],
+                                                                   pairs[1], pairs[3], pairs[5], pairs[7]],
+                                           dtype=tl.float32, is_pure=True, pack=1)
         else:
             qx = tl.zeros(w.shape, tl.float32)
-            xs = tl.zeros(xk.shape, tl.float32)
             for s in tl.static_range(8):
-                xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
-                qx += (((w >> (4 * s)) & 15) - 8).to(tl.float32) * xv
-                xs += xv
+                qx += (((w >> (4 * s)) & 15) - 8).to(tl.float32) * tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0)
+            qx = tl.sum(tl.reshape(qx, (w.shape[0], w.shape[1] // 2, 2)), 2)
         return qx, xs
 
     @triton.jit
@@ -463,7 +449,7 @@ if triton is not None:
             scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
         if BLOCK_M == 1:
             SUB: tl.constexpr = BLOCK_K if ONE or BLOCK_K <= GROUP else GROUP
-            acc = tl.zeros([BLOCK_N, SUB // PER], tl.float32)  # ONE: summed across once, at the end
+            acc = tl.zeros([BLOCK_N, SUB // PER // (2 if HALF else 1)], tl.float32)  # summed across at the end
             x_acc = tl.zeros([1, SUB // PER], tl.float32)
             row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
             for k0 in range(start, end, BLOCK_K):
@@ -692,15 +678,16 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
                   ) -> tuple[int, int, int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x and
     an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds;
-    int4 in packed half arithmetic (HALF), 64 rows by 256 inputs a four-warp program (gated: 32 outputs, the gate's
-    and the up's rows in one tile), the inputs split in shares until there are 512 programs, so that enough of the
-    weight is in flight (not yet timed: benchmarks/gpu_kernels.py --quant sweeps it beside the float32 path's
-    configurations); int8 as 8 rows of 1024 inputs, split until there are 512 programs (never gated: the gate needs
-    whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16), split until
-    there are 132 programs (an H200's multiprocessors)."""
+    int4 in packed half arithmetic (HALF), 64 rows by 128 inputs a one-warp program (8 rows a thread, over which x's
+    loads and pairs are shared: 2.7 instructions a weight in its SASS for sm_90, where the float32 products take 4.2;
+    gated: 16 outputs, the gate's and the up's rows in one tile), the inputs split in shares until there are 512
+    programs, so that enough of the weight is in flight (not yet timed: benchmarks/gpu_kernels.py --quant sweeps it
+    beside the float32 products' configurations); int8 as 8 rows of 1024 inputs, split until there are 512 programs
+    (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
+    padded to 16), split until there are 132 programs (an H200's multiprocessors)."""
     per = 32 // bits
     if m == 1 and bits == 4:
-        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 32 if gated else 64, 256, 4, 1, 512
+        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 16 if gated else 64, 128, 1, 1, 512
     elif m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
@@ -731,17 +718,22 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
     block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated)
     if half and (bits != 4 or block_m != 1):
-        raise ValueError(f"packed_matmul: HALF runs int4 weights at BLOCK_M 1, got {bits}-bit weights, BLOCK_M {block_m}")
+        raise ValueError(f"packed_matmul: HALF runs int4 weights at BLOCK_M 1, got {bits} bits, BLOCK_M {block_m}")
+    if bits == 4 and block_k % 32:
+        raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
     if split > 1 and gated:
         raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
     layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
     group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
+    half = half and x.dtype != torch.float32
     x = x.contiguous()
+    if half and x.data_ptr() % 4:  # HALF reads x's inputs in pairs, as int32
+        x = x.clone()
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
         LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half and x.dtype != torch.float32,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half,
         ASM=not _INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -310,10 +310,11 @@ def test_packed_matmul_fuses_the_gate(bits, m):
 @pytest.mark.parametrize("half", [False, True])
 def test_packed_int4_matmul_configs(m, config, half):
     """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
-    several, tiles longer than the rows; at one row both the float32 and the packed half (HALF) products."""
-    if half and m > 1:
-        pytest.skip("HALF runs one row")
+    several, tiles longer than the rows; both the float32 products and HALF's (packed halves at one row, tiles of
+    the integers in x's dtype for more rows, which lie within a group)."""
     n, k, group = 13, 512, 64
+    if half and m > 1:
+        config = (*config[:2], group, *config[3:])
     words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=(*config, half)), x, weight,

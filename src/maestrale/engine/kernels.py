@@ -335,31 +335,44 @@ if triton is not None:
             xs += xv
         return qx, xs
 
+    def _constants_ptx(bf16: bool) -> list[str]:
+        """The registers of _pairs_ptx and its constants: 1 and 2^e + 8 ulp (and 1/16 and 64 + 8 for float16's
+        fields at bits 4..7), in both halves."""
+        regs = [".reg .b32 s, q0, q1, q2, q3, one, low, sixteenth, high, zero, acc, h0, h1;", ".reg .b16 g0, g1;",
+                ".reg .f32 f0, f1;", "mov.b32 zero, 0x80008000;"]
+        if bf16:
+            return regs + ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]
+        return regs + ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
+                       "mov.b32 high, 0xD480D480;"]
+
+    def _pairs_ptx(bf16: bool, word: str, out: list[str]) -> list[str]:
+        """PTX that turns an int4 word into 4 registers of two halves each, out[f] holding q - 8 of fields f (low
+        half) and f + 4 (high). A field pair (bits 4f.. and 16 + 4f..) is or'ed by one lop3 into the mantissas of two
+        halves 2^e + field * ulp, which one fma.rn.x2 turns into q - 8, exactly: float16 takes 1024 + q (fields at
+        bits 0..3 of a half) and 1024 + 16q (bits 4..7), one shift a word; bfloat16, with 7 mantissa bits, 128 + q,
+        each field shifted to bits 0..3."""
+        code = []
+        for f, q in enumerate(out):
+            if bf16:
+                if f:
+                    code.append(f"shr.u32 s, {word}, {4 * f};")
+                code += [f"lop3.b32 {q}, {word if f == 0 else 's'}, 0x000F000F, 0x43004300, 0xea;",
+                         f"fma.rn.bf16x2 {q}, {q}, one, low;"]
+            else:
+                if f == 2:
+                    code.append(f"shr.u32 s, {word}, 8;")
+                mask, scale, offset = ("0x00F000F0", "sixteenth", "high") if f % 2 else ("0x000F000F", "one", "low")
+                code += [f"lop3.b32 {q}, {word if f < 2 else 's'}, {mask}, 0x64006400, 0xea;",
+                         f"fma.rn.f16x2 {q}, {q}, {scale}, {offset};"]
+        return code
+
     def _halves_asm(bf16: bool, words: int) -> str:
         """PTX of _halves_times_x for `words` int32 words ($1..) and their x pairs (4 a word, after the words), out
-        $0 the float32 sum of their products. A pair of fields (bits 4s.. and 16 + 4s..) is or'ed by one lop3 into
-        the mantissas of two halves 2^e + field * ulp, which one fma.rn.x2 turns into q - 8, exactly: float16 takes
-        1024 + q (fields at bits 0..3 of a half) and 1024 + 16q (bits 4..7), one shift a word; bfloat16, with 7
-        mantissa bits, 128 + q, each field shifted to bits 0..3. The products are summed in half precision across the
-        words (8 a half), then the two halves in float32."""
-        t, code = ("bf16x2", ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]) if bf16 else (
-            "f16x2", ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
-                      "mov.b32 high, 0xD480D480;"])
-        magic = "0x43004300" if bf16 else "0x64006400"
+        $0 the float32 sum of their products: each word's fields by _pairs_ptx, the products summed in half precision
+        across the words (8 a half), then the two halves in float32."""
+        t, code = "bf16x2" if bf16 else "f16x2", _constants_ptx(bf16)
         for i in range(words):
-            for f in range(4):  # field pair (f, f + 4) of word i into q{f}
-                if bf16:
-                    src = f"${1 + i}" if f == 0 else "s"
-                    if f:
-                        code.append(f"shr.u32 s, ${1 + i}, {4 * f};")
-                    code += [f"lop3.b32 q{f}, {src}, 0x000F000F, {magic}, 0xea;", f"fma.rn.{t} q{f}, q{f}, one, low;"]
-                else:
-                    if f == 2:
-                        code.append(f"shr.u32 s, ${1 + i}, 8;")
-                    src, mask = (f"${1 + i}" if f < 2 else "s"), ("0x00F000F0" if f % 2 else "0x000F000F")
-                    scale, offset = ("sixteenth", "high") if f % 2 else ("one", "low")
-                    code += [f"lop3.b32 q{f}, {src}, {mask}, {magic}, 0xea;",
-                             f"fma.rn.{t} q{f}, q{f}, {scale}, {offset};"]
+            code += _pairs_ptx(bf16, f"${1 + i}", ["q0", "q1", "q2", "q3"])
             for f in range(4):
                 x = f"${1 + words + 4 * i + f}"
                 first = i == 0 and f == 0
@@ -369,12 +382,13 @@ if triton is not None:
             code += ["shl.b32 h0, acc, 16;", "and.b32 h1, acc, 0xFFFF0000;", "mov.b32 f0, h0;", "mov.b32 f1, h1;"]
         else:
             code += ["mov.b32 {g0, g1}, acc;", "cvt.f32.f16 f0, g0;", "cvt.f32.f16 f1, g1;"]
-        regs = [".reg .b32 s, q0, q1, q2, q3, one, low, sixteenth, high, zero, acc, h0, h1;", ".reg .b16 g0, g1;",
-                ".reg .f32 f0, f1;", "mov.b32 zero, 0x80008000;"]
-        return "{\n" + "\n".join(regs + code + ["add.f32 $0, f0, f1;", "}"])
+        return "{\n" + "\n".join(code + ["add.f32 $0, f0, f1;", "}"])
 
     _HALF_F16 = tl.constexpr(_halves_asm(False, 2))
     _HALF_BF16 = tl.constexpr(_halves_asm(True, 2))
+    # a word's 4 registers of halves alone ($0..$3 of word $4), for the tensor-core tiles
+    _PAIRS_F16, _PAIRS_BF16 = (tl.constexpr("{\n" + "\n".join(_constants_ptx(bf16) + _pairs_ptx(
+        bf16, "$4", ["$0", "$1", "$2", "$3"])) + "\n}") for bf16 in (False, True))
 
     @triton.jit
     def _word_pairs(t):
@@ -416,6 +430,25 @@ if triton is not None:
         return qx, xs
 
     @triton.jit
+    def _halves_tile(w, dtype: tl.constexpr, ASM: tl.constexpr):
+        """The (rows, 8 * words) values q - 8 of int4 words w (rows, words) in `dtype`, column s * words + t holding
+        field s of word t. ASM: two fields an instruction (_pairs_ptx), else plain Triton."""
+        if ASM:
+            code: tl.constexpr = _PAIRS_BF16 if dtype == tl.bfloat16 else _PAIRS_F16
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(code, "=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
+            pairs = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # (rows, words, 2, 2): fields a + 2b and a + 2b + 4
+            low = pairs.to(tl.int16).to(dtype, bitcast=True)
+            high = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
+        else:
+            low = tl.join(tl.join((w & 15) - 8, ((w >> 4) & 15) - 8),
+                          tl.join(((w >> 8) & 15) - 8, ((w >> 12) & 15) - 8)).to(dtype)
+            high = tl.join(tl.join(((w >> 16) & 15) - 8, ((w >> 20) & 15) - 8),
+                           tl.join(((w >> 24) & 15) - 8, ((w >> 28) & 15) - 8)).to(dtype)
+        fields = tl.permute(tl.join(low, high), (0, 4, 3, 2, 1))  # (rows, 2, 2, 2, words): field a + 2b + 4c first
+        return tl.reshape(fields, (w.shape[0], 8 * w.shape[1]))
+
+    @triton.jit
     def _scales(S, n, keep, group, s_row, s_group, ZEROS: tl.constexpr, OFFSET: tl.constexpr):
         """The scale and zero - OFFSET * scale of rows n at group indices `group` (any shape broadcasting with n)."""
         at = S + n[:, None] * s_row + group * s_group
@@ -438,10 +471,11 @@ if triton is not None:
         row, applied once at the end).
 
         One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
-        their scales; x's sums are scalars. HALF (int4, 16-bit x): the products in packed half arithmetic
-        (_halves_times_x; ASM: its assembly). Triton then keeps x and the tile in one layout and converts only
+        their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
         (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
-        whole tile between layouts, and load x twice)."""
+        whole tile between layouts, and load x twice). HALF (int4, 16-bit x): the products in packed half arithmetic
+        (_halves_times_x; ASM: its assembly); more rows: one tensor-core product a tile (within a group) of its
+        integers q - 8 in x's dtype (_halves_tile), scaled after."""
         PER: tl.constexpr = 32 // BITS
         OFFSET: tl.constexpr = 0 if HALF else 8 if BITS == 4 else 128  # HALF's products are of q - 8
         ONE: tl.constexpr = GROUP >= (1 << 30)
@@ -483,20 +517,34 @@ if triton is not None:
             out = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(start, end, BLOCK_K):
                 w, high, j, keep_j, xk = _words(W, n, keep_n, k0, end, s_w, BITS, BLOCK_W, LAYOUT)
-                if not ONE:
-                    if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
+                if HALF:  # the tile lies in one group: field s of its word t is input `at` of column s * BLOCK_W + t
+                    if not ONE:
                         scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
-                    else:
-                        scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row, s_group,
-                                              ZEROS, OFFSET)
-                for s in tl.static_range(PER):
-                    xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS, mask=keep_m[:, None] & keep_j,
-                                 other=0.0)
-                    if s < LOW:
-                        u = _field(w, ones, BITS, s)
-                    else:
-                        u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
-                    out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
+                    c = tl.arange(0, BLOCK_K)
+                    at = (k0 // PER // WORDS) * LAYOUT + (k0 // PER) % WORDS + c // BLOCK_W * WORDS + c % BLOCK_W
+                    keep_c = tl.max_constancy(k0 // PER + c % BLOCK_W < end // PER, 4)  # as keep_j: 8-byte loads
+                    xv = tl.load(X + m[:, None].to(tl.int64) * K + tl.multiple_of(tl.max_contiguous(at, 4), 4)[None, :],
+                                 mask=keep_m[:, None] & keep_c[None, :], other=0.0)
+                    sums = tl.dot(_halves_tile(w, xv.dtype, ASM), tl.trans(xv), input_precision=PRECISION)
+                    # x's sums for the zeros by tensor cores too, in the products' layout (a reduction across the
+                    # threads of x's layout took ~2.5 instructions a weight)
+                    x_sums = tl.dot(tl.full((BLOCK_N, BLOCK_K), 1.0, xv.dtype), tl.trans(xv), input_precision=PRECISION)
+                    out += sums * scale + zero * x_sums
+                else:
+                    if not ONE:
+                        if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
+                            scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
+                        else:
+                            scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row,
+                                                  s_group, ZEROS, OFFSET)
+                    for s in tl.static_range(PER):
+                        xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS,
+                                     mask=keep_m[:, None] & keep_j, other=0.0)
+                        if s < LOW:
+                            u = _field(w, ones, BITS, s)
+                        else:
+                            u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
+                        out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
         return out
 
     @triton.jit
@@ -684,7 +732,9 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
     programs, so that enough of the weight is in flight (not yet timed: benchmarks/gpu_kernels.py --quant sweeps it
     beside the float32 products' configurations); int8 as 8 rows of 1024 inputs, split until there are 512 programs
     (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
-    padded to 16), split until there are 132 programs (an H200's multiprocessors)."""
+    padded to 16; int4 in HALF, 128 rows of its integers in x's dtype by at most a group: 5.2 SASS instructions a
+    weight at 32 rows of bfloat16 x where the float32 dequantization takes 6.8), split until there are 132 programs
+    (an H200's multiprocessors)."""
     per = 32 // bits
     if m == 1 and bits == 4:
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 16 if gated else 64, 128, 1, 1, 512
@@ -692,12 +742,14 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
-            min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4, 3, 132)
+            min(64, max(16, triton.next_power_of_2(m))), 128 if bits == 4 else 64, 128, 4, 3, 132)
     block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    if bits == 4 and m > 1:
+        block_k = min(block_k, group)  # HALF's tiles of several rows lie in one group
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
         split *= 2
-    return block_m, block_n, block_k, split, warps, stages, m == 1 and bits == 4
+    return block_m, block_n, block_k, split, warps, stages, bits == 4
 
 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
@@ -717,8 +769,9 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
     block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated)
-    if half and (bits != 4 or block_m != 1):
-        raise ValueError(f"packed_matmul: HALF runs int4 weights at BLOCK_M 1, got {bits} bits, BLOCK_M {block_m}")
+    if half and (bits != 4 or (block_m > 1 and block_k > group)):
+        raise ValueError(f"packed_matmul: HALF runs int4 weights, their tiles of several rows within a group; got "
+                         f"{bits} bits, BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}")
     if bits == 4 and block_k % 32:
         raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
     if split > 1 and gated:

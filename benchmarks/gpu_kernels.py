@@ -16,10 +16,10 @@ matvec and packed_matmul with the silu gate fused): bfloat16 cuBLAS and matvec (
 values viewed as words (Int8Weight at one row), and int8_matmul (Int8Weight at more rows): us, TB/s of the bytes each
 reads (values, scales, zeros) and the speed-up over cuBLAS bfloat16. Each Triton kernel is the fastest of a sweep of
 configurations (its own choice, packed_config / int8_config, first, whose time is printed too), each checked against
-the float64 product of the weight first. The int4 kernel is timed twice: dequantized in float32 (`packed float32`;
-at one row its first config is the previous default) and HALF (`packed halves`: at one row the products in packed
-half arithmetic, at more rows tensor-core tiles of the integers in x's dtype; packed_config's choice first). One
-command, about 3 minutes on an H200.
+the float64 product of the weight first. The int4 kernel is timed twice: dequantized in float32 (`packed float32`,
+its first config the previous default) and HALF (`packed halves`: at one row the products in packed half
+arithmetic, at more rows tensor-core tiles of the integers in x's dtype; packed_config's choice first). One command,
+about 3 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -100,17 +100,15 @@ DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32,
 # One row, float32 products: the fastest of 2026-12-03's sweep (q/k/v, o, down; the head; gate/up), then others
 INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 64, 256, 4, 1, 1)]
 # packed halves: the rows a thread holds amortize x's loads and pairs; the inputs split so that enough is in flight
-INT4_HALF = [(1, 64, 128, 4, 1, 1), (1, 128, 128, 4, 2, 1), (1, 128, 128, 8, 2, 1), (1, 64, 256, 4, 2, 1),
-             (1, 128, 128, 4, 1, 1), (1, 32, 128, 8, 1, 1), (1, 64, 128, 8, 1, 2), (1, 128, 256, 2, 4, 1),
-             (1, 16, 128, 1, 1, 1), (1, 32, 128, 1, 1, 1), (1, 32, 128, 1, 2, 1), (1, 16, 256, 1, 1, 1),
-             (1, 64, 128, 1, 2, 1), (1, 16, 128, 1, 1, 2)]  # the last six unsplit: gate/up's
+INT4_HALF = [(1, 64, 128, 4, 1, 1), (1, 128, 128, 4, 2, 1), (1, 64, 256, 4, 2, 1), (1, 128, 128, 4, 1, 1),
+             (1, 32, 128, 8, 1, 1), (1, 64, 128, 8, 1, 2), (1, 32, 128, 1, 1, 1), (1, 32, 128, 1, 2, 1),
+             (1, 16, 256, 1, 1, 1), (1, 16, 128, 1, 1, 2)]  # the last four unsplit: gate/up's
 # more rows, HALF: tensor-core tiles of the integers, within a group (BLOCK_K <= 128)
-DOT_HALF = [(128, 128, 1, 4, 3), (64, 128, 1, 4, 3), (256, 128, 1, 8, 3), (128, 128, 2, 4, 3), (128, 64, 1, 4, 3),
-            (128, 128, 1, 8, 3)]
+DOT_HALF = [(64, 128, 1, 4, 3), (256, 128, 1, 8, 3), (128, 128, 2, 4, 3), (128, 128, 1, 8, 3)]
 INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
     1: [(*c, False) for c in INT4_FLOAT32] + [(*c, True) for c in INT4_HALF],
-    8: [(16, *c, False) for c in DOT_CONFIGS] + [(16, *c, True) for c in DOT_HALF],
-    32: [(32, *c, False) for c in DOT_CONFIGS] + [(32, *c, True) for c in DOT_HALF],
+    8: [(16, *c, False) for c in DOT_CONFIGS[:3]] + [(16, *c, True) for c in DOT_HALF],
+    32: [(32, *c, False) for c in DOT_CONFIGS[:3]] + [(32, *c, True) for c in DOT_HALF],
 }
 PACKED8_CONFIGS = {
     1: [(1, 8, 1024, 1, 4, 1, False), (1, 4, 2048, 1, 4, 1, False), (1, 16, 512, 2, 4, 1, False),

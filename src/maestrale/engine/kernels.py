@@ -335,100 +335,34 @@ if triton is not None:
             xs += xv
         return qx, xs
 
-    def _constants_ptx(bf16: bool) -> list[str]:
-        """The registers of _pairs_ptx and its constants: 1 and 2^e + 8 ulp (and 1/16 and 64 + 8 for float16's
-        fields at bits 4..7), in both halves."""
-        regs = [".reg .b32 s, q0, q1, q2, q3, one, low, sixteenth, high, zero, acc, h0, h1;", ".reg .b16 g0, g1;",
-                ".reg .f32 f0, f1;", "mov.b32 zero, 0x80008000;"]
-        if bf16:
-            return regs + ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]
-        return regs + ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
-                       "mov.b32 high, 0xD480D480;"]
-
-    def _pairs_ptx(bf16: bool, word: str, out: list[str]) -> list[str]:
-        """PTX that turns an int4 word into 4 registers of two halves each, out[f] holding q - 8 of fields f (low
+    def _pairs_ptx(bf16: bool) -> str:
+        """PTX that turns an int4 word ($4) into 4 registers of two halves each, $f holding q - 8 of fields f (low
         half) and f + 4 (high). A field pair (bits 4f.. and 16 + 4f..) is or'ed by one lop3 into the mantissas of two
         halves 2^e + field * ulp, which one fma.rn.x2 turns into q - 8, exactly: float16 takes 1024 + q (fields at
-        bits 0..3 of a half) and 1024 + 16q (bits 4..7), one shift a word; bfloat16, with 7 mantissa bits, 128 + q,
-        each field shifted to bits 0..3."""
-        code = []
-        for f, q in enumerate(out):
+        bits 0..3 of a half: times 1, minus 1032) and 1024 + 16q (bits 4..7: times 1/16, minus 72), one shift a word;
+        bfloat16, with 7 mantissa bits, 128 + q (times 1, minus 136), each field shifted to bits 0..3."""
+        code = [".reg .b32 s, one, low, sixteenth, high;"]
+        if bf16:
+            code += ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]
+        else:
+            code += ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
+                     "mov.b32 high, 0xD480D480;"]
+        for f in range(4):
+            q = f"${f}"
             if bf16:
                 if f:
-                    code.append(f"shr.u32 s, {word}, {4 * f};")
-                code += [f"lop3.b32 {q}, {word if f == 0 else 's'}, 0x000F000F, 0x43004300, 0xea;",
+                    code.append(f"shr.u32 s, $4, {4 * f};")
+                code += [f"lop3.b32 {q}, {'$4' if f == 0 else 's'}, 0x000F000F, 0x43004300, 0xea;",
                          f"fma.rn.bf16x2 {q}, {q}, one, low;"]
             else:
                 if f == 2:
-                    code.append(f"shr.u32 s, {word}, 8;")
+                    code.append("shr.u32 s, $4, 8;")
                 mask, scale, offset = ("0x00F000F0", "sixteenth", "high") if f % 2 else ("0x000F000F", "one", "low")
-                code += [f"lop3.b32 {q}, {word if f < 2 else 's'}, {mask}, 0x64006400, 0xea;",
+                code += [f"lop3.b32 {q}, {'$4' if f < 2 else 's'}, {mask}, 0x64006400, 0xea;",
                          f"fma.rn.f16x2 {q}, {q}, {scale}, {offset};"]
-        return code
+        return "{\n" + "\n".join(code) + "\n}"
 
-    def _halves_asm(bf16: bool, words: int) -> str:
-        """PTX of _halves_times_x for `words` int32 words ($1..) and their x pairs (4 a word, after the words), out
-        $0 the float32 sum of their products: each word's fields by _pairs_ptx, the products summed in half precision
-        across the words (8 a half), then the two halves in float32."""
-        t, code = "bf16x2" if bf16 else "f16x2", _constants_ptx(bf16)
-        for i in range(words):
-            code += _pairs_ptx(bf16, f"${1 + i}", ["q0", "q1", "q2", "q3"])
-            for f in range(4):
-                x = f"${1 + words + 4 * i + f}"
-                first = i == 0 and f == 0
-                code.append(f"mul.rn.{t} acc, q0, {x};" if first and not bf16 else
-                            f"fma.rn.{t} acc, q{f}, {x}, {'zero' if first else 'acc'};")
-        if bf16:  # a bfloat16 is a float32's top half
-            code += ["shl.b32 h0, acc, 16;", "and.b32 h1, acc, 0xFFFF0000;", "mov.b32 f0, h0;", "mov.b32 f1, h1;"]
-        else:
-            code += ["mov.b32 {g0, g1}, acc;", "cvt.f32.f16 f0, g0;", "cvt.f32.f16 f1, g1;"]
-        return "{\n" + "\n".join(code + ["add.f32 $0, f0, f1;", "}"])
-
-    _HALF_F16 = tl.constexpr(_halves_asm(False, 2))
-    _HALF_BF16 = tl.constexpr(_halves_asm(True, 2))
-    # a word's 4 registers of halves alone ($0..$3 of word $4), for the tensor-core tiles
-    _PAIRS_F16, _PAIRS_BF16 = (tl.constexpr("{\n" + "\n".join(_constants_ptx(bf16) + _pairs_ptx(
-        bf16, "$4", ["$0", "$1", "$2", "$3"])) + "\n}") for bf16 in (False, True))
-
-    @triton.jit
-    def _word_pairs(t):
-        """(rows, 2c) -> its even and odd columns, (rows, c) each: a thread's neighbouring words, in its registers."""
-        return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
-
-    @triton.jit
-    def _halves_times_x(X, w, xk, keep_j, WORDS: tl.constexpr, ASM: tl.constexpr):
-        """For int4 words w (int4_words' layout, (rows, 2c)) and one row of x in float16 or bfloat16: the sums of
-        (u_s - 8) * x over the fields s of words 2i and 2i + 1 ((rows, c), float32), and the sum of x over the words'
-        inputs ((1, 2c)). ASM: in packed half arithmetic (_halves_asm; the one-row kernel's SASS for sm_90 then runs
-        2.7 instructions a weight, with _fields_times_x 4.2); else the same sums in float32 in plain Triton, which the
-        interpreter runs."""
-        xs = tl.zeros(xk.shape, tl.float32)
-        for s in tl.static_range(8):
-            xs += tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
-        if ASM:
-            # x's pairs (x_f, x_f+4) of the even and of the odd words: int32 loads of the two inputs of field f of
-            # words 2i and 2i + 1 (neighbours in a block), and of field f + 4, regrouped by one prmt a pair
-            X32 = X.to(tl.pointer_type(tl.int32), bitcast=True)
-            at, _ = _word_pairs(xk // 2)
-            keep, _ = _word_pairs(keep_j)
-            pairs = ()
-            for f in tl.static_range(4):
-                pairs += tl.inline_asm_elementwise(
-                    "prmt.b32 $0, $2, $3, 0x5410;\nprmt.b32 $1, $2, $3, 0x7632;", "=r,=r,r,r",
-                    [tl.load(X32 + at + f * (WORDS // 2), mask=keep, other=0),
-                     tl.load(X32 + at + (f + 4) * (WORDS // 2), mask=keep, other=0)],
-                    dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-            code: tl.constexpr = _HALF_BF16 if X.dtype.element_ty == tl.bfloat16 else _HALF_F16
-            wa, wb = _word_pairs(w)
-            qx = tl.inline_asm_elementwise(code, "=f" + ",r" * 10, [wa, wb, pairs[0], pairs[2], pairs[4], pairs[6],
-                                                                   pairs[1], pairs[3], pairs[5], pairs[7]],
-                                           dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            qx = tl.zeros(w.shape, tl.float32)
-            for s in tl.static_range(8):
-                qx += (((w >> (4 * s)) & 15) - 8).to(tl.float32) * tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0)
-            qx = tl.sum(tl.reshape(qx, (w.shape[0], w.shape[1] // 2, 2)), 2)
-        return qx, xs
+    _PAIRS_F16, _PAIRS_BF16 = tl.constexpr(_pairs_ptx(False)), tl.constexpr(_pairs_ptx(True))
 
     @triton.jit
     def _halves_tile(w, dtype: tl.constexpr, ASM: tl.constexpr):
@@ -474,9 +408,9 @@ if triton is not None:
         One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
         their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
         (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
-        whole tile between layouts, and load x twice). HALF (int4, 16-bit x): the products in packed half arithmetic
-        (_halves_times_x; ASM: its assembly); more rows: one tensor-core product a tile (within a group) of its
-        integers q - 8 in x's dtype (_halves_tile), scaled after."""
+        whole tile between layouts, and load x twice). More rows, HALF (int4 words, 16-bit x, each tile within a
+        group): one tensor-core product a tile of its integers q - 8 in x's dtype (_halves_tile; ASM: by its
+        assembly), scaled after."""
         PER: tl.constexpr = 32 // BITS
         OFFSET: tl.constexpr = 0 if HALF else 8 if BITS == 4 else 128  # HALF's products are of q - 8
         ONE: tl.constexpr = GROUP >= (1 << 30)
@@ -484,16 +418,13 @@ if triton is not None:
             scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
         if BLOCK_M == 1:
             SUB: tl.constexpr = BLOCK_K if ONE or BLOCK_K <= GROUP else GROUP
-            acc = tl.zeros([BLOCK_N, SUB // PER // (2 if HALF else 1)], tl.float32)  # summed across at the end
+            acc = tl.zeros([BLOCK_N, SUB // PER], tl.float32)  # ONE: summed across once, at the end
             x_acc = tl.zeros([1, SUB // PER], tl.float32)
             row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
             for k0 in range(start, end, BLOCK_K):
                 for sub in tl.static_range(BLOCK_K // SUB):
                     w, high, j, keep_j, xk = _words(W, n, keep_n, k0 + sub * SUB, end, s_w, BITS, SUB // PER, LAYOUT)
-                    if HALF:
-                        qx, xs = _halves_times_x(X, w, xk, keep_j, LAYOUT // PER, ASM)
-                    else:
-                        qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
+                    qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
                     if ONE:
                         acc += qx
                         x_acc += xs
@@ -501,15 +432,9 @@ if triton is not None:
                         inside = (k0 + sub * SUB) < end
                         scale, zero = _scales(S, n, keep_n[:, None] & inside, (k0 + sub * SUB) // GROUP, s_row,
                                               s_group, ZEROS, OFFSET)
-                        if HALF:  # the tile's sums scaled in place, summed across once at the end
-                            acc += qx * scale
-                            row_acc += tl.sum(tl.sum(xs, 1), 0) * zero
-                        else:
-                            row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
+                        row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
             if ONE:
                 row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
-            elif HALF:
-                row_acc += tl.sum(acc, 1, keep_dims=True)
             out = tl.sum(row_acc, 1)
         else:
             BLOCK_W: tl.constexpr = BLOCK_K // PER
@@ -723,34 +648,43 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 
 
 
-def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
+def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dtype: torch.dtype
                   ) -> tuple[int, int, int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x and
-    an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds;
-    int4 in packed half arithmetic (HALF), 64 rows by 128 inputs a one-warp program (8 rows a thread, over which x's
-    loads and pairs are shared: 2.7 instructions a weight in its SASS for sm_90, where the float32 products take 4.2;
-    gated: 16 outputs, the gate's and the up's rows in one tile), the inputs split in shares until there are 512
-    programs, so that enough of the weight is in flight (not yet timed: benchmarks/gpu_kernels.py --quant sweeps it
-    beside the float32 products' configurations); int8 as 8 rows of 1024 inputs, split until there are 512 programs
-    (never gated: the gate needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows
-    padded to 16; int4 in HALF, 128 rows of its integers in x's dtype by at most a group: 5.2 SASS instructions a
-    weight at 32 rows of bfloat16 x where the float32 dequantization takes 6.8), split until there are 132 programs
-    (an H200's multiprocessors)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x in
+    `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row:
+    multiply-adds; int4 as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md,
+    2026-12-03): gated 16 outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256
+    inputs in 4 shares of the inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of
+    1024 inputs, the inputs split in shares until there are 512 programs, so that enough of the weight is in flight
+    (never gated: the gate needs whole sums). More rows: tensor-core tiles (x's rows padded to 16), split until there
+    are 132 programs (an H200's multiprocessors): int4 of float16 or bfloat16 x in HALF, 64 weight rows by 128 inputs
+    (at most a group) up to 16 rows of x, 128 by 128 beyond; else 64 by 128, dequantized in float32. HALF's tiles
+    follow the 2026-12-03 H200 sweep (benchmarks/gpu_kernels.py --quant, bfloat16 x, groups of 128), whose fastest
+    HALF configs took, in us for q/k/v, o, gate/up, down and the head, at 8 rows 19.3/13.5/48.2/31.9/42.1 where the
+    fastest float32 ones took 46.6/46.6/96.7/159.4/66.7 (64 rows unsplit for q/k/v, gate/up and the head, 128 rows in
+    8 shares for o and down), at 32 rows 23.1/15.8/58.3/36.9/48.5 against 47.9/47.6/112.2/161.3/78.4 (128 rows; 4
+    and 8 shares on 4 warps, gate/up and the head unsplit on 8)."""
     per = 32 // bits
     if m == 1 and bits == 4:
-        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 16 if gated else 64, 128, 1, 1, 512
-    elif m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
+        block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384
+                                          else (64, 128, 8, 1))
+        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
+        while split > 1 and block_k * split > k:  # short rows: no empty shares
+            split //= 2
+        return 1, block_n, block_k, split, warps, 1, False
+    half = bits == 4 and m > 1 and dtype != torch.float32
+    if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
-            min(64, max(16, triton.next_power_of_2(m))), 128 if bits == 4 else 64, 128, 4, 3, 132)
+            min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64, 128, 4, 3, 132)
     block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
-    if bits == 4 and m > 1:
-        block_k = min(block_k, group)  # HALF's tiles of several rows lie in one group
+    if half:
+        block_k = min(block_k, group)  # HALF's tiles lie in one group
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
         split *= 2
-    return block_m, block_n, block_k, split, warps, stages, bits == 4
+    return block_m, block_n, block_k, split, warps, stages, half
 
 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
@@ -760,8 +694,7 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
     w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's
     (groups, rows, 2) scales and zeros (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's
-    n rows then the up's n rows, and the result silu(gate) * up. config: packed_config's tuple; its HALF applies to
-    int4 weights and float16 or bfloat16 x (float32 x takes the float32 path)."""
+    n rows then the up's n rows, and the result silu(gate) * up. config: packed_config's tuple."""
     (m, k), per = x.shape, 32 // bits
     if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
         raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
@@ -769,10 +702,12 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
-    block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated)
-    if half and (bits != 4 or (block_m > 1 and block_k > group)):
-        raise ValueError(f"packed_matmul: HALF runs int4 weights, their tiles of several rows within a group; got "
-                         f"{bits} bits, BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}")
+    block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated,
+                                                                                    x.dtype)
+    if half and (bits != 4 or block_m == 1 or x.dtype == torch.float32 or group % block_k):
+        raise ValueError(f"packed_matmul: HALF (tensor-core tiles of int4's integers in x's dtype) takes int4 weights, "
+                         f"float16 or bfloat16 x, BLOCK_M > 1 and tiles within a group; got {bits} bits, {x.dtype} x, "
+                         f"BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}: set HALF False")
     if bits == 4 and block_k % 32:
         raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
     if split > 1 and gated:
@@ -780,14 +715,11 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
     layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
     group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
-    half = half and x.dtype != torch.float32
     x = x.contiguous()
-    if half and x.data_ptr() % 4:  # HALF reads x's inputs in pairs, as int32
-        x = x.clone()
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
         LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half,
-        ASM=not _INTERPRETED, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half, ASM=not _INTERPRETED, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

@@ -16,7 +16,10 @@ matvec and packed_matmul with the silu gate fused): bfloat16 cuBLAS and matvec (
 values viewed as words (Int8Weight at one row), and int8_matmul (Int8Weight at more rows): us, TB/s of the bytes each
 reads (values, scales, zeros) and the speed-up over cuBLAS bfloat16. Each Triton kernel is the fastest of a sweep of
 configurations (its own choice, packed_config / int8_config, first, whose time is printed too), each checked against
-the float64 product of the weight first. One command, about 3 minutes on an H200.
+the float64 product of the weight first. At more rows the int4 kernel is timed twice: dequantized in float32
+(`packed float32`, first packed_config's choice for float32 x, which is what bfloat16 x ran before HALF) and HALF
+(`packed halves`: tensor-core tiles of the integers in x's dtype, packed_config's choice first); at one row, its
+float32 products only. One command, about 3 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ QUANT_SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up"
                 ("down", 4096, 14336, False), ("lm_head", 32000, 4096, False)]
 QUANT_ROWS = (1, 8, 32)
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside the kernels' own choice
-# (int8_config, packed_config); BLOCK_K counts inputs. Split configs are skipped for gated products.
+# (int8_config, packed_config); BLOCK_K counts inputs. Split configs are skipped for gated products. packed_matmul's
+# take a seventh element, HALF (int4 at more rows: tensor-core tiles of the integers in x's dtype).
 INT8_CONFIGS = {
     1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3)],
     8: [(16, 32, 128, 2, 4, 3), (16, 64, 128, 4, 8, 3)],
@@ -93,18 +97,20 @@ INT8_CONFIGS = {
 }
 DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3),
                (128, 128, 1, 8, 3)]
+# One row, float32 products: the fastest of 2026-12-03's sweep (q/k/v, o, down; the head; gate/up), then others
+INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 64, 256, 4, 1, 1)]
+# more rows, HALF: tensor-core tiles of the integers, within a group (BLOCK_K <= 128); 2026-12-03's fastest among them
+DOT_HALF = [(64, 128, 1, 4, 3), (128, 128, 8, 4, 3), (128, 128, 1, 8, 3), (256, 128, 1, 8, 3), (128, 128, 2, 4, 3)]
 INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
-    1: [(1, 64, 256, 1, 1, 1), (1, 64, 256, 4, 1, 1), (1, 64, 128, 8, 1, 1), (1, 32, 256, 4, 1, 1),
-        (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 16, 2048, 1, 4, 1), (1, 32, 1024, 2, 4, 1),
-        (1, 32, 512, 1, 2, 1), (1, 16, 512, 1, 1, 1)],
-    8: [(16, *c) for c in DOT_CONFIGS],
-    32: [(32, *c) for c in DOT_CONFIGS],
+    1: [(*c, False) for c in INT4_FLOAT32],
+    8: [(16, *c, False) for c in DOT_CONFIGS[:3]] + [(16, *c, True) for c in DOT_HALF],
+    32: [(32, *c, False) for c in DOT_CONFIGS[:3]] + [(32, *c, True) for c in DOT_HALF],
 }
 PACKED8_CONFIGS = {
-    1: [(1, 8, 1024, 1, 4, 1), (1, 4, 2048, 1, 4, 1), (1, 16, 512, 2, 4, 1), (1, 16, 1024, 1, 4, 1),
-        (1, 32, 256, 4, 2, 1), (1, 8, 2048, 2, 8, 1)],
-    8: [(16, *c) for c in DOT_CONFIGS[:3]],
-    32: [(32, *c) for c in DOT_CONFIGS[:3]],
+    1: [(1, 8, 1024, 1, 4, 1, False), (1, 4, 2048, 1, 4, 1, False), (1, 16, 512, 2, 4, 1, False),
+        (1, 16, 1024, 1, 4, 1, False), (1, 32, 256, 4, 2, 1, False), (1, 8, 2048, 2, 8, 1, False)],
+    8: [(16, *c, False) for c in DOT_CONFIGS[:3]],
+    32: [(32, *c, False) for c in DOT_CONFIGS[:3]],
 }
 
 
@@ -175,19 +181,21 @@ def quant() -> None:
                      bf16_size)
             show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), int4_size)
             ungated = lambda c: not (gated and c[3] > 1)  # noqa: E731
-            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 4, group, gated)] + INT4_CONFIGS[m])
-                       if ungated(c)]
-            chosen, best, config = sweep(
-                lambda i, c: packed_matmul(x, words[i], scale_and_zeros, n, group, 4, True, act, config=c),
-                configs, matvec_torch(x.double(), weight4, act), len(words), f"int4 {name} m={m}")
-            show(f"int4 g{group} packed", best, int4_size, config, chosen)
+            chosen4 = [packed_config(m, n, k, 4, group, gated, dtype) for dtype in (x.dtype, torch.float32)]
+            configs = [c for c in dict.fromkeys(chosen4 + INT4_CONFIGS[m]) if ungated(c)]
+            reference4 = matvec_torch(x.double(), weight4, act)
+            for kind in sorted({c[-1] for c in configs}):  # float32 dequantization, then HALF (more rows)
+                chosen, best, config = sweep(
+                    lambda i, c: packed_matmul(x, words[i], scale_and_zeros, n, group, 4, True, act, config=c),
+                    [c for c in configs if c[-1] == kind], reference4, len(words), f"int4 {name} m={m}")
+                show(f"int4 g{group} packed" + (" halves" if kind else " float32"), best, int4_size, config, chosen)
             reference8 = matvec_torch(x.double(), weight8, act)
             if not gated:
                 chosen, best, config = sweep(lambda i, c: int8_matmul(x, int8[i], scales8, config=c),
                                              list(dict.fromkeys([int8_config(m, n, k, k)] + INT8_CONFIGS[m])),
                                              reference8, len(int8), f"int8 {name} m={m}")
                 show("int8 int8_matmul", best, int8_size, config, chosen)
-            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, k, gated)] + PACKED8_CONFIGS[m])
+            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, k, gated, x.dtype)] + PACKED8_CONFIGS[m])
                        if ungated(c)]
             chosen, best, config = sweep(
                 lambda i, c: packed_matmul(x, int8[i].view(torch.int32), scales8, n, k, 8, False, act, config=c),

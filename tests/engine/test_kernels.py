@@ -257,8 +257,9 @@ def _check(out, x, weight, dtype, act=None):
 @pytest.mark.parametrize("m", [1, 3, 17, 33])
 @pytest.mark.parametrize("n,k,group", [(45, 256, 256), (19, 384, 32), (37, 640, 128)])
 def test_packed_int4_matmul(n, k, group, m, dtype):
-    """int4 words (multiply-adds for one row, tensor-core tiles for more) equal the float64 product of the weight
-    they stand for, on odd rows and outputs."""
+    """int4 words (multiply-adds for one row, tensor-core tiles for more: of the integers for 16-bit x, HALF, of the
+    dequantized weight for float32 x) equal the float64 product of the weight they stand for, on odd rows and
+    outputs."""
     skip_interpreted_bfloat16(dtype)
     words, scale_and_zeros, weight = _int4(n, k, group, dtype, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
@@ -305,16 +306,67 @@ def test_packed_matmul_fuses_the_gate(bits, m):
     _check(out, x, weight, torch.float16, torch.nn.functional.silu)
 
 
-@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1)), (1, (1, 16, 1024, 1, 8, 3)), (1, (1, 4, 32, 2, 1, 1)),
-                                      (5, (16, 16, 128, 3, 4, 1)), (20, (32, 32, 256, 2, 4, 1))])
+@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1, False)), (1, (1, 16, 1024, 1, 8, 3, False)),
+                                      (1, (1, 4, 32, 2, 1, 1, False)), (5, (16, 16, 128, 3, 4, 1, False)),
+                                      (20, (32, 32, 256, 2, 4, 1, False)), (5, (16, 16, 64, 3, 4, 1, True)),
+                                      (20, (32, 32, 32, 2, 4, 1, True))])
 def test_packed_int4_matmul_configs(m, config):
     """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
-    several, tiles longer than the rows."""
+    several, tiles longer than the rows; HALF's integer tiles of a whole group and of half a group."""
     n, k, group = 13, 512, 64
     words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
     _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=config), x, weight,
            torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("m", [3, 19])
+@pytest.mark.parametrize("n,k,group", [(19, 384, 32), (45, 320, 64), (37, 640, 128), (21, 256, 256)])
+def test_packed_int4_matmul_in_integer_tiles(n, k, group, m, gated, dtype):
+    """Several rows of 16-bit x against int4 words in HALF (packed_config's choice: tensor-core tiles of the integers
+    q - 8 in x's dtype, each within a group; on CUDA made by its assembly, under the interpreter by plain Triton),
+    gated or not, against the float64 product; the float32 dequantization (HALF off) on the same inputs too."""
+    skip_interpreted_bfloat16(dtype)
+    rows = 2 * n if gated else n
+    words, scale_and_zeros, weight = _int4(rows, k, group, dtype, seed=n + k + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype) * 3
+    act = torch.nn.functional.silu if gated else None
+    half = kernels.packed_config(m, n, k, 4, group, gated, dtype)
+    assert half[-1]
+    for config in (half, kernels.packed_config(m, n, k, 4, group, gated, torch.float32)):
+        _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, act, config=config), x, weight,
+               dtype, act)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("group", [32, 128])
+def test_packed_config_takes_half_where_it_applies(group, gated):
+    """HALF for int4 at several rows of 16-bit x only, its tiles within a group; one row (either dtype), float32 x and
+    int8 keep their float32 products, float32 x with tiles of 128 inputs or more at several rows (its per-field
+    tensor-core products take BLOCK_K / 8 inputs, and tl.dot at least 16: group 32's tiles failed on CUDA)."""
+    n, k = 4096, 4096
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (2, 19, 64):
+            config = kernels.packed_config(m, n, k, 4, group, gated, dtype)
+            assert config[-1] and group % config[2] == 0
+        assert kernels.packed_config(1, n, k, 4, group, gated, dtype)[-1] is False
+        assert not any(kernels.packed_config(m, n, k, 8, group, gated, dtype)[-1] for m in (1, 19))
+    for m in (1, 19, 64):
+        config = kernels.packed_config(m, n, k, 4, group, gated, torch.float32)
+        assert config[-1] is False and (m == 1 or config[2] >= 128)
+
+
+@pytest.mark.parametrize("x_dtype,config", [(torch.float16, (1, 64, 128, 8, 1, 1, True)),
+                                            (torch.float32, (16, 64, 64, 1, 4, 3, True)),
+                                            (torch.float16, (16, 64, 128, 1, 4, 3, True))])
+def test_packed_matmul_refuses_half_where_it_does_not_apply(x_dtype, config):
+    """HALF at one row, for float32 x, or with tiles across groups: a ValueError naming the switch."""
+    words, scale_and_zeros, _ = _int4(8, 256, 64, torch.float16, seed=0)
+    x = torch.randn(config[0], 256, device=DEVICE, dtype=x_dtype)
+    with pytest.raises(ValueError, match="HALF"):
+        kernels.packed_matmul(x, words, scale_and_zeros, 8, 64, 4, True, config=config)
 
 
 def test_packed_matmul_refuses_a_weight_of_other_inputs():

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.kernels import tl, triton, use_triton  # triton None on CPU-only installs: the torch versions run
+# triton None on CPU-only installs: the torch versions run
+from ..models.kernels import _INTERPRETED, tl, triton, use_triton
 from ..models.rotary import apply_rotary
 
 
@@ -293,6 +294,8 @@ if triton is not None:
         WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
         j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
         keep_j = j < end // PER
+        if BITS == 4:  # inputs in whole blocks of 32 (packed_matmul checks): the mask in runs of 4 words, 16-byte loads
+            keep_j = tl.max_constancy(keep_j, [1, 4])
         # int8: loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
         at = n[:, None].to(tl.int64) * s_w + (tl.max_contiguous(j, [1, 2]) if BITS == 8 else j)
         w = tl.load(W + at, mask=keep_n[:, None] & keep_j, other=0)
@@ -332,6 +335,54 @@ if triton is not None:
             xs += xv
         return qx, xs
 
+    def _pairs_ptx(bf16: bool) -> str:
+        """PTX that turns an int4 word ($4) into 4 registers of two halves each, $f holding q - 8 of fields f (low
+        half) and f + 4 (high). A field pair (bits 4f.. and 16 + 4f..) is or'ed by one lop3 into the mantissas of two
+        halves 2^e + field * ulp, which one fma.rn.x2 turns into q - 8, exactly: float16 takes 1024 + q (fields at
+        bits 0..3 of a half: times 1, minus 1032) and 1024 + 16q (bits 4..7: times 1/16, minus 72), one shift a word;
+        bfloat16, with 7 mantissa bits, 128 + q (times 1, minus 136), each field shifted to bits 0..3."""
+        code = [".reg .b32 s, one, low, sixteenth, high;"]
+        if bf16:
+            code += ["mov.b32 one, 0x3F803F80;", "mov.b32 low, 0xC308C308;"]
+        else:
+            code += ["mov.b32 one, 0x3C003C00;", "mov.b32 low, 0xE408E408;", "mov.b32 sixteenth, 0x2C002C00;",
+                     "mov.b32 high, 0xD480D480;"]
+        for f in range(4):
+            q = f"${f}"
+            if bf16:
+                if f:
+                    code.append(f"shr.u32 s, $4, {4 * f};")
+                code += [f"lop3.b32 {q}, {'$4' if f == 0 else 's'}, 0x000F000F, 0x43004300, 0xea;",
+                         f"fma.rn.bf16x2 {q}, {q}, one, low;"]
+            else:
+                if f == 2:
+                    code.append("shr.u32 s, $4, 8;")
+                mask, scale, offset = ("0x00F000F0", "sixteenth", "high") if f % 2 else ("0x000F000F", "one", "low")
+                code += [f"lop3.b32 {q}, {'$4' if f < 2 else 's'}, {mask}, 0x64006400, 0xea;",
+                         f"fma.rn.f16x2 {q}, {q}, {scale}, {offset};"]
+        return "{\n" + "\n".join(code) + "\n}"
+
+    _PAIRS_F16, _PAIRS_BF16 = tl.constexpr(_pairs_ptx(False)), tl.constexpr(_pairs_ptx(True))
+
+    @triton.jit
+    def _halves_tile(w, dtype: tl.constexpr, ASM: tl.constexpr):
+        """The (rows, 8 * words) values q - 8 of int4 words w (rows, words) in `dtype`, column s * words + t holding
+        field s of word t. ASM: two fields an instruction (_pairs_ptx), else plain Triton."""
+        if ASM:
+            code: tl.constexpr = _PAIRS_BF16 if dtype == tl.bfloat16 else _PAIRS_F16
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(code, "=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
+            pairs = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # (rows, words, 2, 2): fields a + 2b and a + 2b + 4
+            low = pairs.to(tl.int16).to(dtype, bitcast=True)
+            high = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
+        else:
+            low = tl.join(tl.join((w & 15) - 8, ((w >> 4) & 15) - 8),
+                          tl.join(((w >> 8) & 15) - 8, ((w >> 12) & 15) - 8)).to(dtype)
+            high = tl.join(tl.join(((w >> 16) & 15) - 8, ((w >> 20) & 15) - 8),
+                           tl.join(((w >> 24) & 15) - 8, ((w >> 28) & 15) - 8)).to(dtype)
+        fields = tl.permute(tl.join(low, high), (0, 4, 3, 2, 1))  # (rows, 2, 2, 2, words): field a + 2b + 4c first
+        return tl.reshape(fields, (w.shape[0], 8 * w.shape[1]))
+
     @triton.jit
     def _scales(S, n, keep, group, s_row, s_group, ZEROS: tl.constexpr, OFFSET: tl.constexpr):
         """The scale and zero - OFFSET * scale of rows n at group indices `group` (any shape broadcasting with n)."""
@@ -346,7 +397,8 @@ if triton is not None:
     @triton.jit
     def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS: tl.constexpr,
                      GROUP: tl.constexpr, LAYOUT: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
         for one row). The inputs come in blocks of LAYOUT, each in LAYOUT * BITS / 32 words, word t of a block holding
         its inputs s * (words a block) + t in field s, unsigned (int8 values are offset by 128 with one xor); a weight
@@ -356,9 +408,11 @@ if triton is not None:
         One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
         their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
         (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
-        whole tile between layouts, and load x twice)."""
+        whole tile between layouts, and load x twice). More rows, HALF (int4 words, 16-bit x, each tile within a
+        group): one tensor-core product a tile of its integers q - 8 in x's dtype (_halves_tile; ASM: by its
+        assembly), scaled after."""
         PER: tl.constexpr = 32 // BITS
-        OFFSET: tl.constexpr = 8 if BITS == 4 else 128
+        OFFSET: tl.constexpr = 0 if HALF else 8 if BITS == 4 else 128  # HALF's products are of q - 8
         ONE: tl.constexpr = GROUP >= (1 << 30)
         if ONE:
             scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
@@ -389,26 +443,41 @@ if triton is not None:
             out = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             for k0 in range(start, end, BLOCK_K):
                 w, high, j, keep_j, xk = _words(W, n, keep_n, k0, end, s_w, BITS, BLOCK_W, LAYOUT)
-                if not ONE:
-                    if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
+                if HALF:  # the tile lies in one group: field s of its word t is input `at` of column s * BLOCK_W + t
+                    if not ONE:
                         scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
-                    else:
-                        scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row, s_group,
-                                              ZEROS, OFFSET)
-                for s in tl.static_range(PER):
-                    xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS, mask=keep_m[:, None] & keep_j,
-                                 other=0.0)
-                    if s < LOW:
-                        u = _field(w, ones, BITS, s)
-                    else:
-                        u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
-                    out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
+                    c = tl.arange(0, BLOCK_K)
+                    at = (k0 // PER // WORDS) * LAYOUT + (k0 // PER) % WORDS + c // BLOCK_W * WORDS + c % BLOCK_W
+                    keep_c = tl.max_constancy(k0 // PER + c % BLOCK_W < end // PER, 4)  # as keep_j: 8-byte loads
+                    xv = tl.load(X + m[:, None].to(tl.int64) * K + tl.multiple_of(tl.max_contiguous(at, 4), 4)[None, :],
+                                 mask=keep_m[:, None] & keep_c[None, :], other=0.0)
+                    sums = tl.dot(_halves_tile(w, xv.dtype, ASM), tl.trans(xv), input_precision=PRECISION)
+                    # x's sums for the zeros by tensor cores too, in the products' layout (with a reduction across
+                    # the threads of x's layout the loop took 13.5 SASS instructions a weight, with this 7.3)
+                    x_sums = tl.dot(tl.full((BLOCK_N, BLOCK_K), 1.0, xv.dtype), tl.trans(xv), input_precision=PRECISION)
+                    out += sums * scale + zero * x_sums
+                else:
+                    if not ONE:
+                        if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
+                            scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
+                        else:
+                            scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row,
+                                                  s_group, ZEROS, OFFSET)
+                    for s in tl.static_range(PER):
+                        xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS,
+                                     mask=keep_m[:, None] & keep_j, other=0.0)
+                        if s < LOW:
+                            u = _field(w, ones, BITS, s)
+                        else:
+                            u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
+                        out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
         return out
 
     @triton.jit
     def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, ones, BITS: tl.constexpr, GROUP: tl.constexpr,
                        LAYOUT: tl.constexpr, ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       PRECISION: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
         left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
         shares of the inputs; each weight tile is read and converted once for all the rows. GATED: the weight holds
@@ -431,16 +500,17 @@ if triton is not None:
             r = tl.arange(0, 2 * BLOCK_N)
             half = nb * BLOCK_N + r // 2
             both = _packed_rows(X, W, S, m, keep_m, half + (r % 2) * N, half < N, K, start, end, s_w, s_row, s_group,
-                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, 2 * BLOCK_N,
+                                BLOCK_K)
             acc, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
         else:
             acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
-                               LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                               LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
         if GATED:
             if BLOCK_M > 1:
                 up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end,
-                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, BLOCK_M, BLOCK_N,
-                                  BLOCK_K)
+                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         if BLOCK_M == 1:
@@ -578,16 +648,23 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 
 
 
-def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
-                  ) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of packed_matmul's kernel for m rows of x and an
-    n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row: multiply-adds; int4
-    as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md, 2026-12-03): gated 16
-    outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256 inputs in 4 shares of the
-    inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of 1024 inputs, the inputs
-    split in shares until there are 512 programs, so that enough of the weight is in flight (never gated: the gate
-    needs whole sums). More rows: tensor-core tiles of 64 weight rows by 128 inputs (x's rows padded to 16), split
-    until there are 132 programs (an H200's multiprocessors)."""
+def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dtype: torch.dtype
+                  ) -> tuple[int, int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x in
+    `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row:
+    multiply-adds; int4 as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md,
+    2026-12-03): gated 16 outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256
+    inputs in 4 shares of the inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of
+    1024 inputs, the inputs split in shares until there are 512 programs, so that enough of the weight is in flight
+    (never gated: the gate needs whole sums). More rows: tensor-core tiles (x's rows padded to 16), split until there
+    are 132 programs (an H200's multiprocessors): int4 of float16 or bfloat16 x in HALF, 64 weight rows by 128 inputs
+    (at most a group) up to 16 rows of x, 128 by 128 beyond; else 64 by 128, dequantized in float32. HALF's tiles
+    follow the 2026-12-03 H200 sweep (benchmarks/gpu_kernels.py --quant, bfloat16 x, groups of 128), whose fastest
+    HALF configs took, in us for q/k/v, o, gate/up, down and the head, at 8 rows 19.3/13.5/48.2/31.9/42.1 where the
+    fastest float32 ones took 46.6/46.6/96.7/159.4/66.7 (64 rows unsplit for q/k/v, gate/up and the head, 128 rows in
+    8 shares for o and down), at 32 rows 23.1/15.8/58.3/36.9/48.5 against 47.9/47.6/112.2/161.3/78.4 (128 rows; 4
+    and 8 shares on 4 warps, gate/up and the head unsplit on 8; a second sweep with 4 warps there: 102.7 and 68.9 us
+    against 58.0 and 48.1 on 8)."""
     per = 32 // bits
     if m == 1 and bits == 4:
         block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384
@@ -595,26 +672,32 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool
         block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
         while split > 1 and block_k * split > k:  # short rows: no empty shares
             split //= 2
-        return 1, block_n, block_k, split, warps, 1
+        return 1, block_n, block_k, split, warps, 1, False
+    half = bits == 4 and m > 1 and dtype != torch.float32
     if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
         block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
     else:
         block_m, block_n, block_k, warps, stages, programs_wanted = (
-            min(64, max(16, triton.next_power_of_2(m))), 64, 128, 4, 3, 132)
+            min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64, 128, 4, 3, 132)
     block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    if half:
+        block_k = min(block_k, group)  # HALF's tiles lie in one group
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
         split *= 2
-    return block_m, block_n, block_k, split, warps, stages
+    if half and m > 16 and split == 1:  # unsplit (gated products, heads): 8 warps
+        warps = 8
+    return block_m, block_n, block_k, split, warps, stages, half
 
 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
-                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int, bool] | None = None
+                  ) -> torch.Tensor:
     """x @ w.T in x's dtype for x (m, k) and the first n rows of an int4 or int8 weight packed along the inputs in
     int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
     w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's
     (groups, rows, 2) scales and zeros (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's
-    n rows then the up's n rows, and the result silu(gate) * up."""
+    n rows then the up's n rows, and the result silu(gate) * up. config: packed_config's tuple."""
     (m, k), per = x.shape, 32 // bits
     if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
         raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
@@ -622,7 +705,14 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
-    block_m, block_n, block_k, split, warps, stages = config or packed_config(m, n, k, bits, group, gated)
+    block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated,
+                                                                                    x.dtype)
+    if half and (bits != 4 or block_m == 1 or x.dtype == torch.float32 or group % block_k):
+        raise ValueError(f"packed_matmul: HALF (tensor-core tiles of int4's integers in x's dtype) takes int4 weights, "
+                         f"float16 or bfloat16 x, BLOCK_M > 1 and tiles within a group; got {bits} bits, {x.dtype} x, "
+                         f"BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}: set HALF False")
+    if bits == 4 and block_k % 32:
+        raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
     if split > 1 and gated:
         raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
@@ -633,6 +723,6 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
         LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half, ASM=not _INTERPRETED, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out if split == 1 else out.sum(0).to(x.dtype)

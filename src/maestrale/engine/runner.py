@@ -21,11 +21,11 @@ from ..models.attention import _flash_kernel
 from .decode import PagedDecoder
 
 
-def device_index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """`rows` as an index tensor on `device`, copied from pinned memory without waiting on the GPU's queued work (a
-    list index, or a pageable copy, would wait for the step before the host could go on)."""
-    index = torch.tensor(rows, dtype=torch.long)
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+def to_device(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Integers as an int64 tensor on `device`, copied from pinned memory without waiting on the GPU's queued work (a
+    list index, or a pageable copy, would wait for the work queued before it until the host could go on)."""
+    host = torch.as_tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 class Packing(NamedTuple):
@@ -158,24 +158,24 @@ class ModelRunner:
         decodes = [i for i, t in enumerate(new_tokens) if len(t) == 1] if self.decoder is not None else []
         packed = [i for i, t in enumerate(new_tokens) if self.decoder is None or len(t) > 1]
         parts = []
-        # The packed forward first: its inputs' copy to the device then waits for no queued work.
-        if packed:
-            parts.append((packed, self._forward(*([values[i] for i in packed]
-                                                  for values in (new_tokens, num_cached, block_tables)))))
+        # The decode graph first: the GPU runs it while the host launches the packed forward's many kernels.
         if decodes:
             parts.append((decodes, self.decoder.run([new_tokens[i][0] for i in decodes],
                                                     [num_cached[i] for i in decodes],
                                                     [block_tables[i] for i in decodes])))
+        if packed:
+            parts.append((packed, self._forward(*([values[i] for i in packed]
+                                                  for values in (new_tokens, num_cached, block_tables)))))
         if len(parts) == 1:  # every row, in order: its logits as they are
             return parts[0][1]
         logits = parts[0][1].new_empty(len(new_tokens), parts[0][1].shape[-1])
         for rows, out in parts:
-            logits[device_index(rows, logits.device)] = out
+            logits[to_device(rows, logits.device)] = out
         return logits
 
     def _forward(self, new_tokens, num_cached, block_tables) -> torch.Tensor:
         """One forward over the rows' new tokens back to back (no padding), indices built in whole arrays and sent
-        to the device in one copy."""
+        to the device in one copy, which waits for no queued work."""
         batch = len(new_tokens)
         counts = np.array([len(t) for t in new_tokens])
         lengths = np.array(num_cached) + counts
@@ -194,7 +194,7 @@ class ModelRunner:
         ids = np.fromiter((t for tokens in new_tokens for t in tokens), dtype=np.int64, count=int(ends_q[-1]))
         host = [ids, position_q, slots(sequence_q, position_q), ends_q - 1, slots(sequence_k, position_k),
                 np.concatenate([[0], ends_q, [0], ends_k])]
-        device = torch.from_numpy(np.concatenate(host)).to(self.model.device)
+        device = to_device(np.concatenate(host), self.model.device)
         ids, position_q, write, last, read, cu = device.split([len(a) for a in host])
         cu = cu.to(torch.int32)
         packing = Packing(cu[: batch + 1], cu[batch + 1 :], int(counts.max()), int(lengths.max()), counts, lengths)

@@ -651,20 +651,15 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dtype: torch.dtype
                   ) -> tuple[int, int, int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x in
-    `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs. One row:
-    multiply-adds; int4 as the fastest of benchmarks/gpu_kernels.py --quant's sweep on an H200 (BENCHMARKS.md,
-    2026-12-03): gated 16 outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by 256
-    inputs in 4 shares of the inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 as 8 rows of
-    1024 inputs, the inputs split in shares until there are 512 programs, so that enough of the weight is in flight
-    (never gated: the gate needs whole sums). More rows: tensor-core tiles (x's rows padded to 16), split until there
-    are 132 programs (an H200's multiprocessors): int4 of float16 or bfloat16 x in HALF, 64 weight rows by 128 inputs
-    (at most a group) up to 16 rows of x, 128 by 128 beyond; else 64 by 128, dequantized in float32. HALF's tiles
-    follow the 2026-12-03 H200 sweep (benchmarks/gpu_kernels.py --quant, bfloat16 x, groups of 128), whose fastest
-    HALF configs took, in us for q/k/v, o, gate/up, down and the head, at 8 rows 19.3/13.5/48.2/31.9/42.1 where the
-    fastest float32 ones took 46.6/46.6/96.7/159.4/66.7 (64 rows unsplit for q/k/v, gate/up and the head, 128 rows in
-    8 shares for o and down), at 32 rows 23.1/15.8/58.3/36.9/48.5 against 47.9/47.6/112.2/161.3/78.4 (128 rows; 4
-    and 8 shares on 4 warps, gate/up and the head unsplit on 8; a second sweep with 4 warps there: 102.7 and 68.9 us
-    against 58.0 and 48.1 on 8)."""
+    `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs, as the
+    fastest of benchmarks/gpu_kernels.py --quant's sweeps on an H200 (BENCHMARKS.md, 2026-12-03). One row:
+    multiply-adds; int4 gated 16 outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by
+    256 inputs in 4 shares of the inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 8 rows of
+    1024 inputs, split in shares until there are 512 programs, so that enough of the weight is in flight (never gated:
+    the gate needs whole sums). More rows: tensor-core tiles (x's rows padded to 16), split until there are 132
+    programs (an H200's multiprocessors); int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32
+    rows), 64 weight rows by at most a group of inputs up to 16 rows of x, 128 beyond (8 warps where unsplit);
+    otherwise 64 by 128, dequantized in float32."""
     per = 32 // bits
     if m == 1 and bits == 4:
         block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384

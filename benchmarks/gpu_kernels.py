@@ -20,6 +20,12 @@ the float64 product of the weight first. At more rows the int4 kernel is timed t
 (`packed float32`, first packed_config's choice for float32 x, which is what bfloat16 x ran before HALF) and HALF
 (`packed halves`: tensor-core tiles of the integers in x's dtype, packed_config's choice first); at one row, its
 float32 products only. One command, about 3 minutes on an H200.
+
+--attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
+Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
+of the keys and values each call reads, its default config (attention_splits' shares of 32-token tiles on 4 warps)
+against the fastest of a sweep of (SPLITS, BLOCK_N, num_warps, num_stages), each checked against
+decode_attention_torch first.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from maestrale.engine.kernels import (int8_config, int8_matmul, matvec, matvec_config, matvec_torch, packed_config,
-                                     packed_matmul)
+from maestrale.engine.kernels import (attention_splits, decode_attention, decode_attention_torch, int8_config,
+                                     int8_matmul, matvec, matvec_config, matvec_torch, packed_config, packed_matmul)
 from maestrale.quantization.weight_only import int4_words
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
@@ -206,11 +212,42 @@ def quant() -> None:
         torch.cuda.empty_cache()
 
 
+def attention() -> None:
+    heads, kv_heads, d, block_size = 32, 8, 128, 16
+    for tokens in (400, 2000):
+        for batch in (1, 32, 96, 176, 256):
+            blocks = -(-tokens // block_size)
+            size = batch * tokens * kv_heads * d * 2 * 2  # the keys and values a call reads
+            copies = max(2, -(-(512 << 20) // size))
+            pool = [torch.randn(copies * batch * blocks, block_size, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2)]
+            # call i's rows own blocks [i * batch * blocks, (i + 1) * batch * blocks), shuffled as a server's are
+            tables = [(i * batch * blocks + torch.randperm(batch * blocks, device="cuda")).view(batch, blocks)
+                      for i in range(copies)]
+            q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+            t = torch.full((batch,), tokens - 1, device="cuda")
+            span = blocks * block_size
+            reference = decode_attention_torch(q.double(), pool[0].double(), pool[1].double(), None, t, d**-0.5,
+                                               tables[0], span)
+            default = attention_splits(batch, kv_heads)
+            configs = [(default, 32, 4, 3)] + [(s, n, w, st) for s in sorted({max(1, default // 2), default,
+                                                                               min(64, default * 2)})
+                                               for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+            chosen, best, config = sweep(lambda i, c: decode_attention(q, pool[0], pool[1], None, t, d**-0.5,
+                                                                       tables[i], span, config=c),
+                                         list(dict.fromkeys(configs)), reference, copies, f"attention b{batch}")
+            print(f"attention {batch:3} rows x {tokens:4} tokens  default {chosen * 1e6:7.1f} us "
+                  f"{size / chosen / 1e12:.2f} TB/s   best {best * 1e6:7.1f} us {size / best / 1e12:.2f} TB/s "
+                  f"({chosen / best:.2f}x) {config}", flush=True)
+            del pool, tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true")
     mode.add_argument("--quant", action="store_true")
+    mode.add_argument("--attention", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, load average "
@@ -218,6 +255,8 @@ def main() -> None:
           f"read {read / 1e12:.2f} TB/s, copy {copy / 1e12:.2f} TB/s")
     if args.quant:
         return quant()
+    if args.attention:
+        return attention()
     for model, shapes in SHAPES.items():
         for name, n, k, gated in shapes:
             rows = 2 * n if gated else n

@@ -103,9 +103,11 @@ def paged_pool(lengths, kv_heads, head_dim, block_size, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size,span", [(16, 1 << 30), (16, 20), (8, 5)])  # full attention; windows
-def test_paged_decode_attention(block_size, span, dtype):
-    """Each row attends to its last `span` tokens, found through its block table, as SDPA over its contiguous keys."""
+@pytest.mark.parametrize("block_size,span,config", [(16, 1 << 30, None), (16, 20, None), (8, 5, None),
+                                                    (16, 1 << 30, (4, 64, 8, 2)), (8, 20, (1, 16, 2, 4))])
+def test_paged_decode_attention(block_size, span, config, dtype):
+    """Each row attends to its last `span` tokens, found through its block table, as SDPA over its contiguous keys;
+    also in other shares, tiles and warps than the default (config)."""
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
     heads, kv_heads, head_dim = 8, 2, 64
@@ -116,7 +118,7 @@ def test_paged_decode_attention(block_size, span, dtype):
     t = torch.tensor(lengths + [-1], device=DEVICE) - torch.tensor([1] * len(lengths) + [0], device=DEVICE)
     t = t.repeat_interleave(2)[::2]  # a column of the decoder's input rows is strided
     tables = torch.cat([tables, tables[:1]])
-    out = kernels.decode_attention(q, k_pool, v_pool, None, t, 0.125, tables, span)
+    out = kernels.decode_attention(q, k_pool, v_pool, None, t, 0.125, tables, span, config)
     ref = kernels.decode_attention_torch(q, k_pool, v_pool, None, t, 0.125, tables, span)
     for row, n in enumerate(lengths):
         k, v = keys[row][:, max(0, n - span):].to(DEVICE), values[row][:, max(0, n - span):].to(DEVICE)

@@ -551,15 +551,20 @@ def attention_splits(batch: int, kv_heads: int) -> int:
     return min(32, triton.next_power_of_2(max(1, -(-programs // (batch * kv_heads)))))
 
 
-def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None, span: int | None = None):
+def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None, span: int | None = None,
+                     config: tuple[int, int, int, int] | None = None):
     """Flash-decoding: SPLITS programs per kv head read disjoint shares of the valid slots, a second kernel merges.
-    Static caches take the padding mask `seq_mask` (and read the whole ring); paged pools take `span`."""
+    Static caches take the padding mask `seq_mask` (and read the whole ring); paged pools take `span`. config:
+    (SPLITS, BLOCK_N, num_warps, num_stages), by default attention_splits' shares of 32-token tiles on 4 warps."""
     if not use_triton(q):
         return decode_attention_torch(q, k_cache, v_cache, seq_mask, t, scale, block_tables, span)
     k_blocks, v_blocks, t_stride, table, table_stride = _as_blocks(k_cache, v_cache, t, block_tables)
     batch, heads, d = q.shape
     block_size, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
-    groups, splits = heads // kv_heads, attention_splits(batch, kv_heads)
+    splits, block_n, warps, stages = config or (attention_splits(batch, kv_heads), 32, 4, 3)
+    if splits & (splits - 1) or block_n & (block_n - 1):
+        raise ValueError(f"decode_attention: SPLITS and BLOCK_N must be powers of 2, got {splits} and {block_n}")
+    groups = heads // kv_heads
     m = q.new_empty(batch * kv_heads, splits, groups, dtype=torch.float32)
     l, acc = torch.empty_like(m), q.new_empty(batch * kv_heads, splits, groups, d, dtype=torch.float32)
     block_d = triton.next_power_of_2(d)
@@ -568,8 +573,9 @@ def decode_attention(q, k_cache, v_cache, seq_mask, t, scale, block_tables=None,
         q.contiguous(), k_blocks, v_blocks, seq_mask if masked else t, t, m, l, acc, scale,
         block_size if block_tables is None else span, seq_mask.stride(0) if masked else 0, t_stride, table,
         table_stride, block_size, *k_blocks.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups, SPLITS=splits, D=d,
-        BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=32, BLOCK_D=block_d,
+        BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PAGED=block_tables is not None, MASKED=masked,
+        num_warps=warps, num_stages=stages,
     )
     out = torch.empty_like(q)
     _attention_combine_kernel[(batch * heads,)](m, l, acc, out, GROUPS=groups, SPLITS=splits, D=d, BLOCK_D=block_d)

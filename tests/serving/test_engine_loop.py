@@ -11,7 +11,8 @@ from maestrale.engine.sampling import Sampled, SamplingParams
 from maestrale.serving.async_engine import _EngineLoop
 
 REPLY = " The river runs past the old stone bridge, and then on to the sea."
-REQUESTS = {"a": SamplingParams(max_tokens=7), "b": SamplingParams(max_tokens=12, n=2), "c": SamplingParams(max_tokens=3)}
+REQUESTS = {"a": SamplingParams(max_tokens=7), "b": SamplingParams(max_tokens=12, n=2),
+            "c": SamplingParams(max_tokens=3)}
 
 
 class Pipe:

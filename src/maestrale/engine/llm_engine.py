@@ -117,7 +117,7 @@ class LLMEngine:
         self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.requests: dict[str, list[Sequence]] = {}
         self._texts: dict[Sequence, _Text] = {}
-        self._pending: list[tuple[StepOutput, _Text, list[int]]] = []  # outputs whose texts settle() fills in
+        self._pending: list[tuple[StepOutput, _Text, Sequence]] = []  # outputs whose texts settle() fills in
         # Where the steps' time goes, for /metrics: seconds by part, and what the steps computed. On CUDA the model
         # part is the launch; the wait for the GPU falls in "sample", whose argmax copies the tokens to the host.
         # "texts" is settle()'s, within the next step's "model" part when that step calls it (while the GPU runs).
@@ -183,11 +183,9 @@ class LLMEngine:
         sampled = time.perf_counter()
         for seq, s in zip(ready, samples):
             seq.token_ids.append(s.token_id)
-        outputs = [seq.output_ids for seq in ready]
-        now = [i for i, seq in enumerate(ready) if not defer_texts or seq.params.stop]  # finishing on the text
-        stopped = dict(zip(now, self._decode([self._texts[ready[i]] for i in now], [outputs[i] for i in now])))
-        outputs = [self._append(seq, s, ids, stopped.get(i))
-                   for i, (seq, s, ids) in enumerate(zip(ready, samples, outputs))]
+        now = [seq for seq in ready if not defer_texts or seq.params.stop]  # finishing on the text
+        stopped = dict(zip(now, self._decode([self._texts[seq] for seq in now], [seq.output_ids for seq in now])))
+        outputs = [self._append(seq, s, stopped.get(seq)) for seq, s in zip(ready, samples)]
         seconds, counts = self.step_seconds, self.step_counts
         seconds["schedule"] += scheduled - start
         seconds["model"] += ran - scheduled
@@ -206,7 +204,8 @@ class LLMEngine:
             return
         begin = time.perf_counter()
         pending, self._pending = self._pending, []
-        self._decode([text for _, text, _ in pending], [ids for _, _, ids in pending])
+        # No token came in since their step: a step settles before it appends its tokens.
+        self._decode([text for _, text, _ in pending], [seq.output_ids for _, _, seq in pending])
         for out, text, _ in pending:
             out.text = text.delta(final=out.finish_reason is not None)
         self.step_seconds["texts"] += time.perf_counter() - begin
@@ -220,22 +219,22 @@ class LLMEngine:
             decoded = self.tokenizer.batch_decode(runs, skip_special_tokens=True)
         return [text.update(ids, *decoded[2 * i : 2 * i + 2]) for i, (text, ids) in enumerate(zip(texts, outputs))]
 
-    def _append(self, seq: Sequence, sampled: Sampled, output_ids: list[int], stopped: bool | None) -> StepOutput:
+    def _append(self, seq: Sequence, sampled: Sampled, stopped: bool | None) -> StepOutput:
         """The output of `seq`'s new token (appended): finish checks and its text; `stopped` says whether the text
         took the token and now holds a stop string, None where the text waits for settle()."""
-        text = self._texts[seq]
+        text, num_output = self._texts[seq], len(seq.token_ids) - seq.num_prompt_tokens
         params, token, reason = seq.params, sampled.token_id, None
         if stopped:
             reason = "stop"
         elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif len(output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         delta = "" if stopped is None else text.delta(final=reason is not None)
         out = StepOutput(seq.request_id, seq.index, [token], delta, [sampled] if params.logprobs else [], reason,
-                         seq.num_prompt_tokens, len(output_ids))
+                         seq.num_prompt_tokens, num_output)
         if stopped is None:  # the record keeps the text until settle(), past the sequence's finish or abort
-            self._pending.append((out, text, output_ids))
+            self._pending.append((out, text, seq))
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._texts[seq]

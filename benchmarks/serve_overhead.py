@@ -15,6 +15,7 @@ other threads and the engine process apart. --baseline-src serves an older tree'
 the engine had a process of its own, where its thread shared the event loop's GIL), alternating with this one:
 
     PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256
+    PYTHONPATH=src python benchmarks/serve_overhead.py --batch 256 --defer-texts --repeats 0   # as the server steps
     git archive 64de85b src | tar -x -C /tmp/base
     PYTHONPATH=src python benchmarks/serve_overhead.py --batch 96 --tokens 400 --steps 0 --step-ms 5 --launch-ms 6 \
         --baseline-src /tmp/base/src --repeats 2
@@ -119,9 +120,10 @@ def tiny_engine(batch: int, max_tokens: int, step_ms: float | None = None, launc
     return engine
 
 
-def step_breakdown(batch: int, steps: int, params: dict) -> dict[str, float]:
+def step_breakdown(batch: int, steps: int, params: dict, defer: bool = False) -> dict[str, float]:
     """Milliseconds per engine step with `batch` sequences decoding with SamplingParams(**params), by part (best of
-    `steps` steps for each)."""
+    `steps` steps for each); with `defer`, steps as the server runs them, the texts left to settle(), timed apart
+    (the server's next step calls it while the GPU runs)."""
     from maestrale.engine.sampling import SamplingParams
 
     engine = tiny_engine(batch, 4 * steps)
@@ -153,13 +155,20 @@ def step_breakdown(batch: int, steps: int, params: dict) -> dict[str, float]:
     best: dict[str, float] = {}
     for _ in range(steps):
         times.clear()
-        begin = time.perf_counter()
-        engine.step()
-        times["step"] = time.perf_counter() - begin
-        for part, seconds in times.items():
+        appended, begin = engine.step_seconds["append"], time.perf_counter()
+        engine.step(defer_texts=defer)
+        parts = {**times, "step": time.perf_counter() - begin}
+        parts["inputs"] = parts.pop("inputs + model") - parts["model"]
+        parts["rest of step()"] = parts["step"] - sum(v for k, v in parts.items() if k != "step")
+        parts["engine's append part"] = engine.step_seconds["append"] - appended  # /metrics': sampled to returned
+        if defer:
+            times.clear()
+            begin = time.perf_counter()
+            engine.settle()
+            parts["settle"] = time.perf_counter() - begin
+            parts["settle's detokenise"] = times.get("detokenise", 0.0)
+        for part, seconds in parts.items():
             best[part] = min(best.get(part, float("inf")), seconds * 1e3)
-    best["inputs"] = best.pop("inputs + model") - best["model"]
-    best["rest of step()"] = best["step"] - sum(v for k, v in best.items() if k != "step")
     return best
 
 
@@ -264,8 +273,9 @@ def batch_report(args) -> None:
     torch.set_num_threads(1)
     sampling = dict(temperature=args.temperature, top_p=args.top_p)
     if args.steps:
-        parts = step_breakdown(args.batch, args.steps, sampling)
-        print(f"engine step, {args.batch} rows decoding ({sampling}), best of {args.steps} steps (ms): " +
+        parts = step_breakdown(args.batch, args.steps, sampling, args.defer_texts)
+        texts = ", texts deferred" if args.defer_texts else ""
+        print(f"engine step, {args.batch} rows decoding ({sampling}{texts}), best of {args.steps} steps (ms): " +
               ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + f"; load average {os.getloadavg()[0]:.2f}",
               flush=True)
     trees = {"baseline": args.baseline_src, "this tree": str(SRC)} if args.baseline_src else {"this tree": str(SRC)}
@@ -334,6 +344,8 @@ def main() -> None:
     parser.add_argument("--src", default=str(SRC), help=argparse.SUPPRESS)  # the server process's maestrale
     parser.add_argument("--temperature", type=float, default=0.0, help="of the --batch rows (0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="of the --batch rows")
+    parser.add_argument("--defer-texts", action="store_true", help="with --batch, time the steps as the server runs "
+                        "them: the texts left to engine.settle(), timed apart")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
     args = parser.parse_args()
     if args.serve:

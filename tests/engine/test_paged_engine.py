@@ -13,7 +13,7 @@ from maestrale.engine.block_manager import BlockManager
 from maestrale.engine.decode import PagedDecoder, batch_buckets
 from maestrale.engine.llm_engine import LLMEngine, _Text
 from maestrale.engine.runner import ModelRunner
-from maestrale.engine.sampling import Sampler, SamplingParams
+from maestrale.engine.sampling import Sampled, Sampler, SamplingParams
 from maestrale.engine.scheduler import Sequence
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -309,3 +309,62 @@ def test_batch_buckets_pad_by_less_than_16_rows(max_batch):
     for batch in range(1, max_batch + 1):
         rows = next(b for b in buckets if b >= batch)
         assert rows - batch < 16 and (batch > 16 or rows < 2 * batch)
+
+
+def test_deferred_texts_equal_the_steps_own(tokenizer):
+    """step(defer_texts=True) leaves the texts of rows without stop strings to settle() (the next step calls it),
+    and the outputs come out as the plain step's: tokens, texts, finish reasons (EOS, a stop token, a stop string,
+    the length), in order, with requests joining, n choices, and one aborted while its texts are pending."""
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    ids[20:20] = [tokenizer.eos_token_id]
+    config = maestrale.MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                     eos_token_id=tokenizer.eos_token_id)
+    model = maestrale.MistralForCausalLM(config).eval()
+    offsets = {"0": 15, "1": 0, "2": 1, "3": 2, "4": 30}  # where in `ids` each request's reply starts
+
+    def scripted(seqs, logits):
+        return [Sampled(ids[(offsets[s.request_id] + s.index + len(s.output_ids)) % len(ids)]) for s in seqs]
+
+    stop = next(TEXT[i : i + 4] for i in range(len(TEXT)) if not any(TEXT[i : i + 4] in tokenizer.decode([t])
+                                                                      for t in ids))  # spans tokens
+    joins = {0: {"0": SamplingParams(max_tokens=8), "1": SamplingParams(max_tokens=40, stop=("never", stop)),
+                 "2": SamplingParams(max_tokens=40)},
+             2: {"3": SamplingParams(max_tokens=9, n=2, stop_token_ids=(ids[7],))},
+             4: {"4": SamplingParams(max_tokens=5)}}
+
+    def outputs(defer: bool) -> tuple[list, list]:
+        """Every output of a run, as the run ends and as each step returned it."""
+        engine = LLMEngine(model, tokenizer, block_size=4, num_blocks=128)
+        engine.sampler = scripted
+        outs, at_return, step = [], [], 0
+        while step <= max(joins) or engine.has_unfinished():
+            for request_id, params in joins.get(step, {}).items():
+                engine.add_request(request_id, [1, 5, 9], params)
+            if step == 6:
+                engine.abort("2")
+            new = engine.step(defer_texts=defer)
+            outs += new
+            at_return += [(o.request_id, o.text) for o in new]
+            step += 1
+        engine.settle()
+        assert not engine._pending and not engine._texts and engine.blocks.num_used == 0
+        return [(o.request_id, o.index, o.token_ids, o.text, o.finish_reason) for o in outs], at_return
+
+    (plain, _), (deferred, at_return) = outputs(False), outputs(True)
+    assert deferred == plain
+    assert [text for request_id, text in at_return if request_id == "1"] == [o[3] for o in plain if o[0] == "1"]
+    assert any(text != o[3] for (request_id, text), o in zip(at_return, plain) if request_id != "1")
+    by_choice = {}
+    for request_id, index, tokens, text, reason in plain:
+        by_choice.setdefault((request_id, index), []).append((tokens[0], text, reason))
+    reasons = {choice: steps[-1][2] for choice, steps in by_choice.items()}
+    assert reasons == {("0", 0): "stop", ("1", 0): "stop", ("2", 0): None, ("3", 0): "stop", ("3", 1): "stop",
+                       ("4", 0): "length"}
+    assert len(by_choice[("0", 0)]) == 6 and len(by_choice[("3", 0)]) == 6 and len(by_choice[("3", 1)]) == 5
+    for choice, steps in by_choice.items():
+        text = "".join(t for _, t, _ in steps)
+        if choice == ("1", 0):
+            assert TEXT.startswith(text + stop)
+        elif choice != ("2", 0):
+            assert text == tokenizer.decode([t for t, _, _ in steps], skip_special_tokens=True)

@@ -117,8 +117,10 @@ class LLMEngine:
         self.eos_token_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.requests: dict[str, list[Sequence]] = {}
         self._texts: dict[Sequence, _Text] = {}
+        self._pending: list[tuple[StepOutput, _Text, Sequence]] = []  # outputs whose texts settle() fills in
         # Where the steps' time goes, for /metrics: seconds by part, and what the steps computed. On CUDA the model
         # part is the launch; the wait for the GPU falls in "sample", whose argmax copies the tokens to the host.
+        # "texts" is settle()'s, within the next step's "model" part when that step calls it (while the GPU runs).
         self.step_seconds: Counter[str] = Counter()
         self.step_counts: Counter[str] = Counter()
 
@@ -139,7 +141,8 @@ class LLMEngine:
         self.requests[request_id] = seqs
 
     def abort(self, request_id: str) -> None:
-        """Drop a request now, freeing its blocks; unknown or finished ids are ignored."""
+        """Drop a request now, freeing its blocks; unknown or finished ids are ignored (texts of its outputs that
+        are still pending are settled as usual)."""
         for seq in self.requests.pop(request_id, []):
             self.scheduler.finish(seq, "abort")
             self._texts.pop(seq, None)
@@ -147,11 +150,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self, while_running: Callable[[], None] | None = None) -> list[StepOutput]:
+    def step(self, while_running: Callable[[], None] | None = None, defer_texts: bool = False) -> list[StepOutput]:
         """Run one model step over the scheduled sequences; outputs of the sequences that produced a token.
 
         `while_running` is called once the model's work is launched, before the host waits for its tokens: on CUDA
-        what it does overlaps the GPU's step (the server hands out the previous step's outputs then).
+        what it does overlaps the GPU's step (the server settles and hands out the previous step's outputs then).
+        With `defer_texts`, the outputs of rows without stop strings come back with their texts empty until
+        settle(), which the next step calls once its model work is launched (their tokens and finish reasons are
+        final at once, and finished sequences leave the batch).
         """
         start = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -160,6 +166,7 @@ class LLMEngine:
         scheduled = time.perf_counter()
         logits = self.runner.run([seq.token_ids[seq.num_computed : seq.num_computed + n] for seq, n in batch],
                                  [seq.num_computed for seq, _ in batch], [seq.block_table for seq, _ in batch])
+        self.settle()  # before this step's tokens come in: each text takes its tokens in order
         if while_running is not None:
             while_running()
         ran = time.perf_counter()
@@ -176,13 +183,9 @@ class LLMEngine:
         sampled = time.perf_counter()
         for seq, s in zip(ready, samples):
             seq.token_ids.append(s.token_id)
-        outputs = [seq.output_ids for seq in ready]
-        texts = [None] * 2 * len(ready)
-        if self.tokenizer is not None and ready:  # every row's new text in one call of the tokenizer
-            runs = [run for seq, ids in zip(ready, outputs) for run in self._texts[seq].windows(ids)]
-            texts = self.tokenizer.batch_decode(runs, skip_special_tokens=True)
-        outputs = [self._append(seq, s, ids, *texts[2 * i : 2 * i + 2])
-                   for i, (seq, s, ids) in enumerate(zip(ready, samples, outputs))]
+        now = [seq for seq in ready if not defer_texts or seq.params.stop]  # finishing on the text
+        stopped = dict(zip(now, self._decode([self._texts[seq] for seq in now], [seq.output_ids for seq in now])))
+        outputs = [self._append(seq, s, stopped.get(seq)) for seq, s in zip(ready, samples)]
         seconds, counts = self.step_seconds, self.step_counts
         seconds["schedule"] += scheduled - start
         seconds["model"] += ran - scheduled
@@ -195,19 +198,43 @@ class LLMEngine:
         counts["prefill_tokens"] += sum(n for _, n in batch if n > 1)
         return outputs
 
-    def _append(self, seq: Sequence, sampled: Sampled, output_ids: list[int], known: str | None,
-                window: str | None) -> StepOutput:
-        """The output of `seq`'s new token (appended, as are the texts of its windows): stop checks and its text."""
-        text = self._texts[seq]
+    def settle(self) -> None:
+        """Fill in the texts of the outputs that step(defer_texts=True) left pending."""
+        if not self._pending:
+            return
+        begin = time.perf_counter()
+        pending, self._pending = self._pending, []
+        # No token came in since their step: a step settles before it appends its tokens.
+        self._decode([text for _, text, _ in pending], [seq.output_ids for _, _, seq in pending])
+        for out, text, _ in pending:
+            out.text = text.delta(final=out.finish_reason is not None)
+        self.step_seconds["texts"] += time.perf_counter() - begin
+
+    def _decode(self, texts: list[_Text], outputs: list[list[int]]) -> list[bool]:
+        """Each text takes in its output's new tokens, all rows' runs decoded in one call of the tokenizer; True where
+        the text now holds a stop string."""
+        decoded = [None] * 2 * len(texts)
+        if self.tokenizer is not None and texts:
+            runs = [run for text, ids in zip(texts, outputs) for run in text.windows(ids)]
+            decoded = self.tokenizer.batch_decode(runs, skip_special_tokens=True)
+        return [text.update(ids, *decoded[2 * i : 2 * i + 2]) for i, (text, ids) in enumerate(zip(texts, outputs))]
+
+    def _append(self, seq: Sequence, sampled: Sampled, stopped: bool | None) -> StepOutput:
+        """The output of `seq`'s new token (appended): finish checks and its text; `stopped` says whether the text
+        took the token and now holds a stop string, None where the text waits for settle()."""
+        text, num_output = self._texts[seq], len(seq.token_ids) - seq.num_prompt_tokens
         params, token, reason = seq.params, sampled.token_id, None
-        if text.update(output_ids, known, window):
+        if stopped:
             reason = "stop"
         elif (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif len(output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
-        out = StepOutput(seq.request_id, seq.index, [token], text.delta(final=reason is not None),
-                         [sampled] if params.logprobs else [], reason, seq.num_prompt_tokens, len(output_ids))
+        delta = "" if stopped is None else text.delta(final=reason is not None)
+        out = StepOutput(seq.request_id, seq.index, [token], delta, [sampled] if params.logprobs else [], reason,
+                         seq.num_prompt_tokens, num_output)
+        if stopped is None:  # the record keeps the text until settle(), past the sequence's finish or abort
+            self._pending.append((out, text, seq))
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._texts[seq]

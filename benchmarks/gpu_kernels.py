@@ -19,7 +19,7 @@ configurations (its own choice, packed_config / int8_config, first, whose time i
 the float64 product of the weight first. At more rows the int4 kernel is timed twice: dequantized in float32
 (`packed float32`, first packed_config's choice for float32 x, which is what bfloat16 x ran before HALF) and HALF
 (`packed halves`: tensor-core tiles of the integers in x's dtype, packed_config's choice first); at one row, its
-float32 products only. One command, about 3 minutes on an H200.
+float32 products and HALF's tiles with x's row padded to 16. One command, about 3 minutes on an H200.
 
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
@@ -108,7 +108,9 @@ INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 
 # more rows, HALF: tensor-core tiles of the integers, within a group (BLOCK_K <= 128); 2026-12-03's fastest among them
 DOT_HALF = [(64, 128, 1, 4, 3), (128, 128, 8, 4, 3), (128, 128, 1, 8, 3), (256, 128, 1, 8, 3), (128, 128, 2, 4, 3)]
 INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
-    1: [(*c, False) for c in INT4_FLOAT32],
+    # one row also as HALF's tiles of 16 rows (x's one row padded), which at 8 rows beat the one-row products on o
+    # and down (11.8 and 27.3 us against 13.7 and 34.7)
+    1: [(*c, False) for c in INT4_FLOAT32] + [(16, *c, True) for c in DOT_HALF[:2]] + [(16, 64, 128, 4, 4, 3, True)],
     8: [(16, *c, False) for c in DOT_CONFIGS[:3]] + [(16, *c, True) for c in DOT_HALF],
     32: [(32, *c, False) for c in DOT_CONFIGS[:3]] + [(32, *c, True) for c in DOT_HALF],
 }

@@ -311,10 +311,11 @@ def test_packed_matmul_fuses_the_gate(bits, m):
 @pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1, False)), (1, (1, 16, 1024, 1, 8, 3, False)),
                                       (1, (1, 4, 32, 2, 1, 1, False)), (5, (16, 16, 128, 3, 4, 1, False)),
                                       (20, (32, 32, 256, 2, 4, 1, False)), (5, (16, 16, 64, 3, 4, 1, True)),
-                                      (20, (32, 32, 32, 2, 4, 1, True))])
+                                      (20, (32, 32, 32, 2, 4, 1, True)), (1, (16, 16, 64, 2, 4, 3, True))])
 def test_packed_int4_matmul_configs(m, config):
     """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
-    several, tiles longer than the rows; HALF's integer tiles of a whole group and of half a group."""
+    several, tiles longer than the rows; HALF's integer tiles of a whole group and of half a group, and of one row
+    padded to 16 (a config the --quant sweep times)."""
     n, k, group = 13, 512, 64
     words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)

@@ -104,7 +104,8 @@ INT8_CONFIGS = {
 DOT_CONFIGS = [(64, 128, 1, 4, 3), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (32, 128, 1, 4, 3), (64, 128, 2, 4, 3),
                (128, 128, 1, 8, 3)]
 # One row, float32 products: the fastest of 2026-12-03's sweep (q/k/v, o, down; the head; gate/up), then others
-INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 64, 256, 4, 1, 1)]
+INT4_FLOAT32 = [(1, 64, 128, 8, 1, 1), (1, 128, 256, 4, 2, 1), (1, 16, 1024, 1, 2, 1), (1, 64, 256, 4, 1, 1),
+                (1, 64, 128, 8, 1, 3), (1, 16, 1024, 1, 2, 3)]  # the last two pipelined (num_stages 3)
 # more rows, HALF: tensor-core tiles of the integers, within a group (BLOCK_K <= 128); 2026-12-03's fastest among them
 DOT_HALF = [(64, 128, 1, 4, 3), (128, 128, 8, 4, 3), (128, 128, 1, 8, 3), (256, 128, 1, 8, 3), (128, 128, 2, 4, 3)]
 INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group; gated, of 2 * BLOCK_N rows
@@ -116,7 +117,8 @@ INT4_CONFIGS = {  # group 128: one-row tiles are read in sub-tiles of one group;
 }
 PACKED8_CONFIGS = {
     1: [(1, 8, 1024, 1, 4, 1, False), (1, 4, 2048, 1, 4, 1, False), (1, 16, 512, 2, 4, 1, False),
-        (1, 16, 1024, 1, 4, 1, False), (1, 32, 256, 4, 2, 1, False), (1, 8, 2048, 2, 8, 1, False)],
+        (1, 16, 1024, 1, 4, 1, False), (1, 32, 256, 4, 2, 1, False), (1, 8, 2048, 2, 8, 1, False),
+        (1, 8, 1024, 1, 4, 3, False), (1, 4, 2048, 1, 4, 3, False)],  # the last two pipelined
     8: [(16, *c, False) for c in DOT_CONFIGS[:3]],
     32: [(32, *c, False) for c in DOT_CONFIGS[:3]],
 }

@@ -1,7 +1,8 @@
 """matvec's Triton kernel against cuBLAS (F.linear) on the batch-1 decode products of the dense families; with
---quant, the weight-only int4 and int8 products on Mistral-7B's decode products.
+--quant, the weight-only int4 and int8 products on Mistral-7B's decode products; with --attention, the server's
+paged decode attention.
 
-    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant]
+    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant | --attention]
 
 The question it answers: can a Triton matrix-vector kernel stream a dense layer's weights faster than cuBLAS's
 batch-1 products (which the decode step uses today), and with which blocks? Each product runs as a CUDA graph of calls

@@ -139,6 +139,18 @@ def start(command: list[str], port: int, env: dict, timeout: float = 600) -> sub
     raise RuntimeError(f"{command[0]} did not answer /health within {timeout:.0f}s")
 
 
+def stop(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: transformers serve 5.17 on CUDA went on past 120 s after a run
+    whose time limit had cancelled its requests."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        print(f"{proc.args[0]} did not exit {grace:.0f} s after SIGTERM: killed", flush=True)
+        proc.kill()
+        proc.wait()
+
+
 def workload(count: int, input_mean: int, output_mean: int, seed: int) -> list[tuple[str, int]]:
     """(prompt, max_tokens) pairs, lengths log-normal around the means as ShareGPT's are (sigma ~0.8)."""
     rng = random.Random(seed)
@@ -393,8 +405,7 @@ def main() -> None:
                       f"ms, TBT p50 {single['tbt50'] * 1e3:.1f} ms), 16 clients {many['tok/s']:.1f}: "
                       f"{many['tok/s'] / single['tok/s']:.2f}x (load average {os.getloadavg()[0]:.2f})", flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+            stop(proc)
     for rate in rates:
         if ("transformers", rate) in results:
             ratio = results["maestrale", rate]["tok/s"] / results["transformers", rate]["tok/s"]

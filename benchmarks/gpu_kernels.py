@@ -2,7 +2,7 @@
 --quant, the weight-only int4 and int8 products on Mistral-7B's decode products; with --attention, the server's
 paged decode attention.
 
-    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant | --attention]
+    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant | --one-row | --attention]
 
 The question it answers: can a Triton matrix-vector kernel stream a dense layer's weights faster than cuBLAS's
 batch-1 products (which the decode step uses today), and with which blocks? Each product runs as a CUDA graph of calls
@@ -21,6 +21,13 @@ the float64 product of the weight first. At more rows the int4 kernel is timed t
 (`packed float32`, first packed_config's choice for float32 x, which is what bfloat16 x ran before HALF) and HALF
 (`packed halves`: tensor-core tiles of the integers in x's dtype, packed_config's choice first); at one row, its
 float32 products and HALF's tiles with x's row padded to 16. One command, about 3 minutes on an H200.
+
+--one-row: packed_matmul at one row of x (batch-1 decode) on Mistral-7B's products, int4 g128 and int8, over a grid
+of configurations: float32 products with 16 or 32 weight words a thread, and (int4) HALF's tensor-core tiles with x's
+row padded to 16 (in at most 1,100 programs), each grid point in at least 400 programs and at most 4,400; gated
+products split too (summed and gated by one more kernel). The grid is compiled first in parallel processes (Triton's
+cache on disk), then timed one configuration at a time as --quant times them; the fastest few per product are printed
+beside packed_config's own choice.
 
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
@@ -95,8 +102,8 @@ QUANT_SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up"
                 ("down", 4096, 14336, False), ("lm_head", 32000, 4096, False)]
 QUANT_ROWS = (1, 8, 32)
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) tried per row count, beside the kernels' own choice
-# (int8_config, packed_config); BLOCK_K counts inputs. Split configs are skipped for gated products. packed_matmul's
-# take a seventh element, HALF (int4 at more rows: tensor-core tiles of the integers in x's dtype).
+# (int8_config, packed_config); BLOCK_K counts inputs. packed_matmul's take a seventh element, HALF (int4 at more
+# rows: tensor-core tiles of the integers in x's dtype).
 INT8_CONFIGS = {
     1: [(1, 1, 4096, 1, 8, 1), (1, 4, 2048, 1, 8, 3)],
     8: [(16, 32, 128, 2, 4, 3), (16, 64, 128, 4, 8, 3)],
@@ -191,9 +198,8 @@ def quant() -> None:
                 show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)], act), len(weights)),
                      bf16_size)
             show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), int4_size)
-            ungated = lambda c: not (gated and c[3] > 1)  # noqa: E731
             chosen4 = [packed_config(m, n, k, 4, group, gated, dtype) for dtype in (x.dtype, torch.float32)]
-            configs = [c for c in dict.fromkeys(chosen4 + INT4_CONFIGS[m]) if ungated(c)]
+            configs = list(dict.fromkeys(chosen4 + INT4_CONFIGS[m]))
             reference4 = matvec_torch(x.double(), weight4, act)
             for kind in sorted({c[-1] for c in configs}):  # float32 dequantization, then HALF (more rows)
                 chosen, best, config = sweep(
@@ -206,8 +212,7 @@ def quant() -> None:
                                              list(dict.fromkeys([int8_config(m, n, k, k)] + INT8_CONFIGS[m])),
                                              reference8, len(int8), f"int8 {name} m={m}")
                 show("int8 int8_matmul", best, int8_size, config, chosen)
-            configs = [c for c in dict.fromkeys([packed_config(m, n, k, 8, k, gated, x.dtype)] + PACKED8_CONFIGS[m])
-                       if ungated(c)]
+            configs = list(dict.fromkeys([packed_config(m, n, k, 8, k, gated, x.dtype)] + PACKED8_CONFIGS[m]))
             chosen, best, config = sweep(
                 lambda i, c: packed_matmul(x, int8[i].view(torch.int32), scales8, n, k, 8, False, act, config=c),
                 configs, reference8, len(int8), f"int8 words {name} m={m}")
@@ -215,6 +220,108 @@ def quant() -> None:
             print(line[0] + "\n" + "\n".join("    " + part for part in line[1:]), flush=True)
         del weights, values, words, tiny, int8
         torch.cuda.empty_cache()
+
+
+def one_row_grid(n: int, k: int, gated: bool, bits: int) -> list[tuple]:
+    """packed_matmul configurations for one row of x (see the docstring)."""
+    per, configs = 32 // bits, []
+    for block_n in (8, 16, 32, 64, 128, 256):
+        for block_k in (64, 128, 256, 512, 1024):
+            for split in (1, 2, 4, 8, 16, 32):
+                programs = -(-n // block_n) * split
+                if k // (block_k * split) < 2 or not 400 <= programs <= 4400:
+                    continue
+                for warps in (1, 2, 4, 8):
+                    words = (2 if gated else 1) * block_n * block_k // per // (32 * warps)
+                    if block_k >= 128 and words in (16, 32):
+                        configs.append((1, block_n, block_k, split, warps, 1, False))
+                    if bits == 4 and block_k <= 128 and block_n >= 32 and warps >= 2 and programs <= 1100:
+                        configs.append((16, block_n, block_k, split, warps, 3, True))
+    return configs
+
+
+def _one_row_inputs(n: int, k: int, gated: bool, bits: int, group: int, copies: int, g=None):
+    """`copies` weights of the product (int4 words and their scales and zeros, or int8 values and scales) and x."""
+    rows = 2 * n if gated else n
+    if bits == 4:
+        values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g)
+                  for _ in range(copies)]
+        scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
+        zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
+        scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        weight = ((values[0].double() - 8) * scale.double().repeat_interleave(group, 1)
+                  + zero.double().repeat_interleave(group, 1))
+        words = [int4_words(v, group) for v in values]
+    else:
+        values = [torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=g)
+                  for _ in range(copies)]
+        scales = (torch.rand(rows, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
+        weight, words, group = values[0].double() * scales.double(), [v.view(torch.int32) for v in values], k
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    run = lambda i, c: packed_matmul(x, words[i], scales, n, group, bits, bits == 4, F.silu if gated else None,  # noqa: E731
+                                     config=c)
+    return x, weight, run
+
+
+def _compile_share(share: list) -> int:
+    """Compile (run once) each (shape, bits, config) of `share` in this process; how many compiled."""
+    done = 0
+    for (name, n, k, gated), bits, config in share:
+        try:
+            _one_row_inputs(n, k, gated, bits, 128, 1)[2](0, config)
+            done += 1
+        except Exception:  # the timing pass reports it
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def one_row() -> None:
+    """--one-row: the grid of each product, compiled in parallel, then timed; the fastest five printed."""
+    import concurrent.futures
+    import multiprocessing
+
+    points = [(shape, bits, c) for shape in QUANT_SHAPES for bits in (4, 8) for c in
+              dict.fromkeys([packed_config(1, shape[1], shape[2], bits, 128 if bits == 4 else shape[2], shape[3],
+                                           torch.bfloat16)] + one_row_grid(shape[1], shape[2], shape[3], bits))]
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = sum(pool.map(_compile_share, [points[i::workers] for i in range(workers)]))
+    print(f"{len(points)} configurations, {compiled} compiled in {workers} processes", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in QUANT_SHAPES:
+        name, n, k, gated = shape
+        rows = 2 * n if gated else n
+        bf16_size = rows * k * 2
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+                   for _ in range(copies_of(bf16_size))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
+        print(f"m=1  {name:8} {rows:5}x{k:5}  bf16 cuBLAS {cublas * 1e6:.1f} us {bf16_size / cublas / 1e12:.2f} TB/s",
+              flush=True)
+        del weights
+        for bits in (4, 8):
+            size = rows * k * bits // 8 + (4 * rows * k // 128 if bits == 4 else 2 * rows)
+            configs = [c for s, b, c in points if s == shape and b == bits]
+            copies = copies_of(size)
+            x, weight, run = _one_row_inputs(n, k, gated, bits, 128, copies, g)
+            reference = matvec_torch(x.double(), weight, F.silu if gated else None)
+            timed = []
+            for config in configs:
+                try:
+                    error = ((run(0, config).double() - reference).norm() / reference.norm()).item()
+                except Exception as e:
+                    print(f"    {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                assert error < 1e-2, (name, bits, config, error)
+                timed.append((graph_time(lambda i: run(i, config), copies), config))
+            own = timed[0] if timed and timed[0][1] == configs[0] else None
+            print(f"    int{bits}: own choice " + (f"{own[0] * 1e6:.1f} us {size / own[0] / 1e12:.2f} TB/s "
+                                                  f"({cublas / own[0]:.2f}x) {own[1]}" if own else "failed")
+                  + "; fastest of " + str(len(timed)) + ": " + ", ".join(
+                      f"{t * 1e6:.1f} us {size / t / 1e12:.2f} TB/s {c}" for t, c in sorted(timed)[:5]), flush=True)
+            del run
+            torch.cuda.empty_cache()
 
 
 def attention() -> None:
@@ -252,6 +359,7 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true")
     mode.add_argument("--quant", action="store_true")
+    mode.add_argument("--one-row", action="store_true")
     mode.add_argument("--attention", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
@@ -262,6 +370,8 @@ def main() -> None:
         return quant()
     if args.attention:
         return attention()
+    if args.one_row:
+        return one_row()
     for model, shapes in SHAPES.items():
         for name, n, k, gated in shapes:
             rows = 2 * n if gated else n

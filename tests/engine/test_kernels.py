@@ -293,10 +293,12 @@ def test_packed_int8_matmul(n, k, group, m, dtype):
     _check(kernels.packed_matmul(x, values.view(torch.int32), scale, n, group, 8, False), x, weight, dtype)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 18])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_packed_matmul_fuses_the_gate(bits, m):
-    """act=F.silu: silu(gate) * up of the weight's two halves, rounded as matvec_torch rounds them."""
+def test_packed_matmul_fuses_the_gate(bits, m, split):
+    """act=F.silu: silu(gate) * up of the weight's two halves, rounded as matvec_torch rounds them; split in shares
+    of the inputs, the partials of both halves are summed and gated by one more kernel."""
     n, k, group = 21, 256, 64
     if bits == 4:
         words, scales, weight = _int4(2 * n, k, group, torch.float16, seed=m)
@@ -304,7 +306,12 @@ def test_packed_matmul_fuses_the_gate(bits, m):
         values, scales, weight = _int8(2 * n, k, group, torch.float16, seed=m)
         words = values.view(torch.int32)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    out = kernels.packed_matmul(x, words, scales, n, group, bits, bits == 4, act=torch.nn.functional.silu)
+    config = None
+    if split:
+        config = ((1, 8, 64, 3, 2, 1, False) if m == 1 else (16, 16, 64, 2, 4, 3, True) if bits == 4
+                  else (16, 16, 64, 2, 4, 1, False))
+    out = kernels.packed_matmul(x, words, scales, n, group, bits, bits == 4, act=torch.nn.functional.silu,
+                                config=config)
     _check(out, x, weight, torch.float16, torch.nn.functional.silu)
 
 

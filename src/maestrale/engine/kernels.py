@@ -523,6 +523,38 @@ if triton is not None:
             tl.store(OUT + split * M * N + at, acc, mask=keep)
 
 
+    @triton.jit
+    def _split_sum_kernel(PART, OUT, MN, N, SPLIT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT (m, n) = the sum of the SPLIT float32 partial products PART (SPLIT, m, n), rounded to OUT's dtype, in
+        one launch; GATED: PART's rows hold n gate columns then n up columns, and OUT is silu(gate) * up, rounded as
+        matvec_torch rounds it."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        keep = i < MN
+        width: tl.constexpr = 2 if GATED else 1
+        at = (i // N) * (width * N) + i % N
+        acc = tl.zeros([BLOCK], tl.float32)
+        up = tl.zeros([BLOCK], tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(PART + s * width * MN + at, mask=keep, other=0.0)
+            if GATED:
+                up += tl.load(PART + s * width * MN + at + N, mask=keep, other=0.0)
+        dtype = OUT.dtype.element_ty
+        if GATED:
+            gate = acc.to(dtype).to(tl.float32)
+            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        tl.store(OUT + i, acc.to(dtype), mask=keep)
+
+
+def _split_sum(partials: torch.Tensor, dtype: torch.dtype, gated: bool = False) -> torch.Tensor:
+    """The (m, n) result of a split product's float32 partials (splits, m, n; gated: n gate then n up columns)."""
+    splits, m, width = partials.shape
+    n = width // 2 if gated else width
+    out = partials.new_empty(m, n, dtype=dtype)
+    block = 1024
+    _split_sum_kernel[(triton.cdiv(m * n, block),)](partials, out, m * n, n, SPLIT=splits, GATED=gated, BLOCK=block)
+    return out
+
+
 def _as_blocks(k_cache, v_cache, t, block_tables):
     """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
     table (a dummy for static caches: row b is block b) and its row stride."""
@@ -650,7 +682,7 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
         x, values, scale, out, m, n, k, *scale.stride(), GROUP=group, SPLIT_K=split,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    return out if split == 1 else _split_sum(out, x.dtype)
 
 
 
@@ -658,37 +690,40 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dt
                   ) -> tuple[int, int, int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x in
     `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs, as the
-    fastest of benchmarks/gpu_kernels.py --quant's sweeps on an H200 (BENCHMARKS.md, 2026-12-03). One row:
-    multiply-adds; int4 gated 16 outputs by 1024 inputs a two-warp program, heads (more than 16,384 rows) 128 rows by
-    256 inputs in 4 shares of the inputs on two warps, other layers 64 by 128 in 8 shares on one warp; int8 8 rows of
-    1024 inputs, split in shares until there are 512 programs, so that enough of the weight is in flight (never gated:
-    the gate needs whole sums). More rows: tensor-core tiles (x's rows padded to 16), split until there are 132
-    programs (an H200's multiprocessors); int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32
-    rows), 64 weight rows by at most a group of inputs up to 16 rows of x, 128 beyond (8 warps where unsplit);
-    otherwise 64 by 128, dequantized in float32."""
+    fastest of benchmarks/gpu_kernels.py's sweeps on an H200 (--quant, BENCHMARKS.md 2026-12-03; one row, --one-row,
+    2026-12-04). One row: multiply-adds over weight rows by inputs in shares of the inputs (gated: the partials of the
+    gate's rows and the up's, gated as they are summed), so that enough of the weight is in flight. int4: gate/up 32
+    rows by 128 inputs in 4 shares on one warp; heads (more than 16,384 rows) 256 by 128 in 4 shares on 4 warps; other
+    layers 128 by 128 (64 for products of at most 4096 x 4096) on two warps, in as many shares (up to 32) as leave two
+    tiles each. int8: gate/up 16 by 256 in 2 shares on 4 warps; heads 8 by 512 on one warp; others 8 by 1024 on two.
+    More rows: tensor-core tiles (x's rows padded to 16), split until there are 132 programs (an H200's
+    multiprocessors), never gated; int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32 rows), 64
+    weight rows by at most a group of inputs up to 16 rows of x, 128 beyond (8 warps where unsplit); otherwise 64 by
+    128, dequantized in float32."""
     per = 32 // bits
-    if m == 1 and bits == 4:
-        block_n, block_k, split, warps = ((16, 1024, 1, 2) if gated else (128, 256, 4, 2) if n > 16384
-                                          else (64, 128, 8, 1))
-        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
-        while split > 1 and block_k * split > k:  # short rows: no empty shares
+    if m == 1:
+        if bits == 4:
+            block_n, block_k, split, warps = ((32, 128, 4, 1) if gated else (256, 128, 4, 4) if n > 16384
+                                              else (64 if n * k <= 4096 * 4096 else 128, 128, 32, 2))
+        else:
+            block_n, block_k, split, warps = (16, 256, 2, 4) if gated else (8, 512, 1, 1) if n > 16384 \
+                else (8, 1024, 1, 2)
+        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+        while split > 1 and k // (block_k * split) < 2:  # shares of at least two tiles
             split //= 2
         return 1, block_n, block_k, split, warps, 1, False
-    half = bits == 4 and m > 1 and dtype != torch.float32
-    if m == 1:  # gated, the tile holds the gate's rows and the up's: half as many outputs
-        block_m, block_n, block_k, warps, stages, programs_wanted = 1, 8, 1024, 4, 1, 512
-    else:
-        block_m, block_n, block_k, warps, stages, programs_wanted = (
-            min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64, 128, 4, 3, 132)
-    block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    half = bits == 4 and dtype != torch.float32
+    block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64, \
+        128, 4
+    block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
     if half:
         block_k = min(block_k, group)  # HALF's tiles lie in one group
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    while not gated and programs * split < programs_wanted and k // (block_k * split * 2) >= 2:
+    while not gated and programs * split < 132 and k // (block_k * split * 2) >= 2:
         split *= 2
     if half and m > 16 and split == 1:  # unsplit (gated products, heads): 8 warps
         warps = 8
-    return block_m, block_n, block_k, split, warps, stages, half
+    return block_m, block_n, block_k, split, warps, 3, half
 
 
 def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
@@ -714,16 +749,16 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
                          f"BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}: set HALF False")
     if bits == 4 and block_k % 32:
         raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
-    if split > 1 and gated:
-        raise ValueError("packed_matmul: a gated product needs whole sums; use SPLIT_K 1")
     s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
     layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
     group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
     x = x.contiguous()
-    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, n, dtype=torch.float32)
-    _packed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
-        x, words, scales, out, m, n, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
-        LAYOUT=layout, ZEROS=zeros, GATED=gated, SPLIT_K=split,
+    # split and gated: the partials of the gate's rows and the up's (2n outputs), gated as they are summed
+    width = 2 * n if gated and split > 1 else n
+    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, width, dtype=torch.float32)
+    _packed_kernel[(triton.cdiv(width, block_n), triton.cdiv(m, block_m), split)](
+        x, words, scales, out, m, width, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
+        LAYOUT=layout, ZEROS=zeros, GATED=gated and split == 1, SPLIT_K=split,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half, ASM=not _INTERPRETED, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return out if split == 1 else out.sum(0).to(x.dtype)
+    return out if split == 1 else _split_sum(out, x.dtype, gated)

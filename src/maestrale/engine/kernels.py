@@ -697,7 +697,7 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dt
     layers 128 by 128 (64 for products of at most 4096 x 4096) on two warps, in as many shares (up to 32) as leave two
     tiles each. int8: gate/up 16 by 256 in 2 shares on 4 warps; heads 8 by 512 on one warp; others 8 by 1024 on two.
     More rows: tensor-core tiles (x's rows padded to 16), split until there are 132 programs (an H200's
-    multiprocessors), never gated; int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32 rows), 64
+    multiprocessors), gated products unsplit; int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32 rows), 64
     weight rows by at most a group of inputs up to 16 rows of x, 128 beyond (8 warps where unsplit); otherwise 64 by
     128, dequantized in float32."""
     per = 32 // bits

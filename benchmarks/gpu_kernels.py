@@ -144,6 +144,31 @@ def tinygemm_int4(values: torch.Tensor, group: int, scale_and_zeros: torch.Tenso
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, scale_and_zeros)
 
 
+def packed_bytes(rows: int, k: int, bits: int, group: int) -> int:
+    """Bytes a product reads of a packed weight: its values, and int4's bfloat16 scale and zero a group or int8's scale
+    a row."""
+    return rows * k * bits // 8 + (4 * rows * k // group if bits == 4 else 2 * rows)
+
+
+def int4_weights(rows: int, k: int, group: int, copies: int, g=None):
+    """`copies` random int4 weights (rows, k): their values, their int4_words, the (groups, rows, 2) bfloat16 scales
+    and zeros they share, and copy 0 as float64."""
+    values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g) for _ in range(copies)]
+    scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
+    zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
+    scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    weight = ((values[0].double() - 8) * scale.double().repeat_interleave(group, 1)
+              + zero.double().repeat_interleave(group, 1))
+    return values, [int4_words(v, group) for v in values], scale_and_zeros, weight
+
+
+def int8_weights(rows: int, k: int, copies: int, g=None):
+    """`copies` random int8 weights (rows, k), the (rows, 1) bfloat16 scales they share, and copy 0 as float64."""
+    values = [torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=g) for _ in range(copies)]
+    scales = (torch.rand(rows, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
+    return values, scales, values[0].double() * scales.double()
+
+
 def sweep(fn, configs, reference, copies: int, label: str):
     """The fastest of `configs` for fn(i, config) (call i reads copy i), each checked against `reference` (float64)
     first: (seconds of the first config, the kernel's own choice; best seconds; best config)."""
@@ -167,22 +192,12 @@ def quant() -> None:
     for name, n, k, gated in QUANT_SHAPES:
         rows = 2 * n if gated else n
         act = F.silu if gated else None
-        bf16_size, int4_size, int8_size = rows * k * 2, rows * k // 2 + 4 * rows * k // group, rows * k + 2 * rows
+        bf16_size, int4_size, int8_size = rows * k * 2, packed_bytes(rows, k, 4, group), packed_bytes(rows, k, 8, k)
         weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
                    for _ in range(copies_of(bf16_size))]
-        values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g)
-                  for _ in range(copies_of(int4_size))]
-        words = [int4_words(v, group) for v in values]
-        scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
-        zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
-        scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        values, words, scale_and_zeros, weight4 = int4_weights(rows, k, group, copies_of(int4_size), g)
         tiny = [tinygemm_int4(v, group, scale_and_zeros) for v in values]
-        weight4 = ((values[0].double() - 8) * scale.double().repeat_interleave(group, 1)
-                   + zero.double().repeat_interleave(group, 1))
-        int8 = [torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=g)
-                for _ in range(copies_of(int8_size))]
-        scales8 = (torch.rand(rows, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
-        weight8 = int8[0].double() * scales8.double()
+        int8, scales8, weight8 = int8_weights(rows, k, copies_of(int8_size), g)
         for m in QUANT_ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
@@ -241,22 +256,13 @@ def one_row_grid(n: int, k: int, gated: bool, bits: int) -> list[tuple]:
 
 
 def _one_row_inputs(n: int, k: int, gated: bool, bits: int, group: int, copies: int, g=None):
-    """`copies` weights of the product (int4 words and their scales and zeros, or int8 values and scales) and x."""
+    """x (one row), the product's weight as float64, and run(i, config): packed_matmul of x by weight copy i."""
     rows = 2 * n if gated else n
     if bits == 4:
-        values = [torch.randint(0, 16, (rows, k), device="cuda", dtype=torch.int32, generator=g)
-                  for _ in range(copies)]
-        scale = (torch.rand(rows, k // group, device="cuda", generator=g) * 2e-3 + 1e-3).bfloat16()
-        zero = (torch.randn(rows, k // group, device="cuda", generator=g) * 1e-3).bfloat16()
-        scales = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        weight = ((values[0].double() - 8) * scale.double().repeat_interleave(group, 1)
-                  + zero.double().repeat_interleave(group, 1))
-        words = [int4_words(v, group) for v in values]
+        _, words, scales, weight = int4_weights(rows, k, group, copies, g)
     else:
-        values = [torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=g)
-                  for _ in range(copies)]
-        scales = (torch.rand(rows, 1, device="cuda", generator=g) * 2e-4 + 1e-4).bfloat16()
-        weight, words, group = values[0].double() * scales.double(), [v.view(torch.int32) for v in values], k
+        values, scales, weight = int8_weights(rows, k, copies, g)
+        words, group = [v.view(torch.int32) for v in values], k
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
     run = lambda i, c: packed_matmul(x, words[i], scales, n, group, bits, bits == 4, F.silu if gated else None,  # noqa: E731
                                      config=c)
@@ -301,7 +307,7 @@ def one_row() -> None:
               flush=True)
         del weights
         for bits in (4, 8):
-            size = rows * k * bits // 8 + (4 * rows * k // 128 if bits == 4 else 2 * rows)
+            size = packed_bytes(rows, k, bits, 128 if bits == 4 else k)
             configs = [c for s, b, c in points if s == shape and b == bits]
             copies = copies_of(size)
             x, weight, run = _one_row_inputs(n, k, gated, bits, 128, copies, g)

@@ -26,11 +26,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gpu_kernels import QUANT_SHAPES
 from maestrale.engine import kernels
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-SHAPES = [("qkv", 6144, 4096, False), ("o", 4096, 4096, False), ("gate_up", 14336, 4096, True),
-          ("down", 4096, 14336, False), ("lm_head", 32000, 4096, False)]
 
 
 def compile_sm90(config: tuple, bits: int, gated: bool, x: str) -> bytes:
@@ -89,7 +88,7 @@ def main() -> None:
     else:
         group = 128 if args.bits == 4 else 1 << 30
         cases = [(f"{name} m={m}", kernels.packed_config(m, n, k, args.bits, group, gated, getattr(torch, args.x)),
-                  gated) for m in (1, 32) for name, n, k, gated in SHAPES]
+                  gated) for m in (1, 32) for name, n, k, gated in QUANT_SHAPES]
     for label, config, gated in cases:
         registers, opcodes = loop_counts(compile_sm90(config, args.bits, gated, x))
         # one row, unsplit: the gate's and the up's rows in one tile; more rows: a loop each; split: 2n plain rows

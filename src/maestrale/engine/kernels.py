@@ -706,23 +706,21 @@ def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dt
             block_n, block_k, split, warps = ((32, 128, 4, 1) if gated else (256, 128, 4, 4) if n > 16384
                                               else (64 if n * k <= 4096 * 4096 else 128, 128, 32, 2))
         else:
-            block_n, block_k, split, warps = (16, 256, 2, 4) if gated else (8, 512, 1, 1) if n > 16384 \
-                else (8, 1024, 1, 2)
+            block_n, block_k, split, warps = ((16, 256, 2, 4) if gated else (8, 512, 1, 1) if n > 16384
+                                              else (8, 1024, 1, 2))
         block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
         while split > 1 and k // (block_k * split) < 2:  # shares of at least two tiles
             split //= 2
         return 1, block_n, block_k, split, warps, 1, False
     half = bits == 4 and dtype != torch.float32
-    block_m, block_n, block_k, warps = min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64, \
-        128, 4
-    block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))
+    block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64
+    block_k = min(128, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
     if half:
         block_k = min(block_k, group)  # HALF's tiles lie in one group
     split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     while not gated and programs * split < 132 and k // (block_k * split * 2) >= 2:
         split *= 2
-    if half and m > 16 and split == 1:  # unsplit (gated products, heads): 8 warps
-        warps = 8
+    warps = 8 if half and m > 16 and split == 1 else 4  # unsplit (gated products, heads): 8 warps
     return block_m, block_n, block_k, split, warps, 3, half
 
 

@@ -120,7 +120,10 @@ def load_quantized(library, folder: str, quant: str):
     """`library`'s model from `folder`, quantized on load with its own TorchAoConfig for `quant` (int8, int4-gG)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
-    kind = Int8WeightOnlyConfig() if quant == "int8" else Int4WeightOnlyConfig(group_size=int(quant.split("-g")[1]))
+    # int4 in torchao's tinygemm packing (torch's own kernel): its default, "plain", needs the mslk package, which
+    # PyPI holds only as an empty placeholder. maestrale quantizes the same either way (it keeps its own layout).
+    kind = Int8WeightOnlyConfig() if quant == "int8" else Int4WeightOnlyConfig(
+        group_size=int(quant.split("-g")[1]), int4_packing_format="tile_packed_to_4d")
     return library.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.bfloat16, device_map="cuda", quantization_config=library.TorchAoConfig(kind)).eval()
 

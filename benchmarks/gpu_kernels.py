@@ -2,7 +2,7 @@
 --quant, the weight-only int4 and int8 products on Mistral-7B's decode products; with --attention, the server's
 paged decode attention.
 
-    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant | --one-row | --attention]
+    PYTHONPATH=src python benchmarks/gpu_kernels.py [--sweep | --quant | --one-row | --mma | --attention]
 
 The question it answers: can a Triton matrix-vector kernel stream a dense layer's weights faster than cuBLAS's
 batch-1 products (which the decode step uses today), and with which blocks? Each product runs as a CUDA graph of calls
@@ -29,6 +29,10 @@ products split too (summed and gated by one more kernel). The grid is compiled f
 cache on disk), then timed one configuration at a time as --quant times them; the fastest few per product are printed
 beside packed_config's own choice.
 
+--mma: int4_mma_matmul (int4 g128 on tensor cores, int4_mma_words' layout) on Mistral-7B's products at 1, 8 and 32
+rows, its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp, shares), compiled first in
+parallel processes, beside bfloat16 cuBLAS, tinygemm and packed_matmul's own choice on int4_words of the same values.
+
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
 of the keys and values each call reads, its default config (attention_splits' shares of 32-token tiles on 4 warps)
@@ -46,9 +50,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from maestrale.engine.kernels import (attention_splits, decode_attention, decode_attention_torch, int8_config,
-                                     int8_matmul, matvec, matvec_config, matvec_torch, packed_config, packed_matmul)
-from maestrale.quantization.weight_only import int4_words
+from maestrale.engine.kernels import (attention_splits, decode_attention, decode_attention_torch, int4_mma_config,
+                                     int4_mma_matmul, int8_config, int8_matmul, matvec, matvec_config, matvec_torch,
+                                     packed_config, packed_matmul)
+from maestrale.quantization.weight_only import int4_mma_words, int4_words
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
 SHAPES = {
@@ -330,6 +335,78 @@ def one_row() -> None:
             torch.cuda.empty_cache()
 
 
+def mma_grid(m: int, n: int, k: int) -> list[tuple]:
+    """int4_mma_matmul configurations for m rows of x (see the docstring)."""
+    block_m = min(64, max(8, triton.next_power_of_2(m)))
+    warps_, splits = ((2, 4, 8), (1, 2, 4, 8, 16)) if m == 1 else ((4, 8), (1, 2))
+    return [(block_m, warps, tiles, split) for warps in warps_ for tiles in (1, 2, 4) for split in splits
+            if k // 128 >= split and 64 <= -(-n // (16 * warps * tiles)) * split <= 4400]
+
+
+def _mma_inputs(m: int, n: int, k: int, gated: bool, copies: int, g=None):
+    """x, the weight as float64, and on copy i: run(i, config) of int4_mma_matmul, packed(i) of packed_matmul and
+    tiny(i) of tinygemm (bare where gated)."""
+    rows, act = (2 * n if gated else n), (F.silu if gated else None)
+    values, words, scales, weight = int4_weights(rows, k, 128, copies, g)
+    mma_words = [int4_mma_words(v, 128) for v in values]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    run = lambda i, c: int4_mma_matmul(x, mma_words[i], scales, n, 128, act, config=c)  # noqa: E731
+    packed = lambda i: packed_matmul(x, words[i], scales, n, 128, 4, True, act)  # noqa: E731
+    tiny = [tinygemm_int4(v, 128, scales) for v in values] if copies > 1 else []
+    return x, weight, run, packed, lambda i: tiny[i](x)
+
+
+def _compile_mma(share: list) -> int:
+    done = 0
+    for (name, n, k, gated), m, config in share:
+        try:
+            _mma_inputs(m, n, k, gated, 1)[2](0, config)
+            done += 1
+        except Exception:  # the timing pass reports it
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def mma() -> None:
+    """--mma: per product and row count, cuBLAS, tinygemm, packed_matmul and int4_mma_matmul's choice and fastest."""
+    import concurrent.futures
+    import multiprocessing
+
+    points = [(shape, m, c) for shape in QUANT_SHAPES for m in QUANT_ROWS for c in dict.fromkeys(
+        [int4_mma_config(m, 2 * shape[1] if shape[3] else shape[1], shape[2], 128)] + mma_grid(m, *shape[1:3]))]
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = sum(pool.map(_compile_mma, [points[i::workers] for i in range(workers)]))
+    print(f"{len(points)} configurations, {compiled} compiled in {workers} processes", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in QUANT_SHAPES:
+        name, n, k, gated = shape
+        rows = 2 * n if gated else n
+        act = F.silu if gated else None
+        bf16_size, size = rows * k * 2, packed_bytes(rows, k, 4, 128)
+        weights = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+                   for _ in range(copies_of(bf16_size))]
+        copies = copies_of(size)
+        for m in QUANT_ROWS:
+            x, weight, run, packed, tiny = _mma_inputs(m, n, k, gated, copies, g)
+            cublas = graph_time(lambda i: F.linear(x, weights[i % len(weights)]), len(weights))
+            tinygemm = graph_time(tiny, copies)
+            reference = matvec_torch(x.double(), weight, act)
+            own_packed = graph_time(packed, copies)
+            configs = [c for s, mm, c in points if s == shape and mm == m]
+            chosen, best, config = sweep(run, configs, reference, copies, f"mma {name} m={m}")
+            print(f"m={m:<2} {name:8} {rows:5}x{k:5}  bf16 cuBLAS {cublas * 1e6:6.1f} us  tinygemm {tinygemm * 1e6:6.1f}"
+                  f"  packed_matmul {own_packed * 1e6:6.1f}  int4_mma own "
+                  + (f"{chosen * 1e6:6.1f} us {size / chosen / 1e12:.2f} TB/s ({cublas / chosen:.2f}x) {configs[0]}"
+                     if chosen else "failed")
+                  + f"; fastest of {len(configs)} {best * 1e6:6.1f} us {size / best / 1e12:.2f} TB/s "
+                    f"({cublas / best:.2f}x) {config}", flush=True)
+            del run, packed, tiny
+        del weights
+        torch.cuda.empty_cache()
+
+
 def attention() -> None:
     heads, kv_heads, d, block_size = 32, 8, 128, 16
     for tokens in (400, 2000):
@@ -366,6 +443,7 @@ def main() -> None:
     mode.add_argument("--sweep", action="store_true")
     mode.add_argument("--quant", action="store_true")
     mode.add_argument("--one-row", action="store_true")
+    mode.add_argument("--mma", action="store_true")
     mode.add_argument("--attention", action="store_true")
     args = parser.parse_args()
     read, copy = bandwidths()
@@ -378,6 +456,8 @@ def main() -> None:
         return attention()
     if args.one_row:
         return one_row()
+    if args.mma:
+        return mma()
     for model, shapes in SHAPES.items():
         for name, n, k, gated in shapes:
             rows = 2 * n if gated else n

@@ -408,3 +408,60 @@ def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):
     assert torch.equal(ref.sequences, fast.sequences)
     for a, b in zip(ref.logits, fast.logits):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def _int4_mma(n, k, group, dtype, seed):
+    """_int4's weight in int4_mma_words' layout, rows padded to 16 (zero values, scales and zeros)."""
+    from maestrale.quantization.weight_only import int4_mma_words, int4_values
+
+    words, scale_and_zeros, weight = _int4(n, k, group, dtype, seed)
+    pad = -n % 16
+    values = torch.nn.functional.pad(int4_values(words.cpu(), group).int(), (0, 0, 0, pad))
+    scale_and_zeros = torch.nn.functional.pad(scale_and_zeros, (0, 0, 0, pad))
+    return int4_mma_words(values, group).to(DEVICE), scale_and_zeros, weight
+
+
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="mma.sync through Gluon: CUDA only")
+
+
+def test_int4_mma_words_round_trip():
+    """Word (tile 0, group 1, kh 0, lane 4g + t, v) holds rows g + 8b of inputs t * group / 4 + 4j + 2c + e of group
+    1 (j = kh * 4 + v) in field b + 2c + 4e."""
+    from maestrale.quantization.weight_only import int4_mma_values, int4_mma_words
+
+    values = torch.randint(0, 16, (32, 256))
+    words = int4_mma_words(values, 128)
+    assert words.dtype == torch.int32 and words.shape == (32, 32) and (words < 0).any()
+    assert torch.equal(int4_mma_values(words, 128), values.to(torch.uint8))
+    g, t, v = 3, 2, 1
+    word = words.reshape(-1)[(2 * 1) * 128 + (4 * g + t) * 4 + v].item() % (1 << 32)
+    assert [(word >> 4 * (b + 2 * c + 4 * e)) & 15 for b in (0, 1) for c in (0, 1) for e in (0, 1)] == [
+        values[g + 8 * b, 128 + t * 32 + 4 * v + 2 * c + e].item() for b in (0, 1) for c in (0, 1) for e in (0, 1)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 8, 19, 64])
+@pytest.mark.parametrize("n,k,group", [(45, 256, 32), (19, 384, 64), (37, 640, 128), (16, 512, 256)])
+def test_int4_mma_matmul(n, k, group, m, dtype):
+    """int4 weights on tensor cores (int4_mma_matmul, int4_mma_config's choice) equal the float64 product of the
+    weight they stand for, on odd rows of x and of the weight."""
+    words, scale_and_zeros, weight = _int4_mma(n, k, group, dtype, seed=n + k + m)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    _check(kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group), x, weight, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("m,config", [(1, (8, 4, 1, 1)), (1, (8, 2, 4, 3)), (3, (8, 1, 2, 5)), (20, (16, 4, 1, 2)),
+                                      (33, (32, 8, 1, 1))])
+def test_int4_mma_matmul_configs(m, config, gated):
+    """Other blocks: several tiles a warp, shares of the groups summed in float32 (the last share shorter, a share
+    empty), x's rows in several blocks; gated, the gate's and up's rows in one program or their partials summed and
+    gated by one more kernel."""
+    n, k, group = 48, 1024, 128
+    words, scale_and_zeros, weight = _int4_mma(2 * n if gated else n, k, group, torch.bfloat16, seed=m)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    act = torch.nn.functional.silu if gated else None
+    out = kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group, act, config=config)
+    _check(out, x, weight, torch.bfloat16, act)

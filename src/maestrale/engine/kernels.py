@@ -545,6 +545,116 @@ if triton is not None:
         tl.store(OUT + i, acc.to(dtype), mask=keep)
 
 
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    @gluon.jit
+    def _index(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
+        """arange(n) along dimension `dim` of a rank-4 (dim < 4) or rank-3 layout, expanded to its rank."""
+        if layout.rank == 3:
+            if dim == 0:
+                return gl.expand_dims(gl.expand_dims(gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1), 2)
+            elif dim == 1:
+                return gl.expand_dims(gl.expand_dims(gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0), 2)
+            else:
+                return gl.expand_dims(gl.expand_dims(gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
+        else:
+            if dim == 0:
+                i = gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
+                return gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 1), 2), 3)
+            elif dim == 1:
+                i = gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
+                return gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 2), 3)
+            elif dim == 2:
+                i = gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, layout))))
+                return gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 1), 3)
+            else:
+                i = gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))
+                return gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 1), 2)
+
+    @gluon.jit
+    def _mma_tile_sums(W, at, keep_w, xv, PAIRS: gl.constexpr, A_L: gl.constexpr, MMA: gl.constexpr):
+        """The (BLOCK_N, BLOCK_M) products (q - 8) . x of one group: the words at `at` become the tensor-core
+        operand in registers, two values an instruction (_pairs_ptx), with no move between threads."""
+        w = gl.load(W + at, mask=keep_w, other=0)
+        RT: gl.constexpr = w.shape[0]
+        KH: gl.constexpr = w.shape[1]
+        V: gl.constexpr = w.shape[3]
+        p0, p1, p2, p3 = gl.inline_asm_elementwise(PAIRS, "=r,=r,=r,=r,r,r", [gl.join(w, w)],
+                                                   dtype=(xv.dtype,) * 4, is_pure=True, pack=2)
+        t = gl.reshape(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [RT, KH, 8, 4, V, 2, 2, 2])  # tile, kh, g, t, v, e, b, c
+        a = gl.reshape(gl.permute(t, [0, 6, 2, 1, 4, 7, 3, 5]), [16 * RT, 16 * KH * V])
+        return mma_v2(gl.convert_layout(a, A_L, assert_trivial=True), xv,
+                      gl.zeros([16 * RT, xv.shape[1]], gl.float32, MMA))
+
+    @gluon.jit
+    def _int4_mma_kernel(X, W, S, OUT, M, N, K, UP, s_row, s_group, GROUP: gl.constexpr, V: gl.constexpr,
+                         WARPS: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, GATED: gl.constexpr,
+                         BLOCK_M: gl.constexpr, XL: gl.constexpr):
+        """BLOCK_M rows of 16-bit x times 16 * WARPS * TILES int4 weight rows (int4_mma_words' layout: each thread's
+        word is its share of a 16 x 16 tensor-core tile), over one of SPLIT_K shares of the groups, on mma.sync with
+        the weight as the left operand and x's rows as the columns (8 a block: one row of x wastes 7). A group's
+        integer products take its scale, and x's sums (by the same tensor cores, from a tile of ones) its zero.
+        GATED: rows UP.. are the up rows of gate rows 0..N, and the kernel stores silu(gate) * up rounded as
+        matvec_torch rounds it. One share stores the rounded outputs, several their float32 partial sums."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, V], [1, 1, 32, 1], [WARPS, 1, 1, 1], [3, 2, 1, 0])
+        PAIRS: gl.constexpr = _PAIRS_BF16 if X.dtype.element_ty == gl.bfloat16 else _PAIRS_F16
+        RT: gl.constexpr = WARPS * TILES
+        KH: gl.constexpr = GROUP // (16 * V)
+        BLOCK_N: gl.constexpr = 16 * RT
+        dtype = OUT.dtype.element_ty
+        nb = gl.program_id(0)
+        m0 = gl.program_id(1) * BLOCK_M
+        split = gl.program_id(2)
+        groups = K // GROUP
+        share = gl.cdiv(groups, SPLIT_K)
+        g0 = split * share
+        g1 = gl.minimum(g0 + share, groups)
+        tile = nb * RT + _index(RT, 0, WL)
+        keep_w = tile < gl.cdiv(N, 16)
+        at = tile.to(gl.int64) * (2 * K) + _index(KH, 1, WL) * (32 * V) + _index(32, 2, WL) * V + _index(V, 3, WL)
+        # x's rows are read in the inputs' order permuted within a group, as int4_mma_words lays out the weight: each
+        # thread's share of a group is contiguous (16-byte loads)
+        m_x = m0 + _index(BLOCK_M, 2, XL)
+        xat = m_x.to(gl.int64) * K + _index(4, 0, XL) * (GROUP // 4) + _index(GROUP // 4, 1, XL)
+        keep_x = m_x < M
+        rows = nb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA))
+        keep_r = rows < N
+        ones = gl.full([BLOCK_N, GROUP], 1.0, X.dtype.element_ty, A_L)
+        out = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for gi in range(g0, g1):
+            xr = gl.load(X + xat + gi * GROUP, mask=keep_x, other=0.0)
+            xr = gl.permute(gl.reshape(xr, [4, GROUP // 16, 2, 2, BLOCK_M]), [1, 2, 0, 3, 4])
+            xv = gl.convert_layout(gl.reshape(xr, [GROUP, BLOCK_M]), B_L, assert_trivial=True)
+            x_sums = mma_v2(ones, xv, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
+            sums = _mma_tile_sums(W, at + gi * (KH * 32 * V), keep_w, xv, PAIRS, A_L, MMA)
+            at_s = S + rows * s_row + gi * s_group
+            scale = gl.expand_dims(gl.load(at_s, mask=keep_r, other=0.0).to(gl.float32), 1)
+            zero = gl.expand_dims(gl.load(at_s + 1, mask=keep_r, other=0.0).to(gl.float32), 1)
+            out += sums * scale + x_sums * zero
+            if GATED:
+                sums = _mma_tile_sums(W, at + gi * (KH * 32 * V) + UP.to(gl.int64) * (K // 8), keep_w, xv, PAIRS,
+                                      A_L, MMA)
+                scale = gl.expand_dims(gl.load(at_s + UP * s_row, mask=keep_r, other=0.0).to(gl.float32), 1)
+                zero = gl.expand_dims(gl.load(at_s + UP * s_row + 1, mask=keep_r, other=0.0).to(gl.float32), 1)
+                up += sums * scale + x_sums * zero
+        if GATED:
+            gate = out.to(dtype).to(gl.float32)
+            out = (gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up.to(dtype).to(gl.float32)
+        m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(0, MMA))
+        at_o = gl.expand_dims(m, 0) * N + gl.expand_dims(rows, 1)
+        keep = gl.expand_dims(m < M, 0) & gl.expand_dims(keep_r, 1)
+        if SPLIT_K == 1:
+            gl.store(OUT + at_o, out.to(dtype), mask=keep)
+        else:
+            gl.store(OUT + split * M * N + at_o, out, mask=keep)
+
+
 def _split_sum(partials: torch.Tensor, dtype: torch.dtype, gated: bool = False) -> torch.Tensor:
     """The (m, n) result of a split product's float32 partials (splits, m, n; gated: n gate then n up columns)."""
     splits, m, width = partials.shape
@@ -759,4 +869,55 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
         LAYOUT=layout, ZEROS=zeros, GATED=gated and split == 1, SPLIT_K=split,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half, ASM=not _INTERPRETED, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out if split == 1 else _split_sum(out, x.dtype, gated)
+
+
+def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, num_warps, TILES, SPLIT_K) of int4_mma_matmul for m rows of x and an n x k weight, from
+    benchmarks/gpu_kernels.py --mma on an H100 (BENCHMARKS.md, 2026-12-06): x's rows in blocks of 8 up to 64; one row
+    on 8 warps of 2 tiles of 16 weight rows (4 tiles from 16,384 rows), more rows on 4 warps (big products: 1 tile
+    up to 8 rows, 4 beyond); the groups split in shares of at least two until there are 224 programs."""
+    block_m = min(64, max(8, triton.next_power_of_2(m)))
+    big = n >= 16384
+    warps, tiles = (8, 4 if big else 2) if m == 1 else (4, (1 if block_m == 8 else 4) if big else 2)
+    split, programs = 1, triton.cdiv(n, 16 * warps * tiles) * triton.cdiv(m, block_m)
+    while programs * split < 224 and k // group // (split * 2) >= 2:
+        split *= 2
+    return block_m, warps, tiles, split
+
+
+def _x_layout(block_m: int, group: int, warps: int):
+    """int4_mma_matmul's layout of x's (4, group / 4, BLOCK_M) tile: a thread's group / 4 inputs contiguous in
+    registers, lanes over the 4 quarters and 8 rows, x's other rows in registers, every warp a copy."""
+    def log2(v: int) -> int:
+        return v.bit_length() - 1
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1 << i, 0] for i in range(log2(group // 4))] + [[0, 0, 8 << i] for i in range(log2(block_m // 8))],
+        lane_bases=[[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]], warp_bases=[[0, 0, 0]] * log2(warps),
+        block_bases=[], shape=[4, group // 4, block_m])
+
+
+def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, act=None,
+                    config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ w.T in x's dtype (float16 or bfloat16, m <= 64 rows) for the first n rows of an int4 weight in
+    int4_mma_words' layout (rows padded to 16), w = (q - 8) * scale + zero with scales (groups, rows, 2) of scales and
+    zeros, on tensor cores. act=F.silu: the weight is the gate's n rows then the up's n rows (n a multiple of 16), and
+    the result silu(gate) * up. config: int4_mma_config's tuple."""
+    (m, k), rows = x.shape, words.shape[0]
+    if x.dtype not in (torch.float16, torch.bfloat16) or words.dtype != torch.int32 or words.shape[1] * 8 != k \
+            or rows % 16 or k % group or not words.is_contiguous():
+        raise ValueError(f"int4_mma_matmul: x {tuple(x.shape)} {x.dtype} against words {tuple(words.shape)} "
+                         f"{words.dtype}: x must be float16 or bfloat16 of k inputs, the words contiguous int32 of k / 8 "
+                         f"a row, rows a multiple of 16, k a multiple of the group ({group})")
+    gated = act is not None
+    if gated and (act is not F.silu or n % 16):
+        raise ValueError(f"int4_mma_matmul gates with F.silu on gate rows a multiple of 16, got {act}, {n} rows")
+    block_m, warps, tiles, split = config or int4_mma_config(m, 2 * n if gated else n, k, group)
+    x = x.contiguous()
+    width = 2 * n if gated and split > 1 else n  # split and gated: the gate's and the up's partials, gated as summed
+    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, width, dtype=torch.float32)
+    _int4_mma_kernel[(triton.cdiv(width, 16 * warps * tiles), triton.cdiv(m, block_m), split)](
+        x, words, scales, out, m, width, k, n, scales.stride(1), scales.stride(0), GROUP=group,
+        V=2 if group == 32 else 4, WARPS=warps, TILES=tiles, SPLIT_K=split, GATED=gated and split == 1,
+        BLOCK_M=block_m, XL=_x_layout(block_m, group, warps), num_warps=warps)
     return out if split == 1 else _split_sum(out, x.dtype, gated)

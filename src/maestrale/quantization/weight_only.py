@@ -4,9 +4,8 @@ checkpoints and GGUF's 4- and 8-bit blocks, and the linear layer that runs it.
 int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `group_size` inputs:
 w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
 layout of the product on the device they sit on: on CPU torch's (_weight_int4pack_mm_for_cpu), on CUDA maestrale's,
-int32 words of 8 values along the inputs (int4_words) that its Triton kernel reads
-(engine/kernels.py packed_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device)
-unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
+int32 words laid out as the tensor-core operand of its Gluon kernel (int4_mma_words, engine/kernels.py
+int4_mma_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device) unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
 16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (packed_matmul on the values viewed as
 int32 words at one row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product
 there); on CPU torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small
@@ -81,18 +80,19 @@ class Int4Weight(PackedWeight):
         return weight
 
     def fuses_gate(self, x: torch.Tensor) -> bool:
-        """Whether matmul(x, F.silu) runs in one launch."""
-        return x.is_cuda and x.shape[0] <= KERNEL_ROWS
+        """Whether matmul(x, F.silu) runs in one launch: the tensor-core kernel's, for 16-bit x on CUDA."""
+        return x.is_cuda and x.shape[0] <= KERNEL_ROWS and self.scale_and_zeros.dtype in (torch.float16,
+                                                                                         torch.bfloat16)
 
     def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
         silu(gate) * up, in one launch."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
         if self.fuses_gate(x):
-            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+            from ..engine.kernels import int4_mma_matmul  # here: the engine imports this module
 
             rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return packed_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, 4, True, act)
+            return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act)
         if act is not None:
             raise ValueError(f"Int4Weight.matmul: the gate is fused on CUDA for up to {KERNEL_ROWS} rows only, got "
                              f"{x.shape[0]} rows on {x.device}")
@@ -186,17 +186,49 @@ def int4_values(words: torch.Tensor, group: int) -> torch.Tensor:
     return fields.flatten(1).to(torch.uint8)
 
 
+def _mma_dims(rows: int, cols: int, group: int) -> tuple[int, ...]:
+    """int4_mma_words' view of (rows, cols) values: (row tile, b, g, group, t, kh, v, c, e)."""
+    v = 2 if group == 32 else 4
+    return rows // 16, 2, 8, cols // group, 4, group // (16 * v), v, 2, 2
+
+
+MMA_ORDER = (0, 3, 5, 2, 4, 6, 8, 7, 1)  # int4_mma_words' memory order of _mma_dims: tile, group, kh, g, t, v, e, c, b
+
+
+def int4_mma_words(values: torch.Tensor, group: int) -> torch.Tensor:
+    """(rows, cols) values 0..15 (rows a multiple of 16) as the layout of CUDA's int4 tensor-core kernel
+    (engine/kernels.py int4_mma_matmul), viewed as (rows, cols / 8) int32 words. Each 16-row tile's words run over
+    its groups; within a group, word (kh, lane 4g + t, v) is lane's share of the tensor-core operand of inputs 16j..
+    16j + 15 (j = kh * V + v, V = 2 for groups of 32, else 4) in the order the kernel reads x: input c * 8 + 2t + e
+    of step j is the group's input t * group / 4 + 4j + 2c + e, so that a thread's x is contiguous. Fields
+    b + 2c + 4e (bits 4f..4f + 3) hold rows g + 8b: the kernel's _pairs_ptx turns field pairs (f, f + 4) into the
+    operand's registers, two inputs each."""
+    rows, cols = values.shape
+    fields = values.long().view(_mma_dims(rows, cols, group)).permute(MMA_ORDER).flatten(-3)
+    words = (fields << (4 * torch.arange(8, device=values.device))).sum(-1).reshape(rows, cols // 8)
+    return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
+
+
+def int4_mma_values(words: torch.Tensor, group: int) -> torch.Tensor:
+    """The (rows, cols) uint8 values of int4_mma_words."""
+    rows, cols = words.shape[0], words.shape[1] * 8
+    dims = _mma_dims(rows, cols, group)
+    fields = (words.reshape(-1, 1) >> (4 * torch.arange(8, device=words.device, dtype=torch.int32))) & 15
+    fields = fields.reshape([dims[i] for i in MMA_ORDER])
+    return fields.permute([MMA_ORDER.index(i) for i in range(9)]).reshape(rows, cols).to(torch.uint8)
+
+
 def _pack_int4(values: torch.Tensor, group: int) -> torch.Tensor:
     """(rows, cols) int32 values 0..15 in the layout of the int4 product on their device."""
     if values.is_cuda:
-        return int4_words(values, group)
+        return int4_mma_words(values, group)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
 
 
 def _unpack_int4(packed: torch.Tensor, rows: int, cols: int, group: int) -> torch.Tensor:
     """The (rows, cols) uint8 values of a packed int4 weight."""
     if packed.is_cuda:
-        return int4_values(packed, group)
+        return int4_mma_values(packed, group)
     # torch's CPU layout: blocks of BLOCK rows (64 with AVX512, else 32), each k-major with BLOCK/2 bytes per input;
     # a full block pairs row r with row r + BLOCK/2 in a byte (AVX512: 16-row lanes 0|2 and 1|3), a shorter one
     # (the last) pairs neighbouring rows.

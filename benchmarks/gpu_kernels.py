@@ -30,8 +30,9 @@ cache on disk), then timed one configuration at a time as --quant times them; th
 beside packed_config's own choice.
 
 --mma: int4_mma_matmul (int4 g128 on tensor cores, int4_mma_words' layout) on Mistral-7B's products at 1, 8 and 32
-rows, its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp, shares), compiled first in
-parallel processes, beside bfloat16 cuBLAS, tinygemm and packed_matmul's own choice on int4_words of the same values.
+rows, its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp, shares, weights a group
+ahead or not), compiled first in parallel processes, beside bfloat16 cuBLAS, tinygemm and packed_matmul's own choice
+on int4_words of the same values.
 
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
@@ -338,9 +339,9 @@ def one_row() -> None:
 def mma_grid(m: int, n: int, k: int) -> list[tuple]:
     """int4_mma_matmul configurations for m rows of x (see the docstring)."""
     block_m = min(64, max(8, triton.next_power_of_2(m)))
-    warps_, splits = ((2, 4, 8), (1, 2, 4, 8, 16)) if m == 1 else ((4, 8), (1, 2))
-    return [(block_m, warps, tiles, split) for warps in warps_ for tiles in (1, 2, 4) for split in splits
-            if k // 128 >= split and 64 <= -(-n // (16 * warps * tiles)) * split <= 4400]
+    warps_, splits = ((4, 8), (1, 2, 4, 8, 16)) if m == 1 else ((4, 8), (1, 2))
+    return [(block_m, warps, tiles, split, ahead) for warps in warps_ for tiles in (1, 2, 4) for split in splits
+            for ahead in (False, True) if k // 128 >= split and 64 <= -(-n // (16 * warps * tiles)) * split <= 4400]
 
 
 def _mma_inputs(m: int, n: int, k: int, gated: bool, copies: int, g=None):

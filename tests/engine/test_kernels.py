@@ -453,12 +453,13 @@ def test_int4_mma_matmul(n, k, group, m, dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("m,config", [(1, (8, 4, 1, 1)), (1, (8, 2, 4, 3)), (3, (8, 1, 2, 5)), (20, (16, 4, 1, 2)),
-                                      (33, (32, 8, 1, 1))])
+@pytest.mark.parametrize("m,config", [(1, (8, 4, 1, 1, False)), (1, (8, 4, 1, 1, True)), (1, (8, 2, 4, 3, True)),
+                                      (3, (8, 1, 2, 5, False)), (3, (8, 1, 2, 5, True)), (20, (16, 4, 1, 2, True)),
+                                      (33, (32, 8, 1, 1, False))])
 def test_int4_mma_matmul_configs(m, config, gated):
     """Other blocks: several tiles a warp, shares of the groups summed in float32 (the last share shorter, a share
-    empty), x's rows in several blocks; gated, the gate's and up's rows in one program or their partials summed and
-    gated by one more kernel."""
+    empty), x's rows in several blocks, the weights loaded a group ahead or not; gated, the gate's and up's rows in one
+    program or their partials summed and gated by one more kernel."""
     n, k, group = 48, 1024, 128
     words, scale_and_zeros, weight = _int4_mma(2 * n if gated else n, k, group, torch.bfloat16, seed=m)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)

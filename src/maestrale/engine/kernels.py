@@ -574,10 +574,16 @@ if triton is not None:
                 return gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 1), 2)
 
     @gluon.jit
-    def _mma_tile_sums(W, at, keep_w, xv, PAIRS: gl.constexpr, A_L: gl.constexpr, MMA: gl.constexpr):
-        """The (BLOCK_N, BLOCK_M) products (q - 8) . x of one group: the words at `at` become the tensor-core
-        operand in registers, two values an instruction (_pairs_ptx), with no move between threads."""
-        w = gl.load(W + at, mask=keep_w, other=0)
+    def _group_weights(W, at, keep_w, at_s, keep_r, ok):
+        """One group's words and its rows' scales and zeros (zero where not ok: past the share's last group)."""
+        scale = gl.load(at_s, mask=keep_r & ok, other=0.0).to(gl.float32)
+        zero = gl.load(at_s + 1, mask=keep_r & ok, other=0.0).to(gl.float32)
+        return gl.load(W + at, mask=keep_w & ok, other=0), gl.expand_dims(scale, 1), gl.expand_dims(zero, 1)
+
+    @gluon.jit
+    def _mma_tile_sums(w, xv, PAIRS: gl.constexpr, A_L: gl.constexpr, MMA: gl.constexpr):
+        """The (BLOCK_N, BLOCK_M) products (q - 8) . x of one group: its words w become the tensor-core operand in
+        registers, two values an instruction (_pairs_ptx), with no move between threads."""
         RT: gl.constexpr = w.shape[0]
         KH: gl.constexpr = w.shape[1]
         V: gl.constexpr = w.shape[3]
@@ -590,14 +596,16 @@ if triton is not None:
 
     @gluon.jit
     def _int4_mma_kernel(X, W, S, OUT, M, N, K, UP, s_row, s_group, GROUP: gl.constexpr, V: gl.constexpr,
-                         WARPS: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, GATED: gl.constexpr,
-                         BLOCK_M: gl.constexpr, XL: gl.constexpr):
+                         WARPS: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, AHEAD: gl.constexpr,
+                         GATED: gl.constexpr, BLOCK_M: gl.constexpr, XL: gl.constexpr):
         """BLOCK_M rows of 16-bit x times 16 * WARPS * TILES int4 weight rows (int4_mma_words' layout: each thread's
         word is its share of a 16 x 16 tensor-core tile), over one of SPLIT_K shares of the groups, on mma.sync with
         the weight as the left operand and x's rows as the columns (8 a block: one row of x wastes 7). A group's
         integer products take its scale, and x's sums (by the same tensor cores, from a tile of ones) its zero.
         GATED: rows UP.. are the up rows of gate rows 0..N, and the kernel stores silu(gate) * up rounded as
-        matvec_torch rounds it. One share stores the rounded outputs, several their float32 partial sums."""
+        matvec_torch rounds it. One share stores the rounded outputs, several their float32 partial sums. AHEAD:
+        each group's weights are loaded before the previous group's products, so that they overlap (x, from L2, is
+        loaded where it is used: carried to the next iteration, its pairs would be packed again)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -627,22 +635,38 @@ if triton is not None:
         ones = gl.full([BLOCK_N, GROUP], 1.0, X.dtype.element_ty, A_L)
         out = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        STEP: gl.constexpr = KH * 32 * V
+        at_s = S + rows * s_row
+        if GATED:
+            at_up, at_s_up = at + UP.to(gl.int64) * (K // 8), at_s + UP * s_row
+        if AHEAD:
+            w, scale, zero = _group_weights(W, at + g0 * STEP, keep_w, at_s + g0 * s_group, keep_r, g0 < g1)
+            if GATED:
+                w_up, scale_up, zero_up = _group_weights(W, at_up + g0 * STEP, keep_w, at_s_up + g0 * s_group, keep_r,
+                                                         g0 < g1)
         for gi in range(g0, g1):
+            if AHEAD:
+                w_next, scale_next, zero_next = _group_weights(W, at + (gi + 1) * STEP, keep_w,
+                                                               at_s + (gi + 1) * s_group, keep_r, gi + 1 < g1)
+                if GATED:
+                    w_up_next, scale_up_next, zero_up_next = _group_weights(
+                        W, at_up + (gi + 1) * STEP, keep_w, at_s_up + (gi + 1) * s_group, keep_r, gi + 1 < g1)
+            else:
+                w, scale, zero = _group_weights(W, at + gi * STEP, keep_w, at_s + gi * s_group, keep_r, True)
+                if GATED:
+                    w_up, scale_up, zero_up = _group_weights(W, at_up + gi * STEP, keep_w, at_s_up + gi * s_group,
+                                                             keep_r, True)
             xr = gl.load(X + xat + gi * GROUP, mask=keep_x, other=0.0)
             xr = gl.permute(gl.reshape(xr, [4, GROUP // 16, 2, 2, BLOCK_M]), [1, 2, 0, 3, 4])
             xv = gl.convert_layout(gl.reshape(xr, [GROUP, BLOCK_M]), B_L, assert_trivial=True)
             x_sums = mma_v2(ones, xv, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
-            sums = _mma_tile_sums(W, at + gi * (KH * 32 * V), keep_w, xv, PAIRS, A_L, MMA)
-            at_s = S + rows * s_row + gi * s_group
-            scale = gl.expand_dims(gl.load(at_s, mask=keep_r, other=0.0).to(gl.float32), 1)
-            zero = gl.expand_dims(gl.load(at_s + 1, mask=keep_r, other=0.0).to(gl.float32), 1)
-            out += sums * scale + x_sums * zero
+            out += _mma_tile_sums(w, xv, PAIRS, A_L, MMA) * scale + x_sums * zero
             if GATED:
-                sums = _mma_tile_sums(W, at + gi * (KH * 32 * V) + UP.to(gl.int64) * (K // 8), keep_w, xv, PAIRS,
-                                      A_L, MMA)
-                scale = gl.expand_dims(gl.load(at_s + UP * s_row, mask=keep_r, other=0.0).to(gl.float32), 1)
-                zero = gl.expand_dims(gl.load(at_s + UP * s_row + 1, mask=keep_r, other=0.0).to(gl.float32), 1)
-                up += sums * scale + x_sums * zero
+                up += _mma_tile_sums(w_up, xv, PAIRS, A_L, MMA) * scale_up + x_sums * zero_up
+            if AHEAD:
+                w, scale, zero = w_next, scale_next, zero_next
+                if GATED:
+                    w_up, scale_up, zero_up = w_up_next, scale_up_next, zero_up_next
         if GATED:
             gate = out.to(dtype).to(gl.float32)
             out = (gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up.to(dtype).to(gl.float32)
@@ -872,18 +896,21 @@ def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n:
     return out if split == 1 else _split_sum(out, x.dtype, gated)
 
 
-def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, num_warps, TILES, SPLIT_K) of int4_mma_matmul for m rows of x and an n x k weight, from
+def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, num_warps, TILES, SPLIT_K, AHEAD) of int4_mma_matmul for m rows of x and an n x k weight, from
     benchmarks/gpu_kernels.py --mma on an H100 (BENCHMARKS.md, 2026-12-06): x's rows in blocks of 8 up to 64; one row
-    on 8 warps of 2 tiles of 16 weight rows (4 tiles from 16,384 rows), more rows on 4 warps (big products: 1 tile
-    up to 8 rows, 4 beyond); the groups split in shares of at least two until there are 224 programs."""
+    on 8 warps of 2 tiles of 16 weight rows (4 tiles from 16,384 rows), more rows on 4 warps of 2 tiles (4 from 16,384
+    rows past 8 rows of x, where those up to 8 start in 2 shares); the groups split in shares of at least two until
+    there are 224 programs; the weights loaded a group ahead up to 8 rows of x, in 1 or 2 tiles a warp and shares of
+    4 groups or more."""
     block_m = min(64, max(8, triton.next_power_of_2(m)))
     big = n >= 16384
-    warps, tiles = (8, 4 if big else 2) if m == 1 else (4, (1 if block_m == 8 else 4) if big else 2)
-    split, programs = 1, triton.cdiv(n, 16 * warps * tiles) * triton.cdiv(m, block_m)
+    warps, tiles = (8, 4 if big else 2) if m == 1 else (4, 4 if big and block_m > 8 else 2)
+    split = 2 if big and m > 1 and block_m == 8 else 1
+    programs = triton.cdiv(n, 16 * warps * tiles) * triton.cdiv(m, block_m)
     while programs * split < 224 and k // group // (split * 2) >= 2:
         split *= 2
-    return block_m, warps, tiles, split
+    return block_m, warps, tiles, split, block_m == 8 and tiles <= 2 and k // group // split >= 4
 
 
 def _x_layout(block_m: int, group: int, warps: int):
@@ -898,7 +925,7 @@ def _x_layout(block_m: int, group: int, warps: int):
 
 
 def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, act=None,
-                    config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                    config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
     """x @ w.T in x's dtype (float16 or bfloat16, m <= 64 rows) for the first n rows of an int4 weight in
     int4_mma_words' layout (rows padded to 16), w = (q - 8) * scale + zero with scales (groups, rows, 2) of scales and
     zeros, on tensor cores. act=F.silu: the weight is the gate's n rows then the up's n rows (n a multiple of 16), and
@@ -912,12 +939,12 @@ def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
     gated = act is not None
     if gated and (act is not F.silu or n % 16):
         raise ValueError(f"int4_mma_matmul gates with F.silu on gate rows a multiple of 16, got {act}, {n} rows")
-    block_m, warps, tiles, split = config or int4_mma_config(m, 2 * n if gated else n, k, group)
+    block_m, warps, tiles, split, ahead = config or int4_mma_config(m, 2 * n if gated else n, k, group)
     x = x.contiguous()
     width = 2 * n if gated and split > 1 else n  # split and gated: the gate's and the up's partials, gated as summed
     out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, width, dtype=torch.float32)
     _int4_mma_kernel[(triton.cdiv(width, 16 * warps * tiles), triton.cdiv(m, block_m), split)](
         x, words, scales, out, m, width, k, n, scales.stride(1), scales.stride(0), GROUP=group,
-        V=2 if group == 32 else 4, WARPS=warps, TILES=tiles, SPLIT_K=split, GATED=gated and split == 1,
-        BLOCK_M=block_m, XL=_x_layout(block_m, group, warps), num_warps=warps)
+        V=2 if group == 32 else 4, WARPS=warps, TILES=tiles, SPLIT_K=split, AHEAD=ahead,
+        GATED=gated and split == 1, BLOCK_M=block_m, XL=_x_layout(block_m, group, warps), num_warps=warps)
     return out if split == 1 else _split_sum(out, x.dtype, gated)

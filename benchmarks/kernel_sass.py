@@ -1,15 +1,14 @@
-"""Static instruction counts of packed_matmul's kernel, compiled for an H100/H200 (sm_90) on any machine, no GPU.
+"""Static instruction counts of int8_row_matmul's kernel, compiled for an H100/H200 (sm_90) on any machine, no GPU.
 
-    PYTHONPATH=src python benchmarks/kernel_sass.py [--bits 4|8] [--gated] [--x bfloat16|float16] [CONFIG ...]
+    PYTHONPATH=src python benchmarks/kernel_sass.py [--gated] [--x bfloat16|float16] [CONFIG ...]
 
-CONFIG is BLOCK_M,BLOCK_N,BLOCK_K,SPLIT_K,num_warps,num_stages,HALF as packed_config returns it, e.g.
-1,128,128,16,2,1,0. With none, the configs packed_config picks for Mistral-7B's products at one row and 32 rows.
-Each line gives the kernel's registers and the SASS instructions of its main loop (its one runtime loop, over the
-inputs), as instructions a thread issues per weight it reads, by opcode. The question it answers without a device:
-is a product bound by what it issues rather than by bandwidth? An H200 issues ~33 T thread-instructions/s (132
-multiprocessors x 4 schedulers x 32 lanes x 1.98 GHz); int4 at 4 TB/s is 8 T weights/s, so about 4 instructions a
-weight is the most that leaves it bound by bandwidth. Groups of 128 (int4), one scale a row (int8); needs triton (its
-ptxas, nvdisasm and cuobjdump).
+CONFIG is BLOCK_N,BLOCK_K,SPLIT_K,num_warps,num_stages as int8_row_config returns it, e.g. 8,1024,1,2,1. With none,
+the configs int8_row_config picks for Mistral-7B's products. Each line gives the kernel's registers and the SASS
+instructions of its main loop (its one runtime loop, over the inputs), as instructions a thread issues per weight it
+reads, by opcode. The question it answers without a device: is a product bound by what it issues rather than by
+bandwidth? An H200 issues ~33 T thread-instructions/s (132 multiprocessors x 4 schedulers x 32 lanes x 1.98 GHz);
+int8 at 4 TB/s is 4 T weights/s, so about 8 instructions a weight is the most that leaves it bound by bandwidth. One
+scale a row; needs triton (its ptxas, nvdisasm and cuobjdump).
 """
 
 from __future__ import annotations
@@ -32,20 +31,17 @@ from maestrale.engine import kernels
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_sm90(config: tuple, bits: int, gated: bool, x: str) -> bytes:
-    """The cubin of _packed_kernel for `config`, specialized as packed_matmul calls it on Mistral-7B's shapes (16-byte
-    aligned pointers, sizes and strides divisible by 16)."""
-    block_m, block_n, block_k, split, warps, stages, half = config
-    group = 128 if bits == 4 else 1 << 30
-    args = {"X": f"*{x}", "W": "*i32", "S": "*bf16", "OUT": "*fp32" if split > 1 else f"*{x}", "M": "i32",
-            "N": "i32", "K": "i32", "s_w": "i32", "s_row": "i32", "s_group": "i32", "ones": "i32"}
-    constants = dict(BITS=bits, GROUP=group, LAYOUT=128 if bits == 4 else 4, ZEROS=bits == 4,
-                     GATED=gated and split == 1, SPLIT_K=split, PRECISION="tf32", HALF=bool(half), ASM=True,
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+def compile_sm90(config: tuple, gated: bool, x: str) -> bytes:
+    """The cubin of _int8_row_kernel for `config`, specialized as int8_row_matmul calls it on Mistral-7B's shapes
+    (16-byte aligned pointers, sizes and strides divisible by 16)."""
+    block_n, block_k, split, warps, stages = config
+    args = {"X": f"*{x}", "W": "*i32", "S": "*bf16", "OUT": "*fp32" if split > 1 else f"*{x}", "N": "i32", "K": "i32",
+            "s_w": "i32", "s_row": "i32", "s_group": "i32", "ones": "i32"}
+    constants = dict(GROUP=1 << 30, GATED=gated and split == 1, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k)
     names = [*args, *constants]
     signature = {**args, **{name: "constexpr" for name in constants}}
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("X", "W", "S", "OUT", "N", "K", "s_w")}
-    source = ASTSource(kernels._packed_kernel, signature,
+    source = ASTSource(kernels._int8_row_kernel, signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()}, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                     "num_stages": stages})
@@ -78,7 +74,6 @@ def loop_counts(cubin: bytes) -> tuple[int, collections.Counter]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*")
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--gated", action="store_true", help="for CONFIGs: a gate/up product")
     parser.add_argument("--x", default="bfloat16", choices=["bfloat16", "float16"])
     args = parser.parse_args()
@@ -86,14 +81,12 @@ def main() -> None:
     if args.configs:
         cases = [(c, tuple(int(v) for v in c.split(",")), args.gated) for c in args.configs]
     else:
-        group = 128 if args.bits == 4 else 1 << 30
-        cases = [(f"{name} m={m}", kernels.packed_config(m, n, k, args.bits, group, gated, getattr(torch, args.x)),
-                  gated) for m in (1, 32) for name, n, k, gated in QUANT_SHAPES]
+        cases = [(name, kernels.int8_row_config(n, k, gated), gated) for name, n, k, gated in QUANT_SHAPES]
     for label, config, gated in cases:
-        registers, opcodes = loop_counts(compile_sm90(config, args.bits, gated, x))
-        # one row, unsplit: the gate's and the up's rows in one tile; more rows: a loop each; split: 2n plain rows
-        rows = 2 * config[1] if gated and config[3] == 1 and config[0] == 1 else config[1]
-        weights = rows * config[2] / (32 * config[4])  # a thread's share of one pass of the loop
+        registers, opcodes = loop_counts(compile_sm90(config, gated, x))
+        # unsplit and gated: the gate's and the up's rows in one tile; split: 2n plain rows
+        rows = 2 * config[0] if gated and config[2] == 1 else config[0]
+        weights = rows * config[1] / (32 * config[3])  # a thread's share of one pass of the loop
         total = sum(opcodes.values())
         print(f"{label:14} {config}: {registers} registers; loop {total} instructions, {total / weights:.2f} a weight: "
               + ", ".join(f"{op} {count / weights:.2f}" for op, count in opcodes.most_common(8)), flush=True)

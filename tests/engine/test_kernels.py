@@ -229,20 +229,6 @@ def test_int8_matmul_splits_the_inputs(group, m, config):
 
 
 
-def _int4(n, k, group, dtype, seed):
-    """Random int4 values, scales and zeros a (row, group), as CUDA's layout holds them, and the float64 weight."""
-    from maestrale.quantization.weight_only import int4_words
-
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randint(0, 16, (n, k), generator=g)
-    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(dtype)
-    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(dtype)
-    scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (groups, rows, 2)
-    expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
-    weight = (values.double() - 8) * expand(scale) + expand(zero)
-    return int4_words(values, group).to(DEVICE), scale_and_zeros.to(DEVICE), weight
-
-
 def _check(out, x, weight, dtype, act=None):
     exact = kernels.matvec_torch(x.double().cpu(), weight, act)
     assert out.dtype == dtype and out.shape == exact.shape
@@ -256,133 +242,45 @@ def _check(out, x, weight, dtype, act=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 17, 33])
-@pytest.mark.parametrize("n,k,group", [(45, 256, 256), (19, 384, 32), (37, 640, 128)])
-def test_packed_int4_matmul(n, k, group, m, dtype):
-    """int4 words (multiply-adds for one row, tensor-core tiles for more: of the integers for 16-bit x, HALF, of the
-    dequantized weight for float32 x) equal the float64 product of the weight they stand for, on odd rows and
-    outputs."""
-    skip_interpreted_bfloat16(dtype)
-    words, scale_and_zeros, weight = _int4(n, k, group, dtype, seed=n + k + m)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True), x, weight, dtype)
+@pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32), (37, 640, 128), (8, 8192, 8192)])
+def test_int8_row_matmul(n, k, group, dtype):
+    """One row of x against int8 values read as int32 words (4 a word): w = q * scale, a scale a row or a group,
+    against the float64 product; bfloat16 x reads 4 inputs an int64. (The interpreter truncates bfloat16 outputs,
+    within the tolerance at one row.)"""
+    values, scale, weight = _int8(n, k, group, dtype, seed=n + k)
+    x = torch.randn(1, k, device=DEVICE, dtype=dtype)
+    _check(kernels.int8_row_matmul(x, values, scale, n), x, weight, dtype)
 
 
-def test_int4_words_round_trip():
-    """A group of 32 in 4 words: word t holds inputs t, 4 + t, ..., 28 + t of its group, low bits first."""
-    from maestrale.quantization.weight_only import int4_values, int4_words
-
-    values = torch.randint(0, 16, (5, 64))
-    words = int4_words(values, 32)
-    assert words.dtype == torch.int32 and words.shape == (5, 8) and (words < 0).any()  # the top nibbles reach the sign
-    assert torch.equal(int4_values(words, 32), values.to(torch.uint8))
-    word = words[2, 5].item() % (1 << 32)  # group 1, word 1
-    assert [(word >> 4 * s) & 15 for s in range(8)] == values[2, 32 + 1::4].tolist()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 5, 20])
-@pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32)])
-def test_packed_int8_matmul(n, k, group, m, dtype):
-    """int8 values viewed as int32 words (4 a word) through the same kernel: w = q * scale; bfloat16 x at one row
-    read 4 inputs an int64. (The interpreter truncates bfloat16 outputs, within the tolerance at one row.)"""
-    if DEVICE == "cpu" and dtype == torch.bfloat16 and m > 1:
-        pytest.skip("Triton's interpreter computes bfloat16 dot products wrongly")
-    values, scale, weight = _int8(n, k, group, dtype, seed=n + k + m)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    _check(kernels.packed_matmul(x, values.view(torch.int32), scale, n, group, 8, False), x, weight, dtype)
-
-
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("m", [1, 2, 18])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_packed_matmul_fuses_the_gate(bits, m, split):
-    """act=F.silu: silu(gate) * up of the weight's two halves, rounded as matvec_torch rounds them; split in shares
-    of the inputs, the partials of both halves are summed and gated by one more kernel."""
+@pytest.mark.parametrize("config", [None, (8, 64, 3, 2, 1), (16, 1024, 1, 4, 3)])
+def test_int8_row_matmul_fuses_the_gate(config):
+    """act=F.silu: silu(gate) * up of the weight's two halves, rounded as matvec_torch rounds them, the gate's and
+    the up's rows in one tile; split in shares of the inputs (the last one shorter), the partials of both halves are
+    summed and gated by one more kernel."""
     n, k, group = 21, 256, 64
-    if bits == 4:
-        words, scales, weight = _int4(2 * n, k, group, torch.float16, seed=m)
-    else:
-        values, scales, weight = _int8(2 * n, k, group, torch.float16, seed=m)
-        words = values.view(torch.int32)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    config = None
-    if split:
-        config = ((1, 8, 64, 3, 2, 1, False) if m == 1 else (16, 16, 64, 2, 4, 3, True) if bits == 4
-                  else (16, 16, 64, 2, 4, 1, False))
-    out = kernels.packed_matmul(x, words, scales, n, group, bits, bits == 4, act=torch.nn.functional.silu,
-                                config=config)
+    values, scales, weight = _int8(2 * n, k, group, torch.float16, seed=n)
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    out = kernels.int8_row_matmul(x, values, scales, n, act=torch.nn.functional.silu, config=config)
     _check(out, x, weight, torch.float16, torch.nn.functional.silu)
 
 
-@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 3, 4, 1, False)), (1, (1, 16, 1024, 1, 8, 3, False)),
-                                      (1, (1, 4, 32, 2, 1, 1, False)), (5, (16, 16, 128, 3, 4, 1, False)),
-                                      (20, (32, 32, 256, 2, 4, 1, False)), (5, (16, 16, 64, 3, 4, 1, True)),
-                                      (20, (32, 32, 32, 2, 4, 1, True)), (1, (16, 16, 64, 2, 4, 3, True))])
-def test_packed_int4_matmul_configs(m, config):
-    """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or holding
-    several, tiles longer than the rows; HALF's integer tiles of a whole group and of half a group, and of one row
-    padded to 16 (a config the --quant sweep times)."""
+@pytest.mark.parametrize("config", [(2, 64, 3, 4, 1), (16, 1024, 1, 8, 3), (4, 32, 2, 1, 1)])
+def test_int8_row_matmul_configs(config):
+    """Other blocks: shares of the inputs summed in float32 (the last share shorter), tiles within a group or
+    holding several, tiles longer than the rows."""
     n, k, group = 13, 512, 64
-    words, scale_and_zeros, weight = _int4(n, k, group, torch.float16, seed=m)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-    _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, config=config), x, weight,
-           torch.float16)
+    values, scales, weight = _int8(n, k, group, torch.float16, seed=config[0])
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+    _check(kernels.int8_row_matmul(x, values, scales, n, config=config), x, weight, torch.float16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("m", [3, 19])
-@pytest.mark.parametrize("n,k,group", [(19, 384, 32), (45, 320, 64), (37, 640, 128), (21, 256, 256)])
-def test_packed_int4_matmul_in_integer_tiles(n, k, group, m, gated, dtype):
-    """Several rows of 16-bit x against int4 words in HALF (packed_config's choice: tensor-core tiles of the integers
-    q - 8 in x's dtype, each within a group; on CUDA made by its assembly, under the interpreter by plain Triton),
-    gated or not, against the float64 product; the float32 dequantization (HALF off) on the same inputs too."""
-    skip_interpreted_bfloat16(dtype)
-    rows = 2 * n if gated else n
-    words, scale_and_zeros, weight = _int4(rows, k, group, dtype, seed=n + k + m)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype) * 3
-    act = torch.nn.functional.silu if gated else None
-    half = kernels.packed_config(m, n, k, 4, group, gated, dtype)
-    assert half[-1]
-    for config in (half, kernels.packed_config(m, n, k, 4, group, gated, torch.float32)):
-        _check(kernels.packed_matmul(x, words, scale_and_zeros, n, group, 4, True, act, config=config), x, weight,
-               dtype, act)
-
-
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("group", [32, 128])
-def test_packed_config_takes_half_where_it_applies(group, gated):
-    """HALF for int4 at several rows of 16-bit x only, its tiles within a group; one row (either dtype), float32 x and
-    int8 keep their float32 products, float32 x with tiles of 128 inputs or more at several rows (its per-field
-    tensor-core products take BLOCK_K / 8 inputs, and tl.dot at least 16: group 32's tiles failed on CUDA)."""
-    n, k = 4096, 4096
-    for dtype in (torch.float16, torch.bfloat16):
-        for m in (2, 19, 64):
-            config = kernels.packed_config(m, n, k, 4, group, gated, dtype)
-            assert config[-1] and group % config[2] == 0
-        assert kernels.packed_config(1, n, k, 4, group, gated, dtype)[-1] is False
-        assert not any(kernels.packed_config(m, n, k, 8, group, gated, dtype)[-1] for m in (1, 19))
-    for m in (1, 19, 64):
-        config = kernels.packed_config(m, n, k, 4, group, gated, torch.float32)
-        assert config[-1] is False and (m == 1 or config[2] >= 128)
-
-
-@pytest.mark.parametrize("x_dtype,config", [(torch.float16, (1, 64, 128, 8, 1, 1, True)),
-                                            (torch.float32, (16, 64, 64, 1, 4, 3, True)),
-                                            (torch.float16, (16, 64, 128, 1, 4, 3, True))])
-def test_packed_matmul_refuses_half_where_it_does_not_apply(x_dtype, config):
-    """HALF at one row, for float32 x, or with tiles across groups: a ValueError naming the switch."""
-    words, scale_and_zeros, _ = _int4(8, 256, 64, torch.float16, seed=0)
-    x = torch.randn(config[0], 256, device=DEVICE, dtype=x_dtype)
-    with pytest.raises(ValueError, match="HALF"):
-        kernels.packed_matmul(x, words, scale_and_zeros, 8, 64, 4, True, config=config)
-
-
-def test_packed_matmul_refuses_a_weight_of_other_inputs():
-    words, scale_and_zeros, _ = _int4(8, 256, 64, torch.float16, seed=0)
+def test_int8_row_matmul_refuses_other_inputs():
+    """x of another width than the weight's rows, or of several rows: a ValueError naming what is wrong."""
+    values, scales, _ = _int8(8, 256, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match="does not have 128 inputs"):
-        kernels.packed_matmul(torch.randn(1, 128, device=DEVICE), words, scale_and_zeros, 8, 64, 4, True)
+        kernels.int8_row_matmul(torch.randn(1, 128, device=DEVICE), values, scales, 8)
+    with pytest.raises(ValueError, match="one row of x, got 2"):
+        kernels.int8_row_matmul(torch.randn(2, 256, device=DEVICE), values, scales, 8)
 
 
 def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):
@@ -411,14 +309,21 @@ def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):
 
 
 def _int4_mma(n, k, group, dtype, seed):
-    """_int4's weight in int4_mma_words' layout, rows padded to 16 (zero values, scales and zeros)."""
-    from maestrale.quantization.weight_only import int4_mma_words, int4_values
+    """Random int4 values, scales and zeros a (row, group) in int4_mma_words' layout, rows padded to 16 (zero values,
+    scales and zeros), and the float64 weight."""
+    from maestrale.quantization.weight_only import int4_mma_words
 
-    words, scale_and_zeros, weight = _int4(n, k, group, dtype, seed)
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 16, (n, k), generator=g)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(dtype)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(dtype)
+    expand = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
+    weight = (values.double() - 8) * expand(scale) + expand(zero)
     pad = -n % 16
-    values = torch.nn.functional.pad(int4_values(words.cpu(), group).int(), (0, 0, 0, pad))
-    scale_and_zeros = torch.nn.functional.pad(scale_and_zeros, (0, 0, 0, pad))
-    return int4_mma_words(values, group).to(DEVICE), scale_and_zeros, weight
+    scale_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (groups, rows, 2)
+    scale_and_zeros = torch.nn.functional.pad(scale_and_zeros, (0, 0, 0, pad)).contiguous()
+    words = int4_mma_words(torch.nn.functional.pad(values, (0, 0, 0, pad)), group)
+    return words.to(DEVICE), scale_and_zeros.to(DEVICE), weight
 
 
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="mma.sync through Gluon: CUDA only")

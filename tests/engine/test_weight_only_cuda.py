@@ -1,7 +1,7 @@
-"""int8/int4 weight-only weights on CUDA (maestrale's Triton kernels, engine/kernels.py packed_matmul and
-int8_matmul): products against the float product of the dequantized weight on odd shapes, decode
-rows (1, 3) to prefill rows (33, 100), moves between CPU and CUDA layouts, and a TorchAoConfig model against its
-dequantized self. Skipped without CUDA."""
+"""int8/int4 weight-only weights on CUDA (maestrale's kernels, engine/kernels.py int4_mma_matmul, int8_row_matmul
+and int8_matmul): products against the float product of the dequantized weight on odd shapes, decode rows (1, 3) to
+prefill rows (33, 100), moves between CPU and CUDA layouts, and a TorchAoConfig model against its dequantized self.
+Skipped without CUDA."""
 
 import pytest
 import torch

@@ -14,8 +14,9 @@ generate() is given a compile_config, as one graph compiled by torch.compile (fu
 GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
 through the same library's decode_attention (quantization/gguf_kernels.py). Weight-only int8 and int4 layers
 (TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
-(kernels.py packed_matmul; int8 at batch 1). Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's
-own forward and kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo
+(kernels.py int4_mma_matmul up to 64 rows, int8_row_matmul at batch 1). Other quantized layers (bitsandbytes) are
+not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and kernels, so the
+tokens are those of the reference path. The glue is then left uncompiled (Dynamo
 would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
 layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
 reference path.
@@ -58,8 +59,8 @@ def _product(x, weights):
 
 def _gated(x, gate_up, act, gate):
     """act(gate) * up of gate/up's product, in one kernel where there is one: matvec's (one row by a matrix),
-    packed_matmul's (int8 / int4 weights on CUDA, see their fuses_gate); else the product, then `gate` (a compiled
-    _gate)."""
+    int4_mma_matmul's and int8_row_matmul's (int4 / int8 weights on CUDA, see their fuses_gate); else the product,
+    then `gate` (a compiled _gate)."""
     if _streamed(x, gate_up):
         return matvec(x, gate_up, act)
     if isinstance(gate_up, (Int4Weight, Int8Weight)) and act is F.silu and gate_up.fuses_gate(x):

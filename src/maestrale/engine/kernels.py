@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 # triton None on CPU-only installs: the torch versions run
-from ..models.kernels import _INTERPRETED, tl, triton, use_triton
+from ..models.kernels import tl, triton, use_triton
 from ..models.rotary import apply_rotary
 
 
@@ -277,63 +277,120 @@ if triton is not None:
 
 
     @triton.jit
-    def _field(w, ones, BITS: tl.constexpr, P: tl.constexpr):
-        """Field P of BITS bits of int32 words (its bits below float32's exponent) as exact float32: the field or'ed
-        into the mantissa of 2^(23 - BITS * P), which is then subtracted; one logic instruction and one subtraction,
-        no shift and no conversion. `ones` (2^BITS - 1) is a kernel argument, not a literal: a register operand lets
-        the and-or be one LOP3 (it takes one literal)."""
-        bits = (w & (ones << (BITS * P))) | ((150 - BITS * P) << 23)
-        return bits.to(tl.float32, bitcast=True) - (1 << (23 - BITS * P))
+    def _byte(w, ones, P: tl.constexpr):
+        """Byte P (0 or 1) of int32 words as exact float32: the byte or'ed into the mantissa of 2^(23 - 8P), which is
+        then subtracted; one logic instruction and one subtraction, no shift and no conversion. `ones` (255) is a
+        kernel argument, not a literal: a register operand lets the and-or be one LOP3 (it takes one literal)."""
+        bits = (w & (ones << (8 * P))) | ((150 - 8 * P) << 23)
+        return bits.to(tl.float32, bitcast=True) - (1 << (23 - 8 * P))
 
     @triton.jit
-    def _words(W, n, keep_n, k0, end, s_w, BITS: tl.constexpr, BLOCK_W: tl.constexpr, LAYOUT: tl.constexpr):
-        """The (BLOCK_N, BLOCK_W) words of rows n from input k0 (int8's offset to unsigned), their fields 5.. (4-bit)
-        or 2.. (8-bit) shifted below float32's exponent, the words' indices j (1, BLOCK_W), a mask of j, and the input
-        of each word's field 0."""
-        PER: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = LAYOUT // PER  # words a block of the layout
-        j = (k0 // PER + tl.arange(0, BLOCK_W))[None, :]
-        keep_j = j < end // PER
-        if BITS == 4:  # inputs in whole blocks of 32 (packed_matmul checks): the mask in runs of 4 words, 16-byte loads
-            keep_j = tl.max_constancy(keep_j, [1, 4])
-        # int8: loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
-        at = n[:, None].to(tl.int64) * s_w + (tl.max_contiguous(j, [1, 2]) if BITS == 8 else j)
-        w = tl.load(W + at, mask=keep_n[:, None] & keep_j, other=0)
-        if BITS == 8:
-            w = w ^ -2139062144  # 0x80808080: each byte q + 128
-        high = w >> (12 if BITS == 4 else 16)
-        return w, high, j, keep_j, (j // WORDS) * LAYOUT + j % WORDS
+    def _int8_words(W, n, keep_n, k0, end, s_w, BLOCK_W: tl.constexpr):
+        """The (BLOCK_N, BLOCK_W) words of rows n from input k0, each of 4 int8 values offset to unsigned, the same
+        shifted by 16 (bytes 2 and 3 below float32's exponent), the words' indices j (1, BLOCK_W) and a mask of j."""
+        j = (k0 // 4 + tl.arange(0, BLOCK_W))[None, :]
+        keep_j = j < end // 4
+        # loads of 2 words a thread, as bfloat16 x's loads of their 4 inputs an int64 are: one layout for both
+        w = tl.load(W + n[:, None].to(tl.int64) * s_w + tl.max_contiguous(j, [1, 2]), mask=keep_n[:, None] & keep_j,
+                    other=0)
+        w = w ^ -2139062144  # 0x80808080: each byte q + 128
+        return w, w >> 16, j, keep_j
 
     @triton.jit
-    def _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS: tl.constexpr, LAYOUT: tl.constexpr):
-        """sum over fields s of u_s * x (the tile's shape, float32) and sum over s of x ((1, BLOCK_W)) for one row
-        of x; each word's field s multiplies input xk + s * (words a block). bfloat16 x against int8 words: word j's
-        4 inputs are read as one int64 (x's loads then have the words' layout, not a stride of 4) and split into
-        float32 by masks and shifts (a bfloat16 is a float32's top half)."""
-        PER: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = LAYOUT // PER
-        LOW: tl.constexpr = 5 if BITS == 4 else 2  # fields below the exponent; the others come from `high`
-        X64: tl.constexpr = BITS == 8 and X.dtype.element_ty == tl.bfloat16
+    def _bytes_times_x(X, w, high, j, keep_j, ones):
+        """sum over bytes s of u_s * x (the tile's shape, float32) and sum over s of x ((1, BLOCK_W)) for one row of
+        x; word j's byte s multiplies input 4j + s. bfloat16 x: word j's 4 inputs are read as one int64 (x's loads then
+        have the words' layout, not a stride of 4) and split into float32 by masks and shifts (a bfloat16 is a
+        float32's top half)."""
+        X64: tl.constexpr = X.dtype.element_ty == tl.bfloat16
         qx = tl.zeros(w.shape, tl.float32)
-        xs = tl.zeros(xk.shape, tl.float32)
+        xs = tl.zeros(j.shape, tl.float32)
         if X64:
             x64 = tl.load(X.to(tl.pointer_type(tl.int64)) + j, mask=keep_j, other=0)
             halves = (x64.to(tl.int32), (x64 >> 32).to(tl.int32))
-        for s in tl.static_range(PER):
+        for s in tl.static_range(4):
             if X64:
                 if s % 2 == 0:
                     xv = (halves[s // 2] << 16).to(tl.float32, bitcast=True)
                 else:
                     xv = (halves[s // 2] & -65536).to(tl.float32, bitcast=True)
             else:
-                xv = tl.load(X + xk + s * WORDS, mask=keep_j, other=0.0).to(tl.float32)
-            if s < LOW:
-                u = _field(w, ones, BITS, s)
+                xv = tl.load(X + 4 * j + s, mask=keep_j, other=0.0).to(tl.float32)
+            if s < 2:
+                u = _byte(w, ones, s)
             else:
-                u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
+                u = _byte(high, ones, s - 2)
             qx += u * xv
             xs += xv
         return qx, xs
+
+    @triton.jit
+    def _int8_scales(S, n, keep, group, s_row, s_group):
+        """The scale of rows n at group index `group`, and -128 times it (the zero of the offset bytes)."""
+        scale = tl.load(S + n[:, None] * s_row + group * s_group, mask=keep, other=0.0).to(tl.float32)
+        return scale, -128.0 * scale
+
+    @triton.jit
+    def _int8_row(X, W, S, n, keep_n, start, end, s_w, s_row, s_group, ones, GROUP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x times int8 weight rows n over inputs start..end: (BLOCK_N,) float32 sums, a weight being
+        u * scale - 128 * scale for the offset byte u and the scale of its group of GROUP inputs (1 << 30: one a row,
+        applied once at the end). The tile is read as sub-tiles of one group each (all loaded before any is used),
+        whose row sums take their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and
+        converts only (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had
+        made it move the whole tile between layouts, and load x twice)."""
+        ONE: tl.constexpr = GROUP >= (1 << 30)
+        SUB: tl.constexpr = BLOCK_K if ONE or BLOCK_K <= GROUP else GROUP
+        if ONE:
+            scale, zero = _int8_scales(S, n, keep_n[:, None], 0, s_row, s_group)
+        acc = tl.zeros([BLOCK_N, SUB // 4], tl.float32)  # ONE: summed across once, at the end
+        x_acc = tl.zeros([1, SUB // 4], tl.float32)
+        row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
+        for k0 in range(start, end, BLOCK_K):
+            for sub in tl.static_range(BLOCK_K // SUB):
+                w, high, j, keep_j = _int8_words(W, n, keep_n, k0 + sub * SUB, end, s_w, SUB // 4)
+                qx, xs = _bytes_times_x(X, w, high, j, keep_j, ones)
+                if ONE:
+                    acc += qx
+                    x_acc += xs
+                else:
+                    inside = (k0 + sub * SUB) < end
+                    scale, zero = _int8_scales(S, n, keep_n[:, None] & inside, (k0 + sub * SUB) // GROUP, s_row,
+                                               s_group)
+                    row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
+        if ONE:
+            row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
+        return tl.sum(row_acc, 1)
+
+    @triton.jit
+    def _int8_row_kernel(X, W, S, OUT, N, K, s_w, s_row, s_group, ones, GROUP: tl.constexpr, GATED: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x times BLOCK_N weight rows of int8 values read as int32 words, by fused multiply-adds, over
+        one of SPLIT_K shares of the inputs. GATED: the weight holds the gate rows then the up rows, read in one tile
+        (gate row i beside up row i), and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it. One
+        share stores the rounded outputs, several their float32 partial sums."""
+        nb = tl.program_id(0)
+        split = tl.program_id(1)
+        dtype = OUT.dtype.element_ty
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep_n = n < N
+        share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        start = split * share
+        end = tl.minimum(start + share, K)
+        if GATED:  # twice the weight in flight
+            r = tl.arange(0, 2 * BLOCK_N)
+            half = nb * BLOCK_N + r // 2
+            both = _int8_row(X, W, S, half + (r % 2) * N, half < N, start, end, s_w, s_row, s_group, ones, GROUP,
+                             2 * BLOCK_N, BLOCK_K)
+            gate, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
+            gate = gate.to(dtype).to(tl.float32)
+            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        else:
+            acc = _int8_row(X, W, S, n, keep_n, start, end, s_w, s_row, s_group, ones, GROUP, BLOCK_N, BLOCK_K)
+        if SPLIT_K == 1:
+            tl.store(OUT + n, acc.to(dtype), mask=keep_n)
+        else:
+            tl.store(OUT + split * N + n, acc, mask=keep_n)
 
     def _pairs_ptx(bf16: bool) -> str:
         """PTX that turns an int4 word ($4) into 4 registers of two halves each, $f holding q - 8 of fields f (low
@@ -363,165 +420,6 @@ if triton is not None:
         return "{\n" + "\n".join(code) + "\n}"
 
     _PAIRS_F16, _PAIRS_BF16 = tl.constexpr(_pairs_ptx(False)), tl.constexpr(_pairs_ptx(True))
-
-    @triton.jit
-    def _halves_tile(w, dtype: tl.constexpr, ASM: tl.constexpr):
-        """The (rows, 8 * words) values q - 8 of int4 words w (rows, words) in `dtype`, column s * words + t holding
-        field s of word t. ASM: two fields an instruction (_pairs_ptx), else plain Triton."""
-        if ASM:
-            code: tl.constexpr = _PAIRS_BF16 if dtype == tl.bfloat16 else _PAIRS_F16
-            p0, p1, p2, p3 = tl.inline_asm_elementwise(code, "=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 4,
-                                                       is_pure=True, pack=1)
-            pairs = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # (rows, words, 2, 2): fields a + 2b and a + 2b + 4
-            low = pairs.to(tl.int16).to(dtype, bitcast=True)
-            high = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
-        else:
-            low = tl.join(tl.join((w & 15) - 8, ((w >> 4) & 15) - 8),
-                          tl.join(((w >> 8) & 15) - 8, ((w >> 12) & 15) - 8)).to(dtype)
-            high = tl.join(tl.join(((w >> 16) & 15) - 8, ((w >> 20) & 15) - 8),
-                           tl.join(((w >> 24) & 15) - 8, ((w >> 28) & 15) - 8)).to(dtype)
-        fields = tl.permute(tl.join(low, high), (0, 4, 3, 2, 1))  # (rows, 2, 2, 2, words): field a + 2b + 4c first
-        return tl.reshape(fields, (w.shape[0], 8 * w.shape[1]))
-
-    @triton.jit
-    def _scales(S, n, keep, group, s_row, s_group, ZEROS: tl.constexpr, OFFSET: tl.constexpr):
-        """The scale and zero - OFFSET * scale of rows n at group indices `group` (any shape broadcasting with n)."""
-        at = S + n[:, None] * s_row + group * s_group
-        scale = tl.load(at, mask=keep, other=0.0).to(tl.float32)
-        if ZEROS:
-            zero = tl.load(at + 1, mask=keep, other=0.0).to(tl.float32) - OFFSET * scale
-        else:
-            zero = -OFFSET * scale
-        return scale, zero
-
-    @triton.jit
-    def _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS: tl.constexpr,
-                     GROUP: tl.constexpr, LAYOUT: tl.constexpr, ZEROS: tl.constexpr, PRECISION: tl.constexpr,
-                     HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-        """x rows m times packed weight rows n over inputs start..end: (BLOCK_N, BLOCK_M) float32 sums ((BLOCK_N,)
-        for one row). The inputs come in blocks of LAYOUT, each in LAYOUT * BITS / 32 words, word t of a block holding
-        its inputs s * (words a block) + t in field s, unsigned (int8 values are offset by 128 with one xor); a weight
-        is u * scale + (zero - offset * scale) with the scale and zero of its group of GROUP inputs (1 << 30: one a
-        row, applied once at the end).
-
-        One row: the tile is read as sub-tiles of one group each (all loaded before any is used), whose row sums take
-        their scales; x's sums are scalars. Triton then keeps x and the tile in one layout and converts only
-        (BLOCK_N, 1) tensors between layouts, and loads x once (a scale tile of the words' shape had made it move the
-        whole tile between layouts, and load x twice). More rows, HALF (int4 words, 16-bit x, each tile within a
-        group): one tensor-core product a tile of its integers q - 8 in x's dtype (_halves_tile; ASM: by its
-        assembly), scaled after."""
-        PER: tl.constexpr = 32 // BITS
-        OFFSET: tl.constexpr = 0 if HALF else 8 if BITS == 4 else 128  # HALF's products are of q - 8
-        ONE: tl.constexpr = GROUP >= (1 << 30)
-        if ONE:
-            scale, zero = _scales(S, n, keep_n[:, None], 0, s_row, s_group, ZEROS, OFFSET)
-        if BLOCK_M == 1:
-            SUB: tl.constexpr = BLOCK_K if ONE or BLOCK_K <= GROUP else GROUP
-            acc = tl.zeros([BLOCK_N, SUB // PER], tl.float32)  # ONE: summed across once, at the end
-            x_acc = tl.zeros([1, SUB // PER], tl.float32)
-            row_acc = tl.zeros([BLOCK_N, 1], tl.float32)
-            for k0 in range(start, end, BLOCK_K):
-                for sub in tl.static_range(BLOCK_K // SUB):
-                    w, high, j, keep_j, xk = _words(W, n, keep_n, k0 + sub * SUB, end, s_w, BITS, SUB // PER, LAYOUT)
-                    qx, xs = _fields_times_x(X, w, high, j, xk, keep_j, ones, BITS, LAYOUT)
-                    if ONE:
-                        acc += qx
-                        x_acc += xs
-                    else:
-                        inside = (k0 + sub * SUB) < end
-                        scale, zero = _scales(S, n, keep_n[:, None] & inside, (k0 + sub * SUB) // GROUP, s_row,
-                                              s_group, ZEROS, OFFSET)
-                        row_acc += tl.sum(qx, 1, keep_dims=True) * scale + tl.sum(tl.sum(xs, 1), 0) * zero
-            if ONE:
-                row_acc = tl.sum(acc, 1, keep_dims=True) * scale + tl.sum(tl.sum(x_acc, 1), 0) * zero
-            out = tl.sum(row_acc, 1)
-        else:
-            BLOCK_W: tl.constexpr = BLOCK_K // PER
-            WORDS: tl.constexpr = LAYOUT // PER
-            LOW: tl.constexpr = 5 if BITS == 4 else 2
-            out = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for k0 in range(start, end, BLOCK_K):
-                w, high, j, keep_j, xk = _words(W, n, keep_n, k0, end, s_w, BITS, BLOCK_W, LAYOUT)
-                if HALF:  # the tile lies in one group: field s of its word t is input `at` of column s * BLOCK_W + t
-                    if not ONE:
-                        scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
-                    c = tl.arange(0, BLOCK_K)
-                    at = (k0 // PER // WORDS) * LAYOUT + (k0 // PER) % WORDS + c // BLOCK_W * WORDS + c % BLOCK_W
-                    keep_c = tl.max_constancy(k0 // PER + c % BLOCK_W < end // PER, 4)  # as keep_j: 8-byte loads
-                    xv = tl.load(X + m[:, None].to(tl.int64) * K + tl.multiple_of(tl.max_contiguous(at, 4), 4)[None, :],
-                                 mask=keep_m[:, None] & keep_c[None, :], other=0.0)
-                    sums = tl.dot(_halves_tile(w, xv.dtype, ASM), tl.trans(xv), input_precision=PRECISION)
-                    # x's sums for the zeros by tensor cores too, in the products' layout (with a reduction across
-                    # the threads of x's layout the loop took 13.5 SASS instructions a weight, with this 7.3)
-                    x_sums = tl.dot(tl.full((BLOCK_N, BLOCK_K), 1.0, xv.dtype), tl.trans(xv), input_precision=PRECISION)
-                    out += sums * scale + zero * x_sums
-                else:
-                    if not ONE:
-                        if GROUP % BLOCK_K == 0:  # the tile in one group: a scale a row
-                            scale, zero = _scales(S, n, keep_n[:, None], k0 // GROUP, s_row, s_group, ZEROS, OFFSET)
-                        else:
-                            scale, zero = _scales(S, n, keep_n[:, None] & keep_j, (j * PER) // GROUP, s_row,
-                                                  s_group, ZEROS, OFFSET)
-                    for s in tl.static_range(PER):
-                        xv = tl.load(X + m[:, None].to(tl.int64) * K + xk + s * WORDS,
-                                     mask=keep_m[:, None] & keep_j, other=0.0)
-                        if s < LOW:
-                            u = _field(w, ones, BITS, s)
-                        else:
-                            u = _field(high, ones, BITS, s - (3 if BITS == 4 else 2))
-                        out += tl.dot((u * scale + zero).to(xv.dtype), tl.trans(xv), input_precision=PRECISION)
-        return out
-
-    @triton.jit
-    def _packed_kernel(X, W, S, OUT, M, N, K, s_w, s_row, s_group, ones, BITS: tl.constexpr, GROUP: tl.constexpr,
-                       LAYOUT: tl.constexpr, ZEROS: tl.constexpr, GATED: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PRECISION: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """BLOCK_M rows of x (one: fused multiply-adds; 16 or more: tensor-core products, the weight tile as the
-        left operand) times BLOCK_N weight rows of int4 or int8 fields packed in int32 words, over one of SPLIT_K
-        shares of the inputs; each weight tile is read and converted once for all the rows. GATED: the weight holds
-        the gate rows then the up rows, and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it
-        (one row of x: gate and up rows read in one tile).
-        One share stores the rounded outputs, several their float32 partial sums."""
-        nb = tl.program_id(0)
-        mb = tl.program_id(1)
-        split = tl.program_id(2)
-        dtype = OUT.dtype.element_ty
-        m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        keep_m, keep_n = m < M, n < N
-        if BLOCK_M == 1:
-            X += mb.to(tl.int64) * K
-        share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        start = split * share
-        end = tl.minimum(start + share, K)
-        if GATED and BLOCK_M == 1:  # gate row i and up row i interleaved in one tile: twice the weight in flight
-            r = tl.arange(0, 2 * BLOCK_N)
-            half = nb * BLOCK_N + r // 2
-            both = _packed_rows(X, W, S, m, keep_m, half + (r % 2) * N, half < N, K, start, end, s_w, s_row, s_group,
-                                ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, 2 * BLOCK_N,
-                                BLOCK_K)
-            acc, up = tl.split(tl.reshape(both, (BLOCK_N, 2)))
-        else:
-            acc = _packed_rows(X, W, S, m, keep_m, n, keep_n, K, start, end, s_w, s_row, s_group, ones, BITS, GROUP,
-                               LAYOUT, ZEROS, PRECISION, HALF, ASM, BLOCK_M, BLOCK_N, BLOCK_K)
-        if GATED:
-            if BLOCK_M > 1:
-                up = _packed_rows(X, W + N.to(tl.int64) * s_w, S + N * s_row, m, keep_m, n, keep_n, K, start, end,
-                                  s_w, s_row, s_group, ones, BITS, GROUP, LAYOUT, ZEROS, PRECISION, HALF, ASM,
-                                  BLOCK_M, BLOCK_N, BLOCK_K)
-            gate = acc.to(dtype).to(tl.float32)
-            acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
-        if BLOCK_M == 1:
-            at, keep = mb * N + n, keep_n
-        else:
-            at, keep = m[None, :] * N + n[:, None], keep_n[:, None] & keep_m[None, :]
-        if SPLIT_K == 1:
-            tl.store(OUT + at, acc.to(dtype), mask=keep)
-        else:
-            tl.store(OUT + split * M * N + at, acc, mask=keep)
-
 
     @triton.jit
     def _split_sum_kernel(PART, OUT, MN, N, SPLIT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
@@ -820,79 +718,45 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
 
 
 
-def packed_config(m: int, n: int, k: int, bits: int, group: int, gated: bool, dtype: torch.dtype
-                  ) -> tuple[int, int, int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, HALF) of packed_matmul's kernel for m rows of x in
-    `dtype` and an n x k weight (n outputs; with `gated`, 2n weight rows) with groups of `group` inputs, as the
-    fastest of benchmarks/gpu_kernels.py's sweeps on an H200 (--quant, BENCHMARKS.md 2026-12-03; one row, --one-row,
-    2026-12-04). One row: multiply-adds over weight rows by inputs in shares of the inputs (gated: the partials of the
-    gate's rows and the up's, gated as they are summed), so that enough of the weight is in flight. int4: gate/up 32
-    rows by 128 inputs in 4 shares on one warp; heads (more than 16,384 rows) 256 by 128 in 4 shares on 4 warps; other
-    layers 128 by 128 (64 for products of at most 4096 x 4096) on two warps, in as many shares (up to 32) as leave two
-    tiles each. int8: gate/up 16 by 256 in 2 shares on 4 warps; heads 8 by 512 on one warp; others 8 by 1024 on two.
-    More rows: tensor-core tiles (x's rows padded to 16), split until there are 132 programs (an H200's
-    multiprocessors), gated products unsplit; int4 of 16-bit x in HALF (1.5-5x the float32 dequantization at 8 and 32 rows), 64
-    weight rows by at most a group of inputs up to 16 rows of x, 128 beyond (8 warps where unsplit); otherwise 64 by
-    128, dequantized in float32."""
-    per = 32 // bits
-    if m == 1:
-        if bits == 4:
-            block_n, block_k, split, warps = ((32, 128, 4, 1) if gated else (256, 128, 4, 4) if n > 16384
-                                              else (64 if n * k <= 4096 * 4096 else 128, 128, 32, 2))
-        else:
-            block_n, block_k, split, warps = ((16, 256, 2, 4) if gated else (8, 512, 1, 1) if n > 16384
-                                              else (8, 1024, 1, 2))
-        block_k = min(block_k, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
-        while split > 1 and k // (block_k * split) < 2:  # shares of at least two tiles
-            split //= 2
-        return 1, block_n, block_k, split, warps, 1, False
-    half = bits == 4 and dtype != torch.float32
-    block_m, block_n = min(64, max(16, triton.next_power_of_2(m))), 128 if half and m > 16 else 64
-    block_k = min(128, max(16 * per, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
-    if half:
-        block_k = min(block_k, group)  # HALF's tiles lie in one group
-    split, programs = 1, triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    while not gated and programs * split < 132 and k // (block_k * split * 2) >= 2:
-        split *= 2
-    warps = 8 if half and m > 16 and split == 1 else 4  # unsplit (gated products, heads): 8 warps
-    return block_m, block_n, block_k, split, warps, 3, half
+def int8_row_config(n: int, k: int, gated: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) of int8_row_matmul's kernel for an n x k weight (n outputs;
+    with `gated`, 2n weight rows), the fastest of benchmarks/gpu_kernels.py --one-row on an H200 (BENCHMARKS.md,
+    2026-12-04): gate/up 16 rows by 256 inputs in 2 shares on 4 warps (the partials of the gate's rows and the up's,
+    gated as they are summed), so that enough of the weight is in flight; heads (more than 16,384 rows) 8 by 512 on
+    one warp; others 8 by 1024 on two."""
+    block_n, block_k, split, warps = ((16, 256, 2, 4) if gated else (8, 512, 1, 1) if n > 16384 else (8, 1024, 1, 2))
+    block_k = min(block_k, max(64, triton.next_power_of_2(k)))  # short rows: tiles not mostly masked
+    while split > 1 and k // (block_k * split) < 2:  # shares of at least two tiles
+        split //= 2
+    return block_n, block_k, split, warps, 1
 
 
-def packed_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, bits: int,
-                  zeros: bool, act=None, config: tuple[int, int, int, int, int, int, bool] | None = None
-                  ) -> torch.Tensor:
-    """x @ w.T in x's dtype for x (m, k) and the first n rows of an int4 or int8 weight packed along the inputs in
-    int32 words, (rows, k * bits / 32) (int4: quantization/weight_only.py's int4_words for groups of `group`,
-    w = (q - 8) * scale + zero; int8: the int8 values viewed as int32, w = q * scale). scales: int4's
-    (groups, rows, 2) scales and zeros (`zeros`), int8's (rows, groups) scales. act=F.silu: the weight is the gate's
-    n rows then the up's n rows, and the result silu(gate) * up. config: packed_config's tuple."""
-    (m, k), per = x.shape, 32 // bits
-    if words.shape[1] * per != k or words.dtype != torch.int32 or words.stride(1) != 1:
-        raise ValueError(f"packed_matmul: x of {k} inputs against int32 words {tuple(words.shape)} of {per} "
-                         f"{bits}-bit values (rows contiguous): the weight does not have {k} inputs")
+def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, n: int, act=None,
+                    config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ w.T in x's dtype for one row x (1, k) and the first n rows of an int8 weight w = q * scale: values (rows,
+    k) int8, rows contiguous and k a multiple of 4 (read as int32 words), scales (rows, groups). act=F.silu: the
+    weight is the gate's n rows then the up's n rows, and the result silu(gate) * up. config: int8_row_config's
+    tuple."""
+    (m, k), groups = x.shape, scales.shape[1]
+    if m != 1:
+        raise ValueError(f"int8_row_matmul takes one row of x, got {m}: int8_matmul takes any")
+    if values.shape[1] != k or values.dtype != torch.int8 or values.stride(1) != 1 or k % 4:
+        raise ValueError(f"int8_row_matmul: x of {k} inputs against int8 values {tuple(values.shape)} of "
+                         f"{values.dtype} (rows contiguous, a multiple of 4 inputs): the weight does not have {k} inputs")
     gated = act is not None
     if gated and act is not F.silu:
-        raise ValueError(f"packed_matmul gates with F.silu only, got {act}")
-    block_m, block_n, block_k, split, warps, stages, half = config or packed_config(m, n, k, bits, group, gated,
-                                                                                    x.dtype)
-    if half and (bits != 4 or block_m == 1 or x.dtype == torch.float32 or group % block_k):
-        raise ValueError(f"packed_matmul: HALF (tensor-core tiles of int4's integers in x's dtype) takes int4 weights, "
-                         f"float16 or bfloat16 x, BLOCK_M > 1 and tiles within a group; got {bits} bits, {x.dtype} x, "
-                         f"BLOCK_M {block_m}, BLOCK_K {block_k}, groups of {group}: set HALF False")
-    if bits == 4 and block_k % 32:
-        raise ValueError(f"packed_matmul: int4 tiles take whole blocks of 32 inputs, got BLOCK_K {block_k}")
-    s_row, s_group = (scales.stride(1), scales.stride(0)) if zeros else scales.stride()
-    layout = group if bits == 4 else per  # int4_words' blocks; int8 values in their order
-    group = group if group < k else 1 << 30  # one scale a row: one kernel for every row length
+        raise ValueError(f"int8_row_matmul gates with F.silu only, got {act}")
+    block_n, block_k, split, warps, stages = config or int8_row_config(n, k, gated)
+    group = k // groups if groups > 1 else 1 << 30  # one scale a row: one kernel for every row length
     x = x.contiguous()
     # split and gated: the partials of the gate's rows and the up's (2n outputs), gated as they are summed
     width = 2 * n if gated and split > 1 else n
-    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, width, dtype=torch.float32)
-    _packed_kernel[(triton.cdiv(width, block_n), triton.cdiv(m, block_m), split)](
-        x, words, scales, out, m, width, k, words.stride(0), s_row, s_group, (1 << bits) - 1, BITS=bits, GROUP=group,
-        LAYOUT=layout, ZEROS=zeros, GATED=gated and split == 1, SPLIT_K=split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HALF=half, ASM=not _INTERPRETED, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    out = x.new_empty(1, n) if split == 1 else x.new_empty(split, 1, width, dtype=torch.float32)
+    words = values.view(torch.int32)
+    _int8_row_kernel[(triton.cdiv(width, block_n), split)](
+        x, words, scales, out, width, k, words.stride(0), *scales.stride(), 255, GROUP=group,
+        GATED=gated and split == 1, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
     return out if split == 1 else _split_sum(out, x.dtype, gated)
 
 

@@ -5,8 +5,9 @@ int4 holds 4-bit values q (0..15) with a scale and a zero point per group of `gr
 w = (q - 8) * scale + zero, the convention of torch's int4 products (tinygemm's). The values are held in the packed
 layout of the product on the device they sit on: on CPU torch's (_weight_int4pack_mm_for_cpu), on CUDA maestrale's,
 int32 words laid out as the tensor-core operand of its Gluon kernel (int4_mma_words, engine/kernels.py
-int4_mma_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device) unpacks and packs them again when that layout changes. int8 holds int8 values with one scale per row or per group of
-16 or 32 (GGUF's Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (packed_matmul on the values viewed as
+int4_mma_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device) unpacks and packs
+them again when that layout changes. int8 holds int8 values with one scale per row or per group of 16 or 32 (GGUF's
+Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (int8_row_matmul on the values read as
 int32 words at one row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product
 there); on CPU torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small
 enough to stay in cache. Scales are held in the dtype the product runs in, the model's.
@@ -138,7 +139,7 @@ class Int8Weight(PackedWeight):
         return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
 
     def fuses_gate(self, x: torch.Tensor) -> bool:
-        """Whether matmul(x, F.silu) runs in one launch: packed_matmul's, on the values viewed as int32 words."""
+        """Whether matmul(x, F.silu) runs in one launch: int8_row_matmul's, at one row of x on CUDA."""
         return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
 
     def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
@@ -146,11 +147,10 @@ class Int8Weight(PackedWeight):
         silu(gate) * up."""
         x = x.to(self.scales.dtype)
         if self.fuses_gate(x):
-            from ..engine.kernels import packed_matmul  # here: the engine imports this module
+            from ..engine.kernels import int8_row_matmul  # here: the engine imports this module
 
             rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return packed_matmul(x, self.values.view(torch.int32), self.scales, rows,
-                                 self.shape[1] // self.scales.shape[1], 8, False, act)
+            return int8_row_matmul(x, self.values, self.scales, rows, act)
         if act is not None:
             raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, got {x.shape[0]} rows "
                              f"on {x.device}")
@@ -168,22 +168,6 @@ class Int8Weight(PackedWeight):
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(slice(None))
-
-
-def int4_words(values: torch.Tensor, group: int) -> torch.Tensor:
-    """(rows, cols) values 0..15 as CUDA's int4 layout: (rows, cols / 8) int32 words, each group of `group` inputs in
-    group / 8 words, word t of a group holding its inputs s * group / 8 + t in bits 4s..4s+3. A field's inputs are
-    then contiguous across a group's words (the kernel loads x for them in vectors) and a word lies in one group."""
-    fields = values.long().unflatten(1, (-1, 8, group // 8))  # (rows, groups, field s, word t)
-    words = (fields << (4 * torch.arange(8, device=values.device))[:, None]).sum(2).flatten(1)
-    return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
-
-
-def int4_values(words: torch.Tensor, group: int) -> torch.Tensor:
-    """The (rows, cols) uint8 values of int4_words."""
-    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)[:, None]
-    fields = (words.unflatten(1, (-1, 1, group // 8)) >> shifts) & 15  # (rows, groups, field s, word t)
-    return fields.flatten(1).to(torch.uint8)
 
 
 def _mma_dims(rows: int, cols: int, group: int) -> tuple[int, ...]:

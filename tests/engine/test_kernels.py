@@ -275,12 +275,15 @@ def test_int8_row_matmul_configs(config):
 
 
 def test_int8_row_matmul_refuses_other_inputs():
-    """x of another width than the weight's rows, or of several rows: a ValueError naming what is wrong."""
+    """x of another width than the weight's rows, several rows of x, or values that are not int8 words: a ValueError
+    naming what is wrong."""
     values, scales, _ = _int8(8, 256, 64, torch.float16, seed=0)
     with pytest.raises(ValueError, match="does not have 128 inputs"):
         kernels.int8_row_matmul(torch.randn(1, 128, device=DEVICE), values, scales, 8)
     with pytest.raises(ValueError, match="one row of x, got 2"):
         kernels.int8_row_matmul(torch.randn(2, 256, device=DEVICE), values, scales, 8)
+    with pytest.raises(ValueError, match="got torch.float16 values"):
+        kernels.int8_row_matmul(torch.randn(1, 256, device=DEVICE), values.half(), scales, 8)
 
 
 def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):

@@ -16,10 +16,9 @@ through the same library's decode_attention (quantization/gguf_kernels.py). Weig
 (TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
 (kernels.py int4_mma_matmul up to 64 rows, int8_row_matmul at batch 1). Other quantized layers (bitsandbytes) are
 not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and kernels, so the
-tokens are those of the reference path. The glue is then left uncompiled (Dynamo
-would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit
-layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the
-reference path.
+tokens are those of the reference path. The glue is then left uncompiled (Dynamo would not trace bitsandbytes' layers
+whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit layers split outlier columns with a
+host-side check that a CUDA graph cannot capture: on CUDA they keep the reference path.
 """
 
 from __future__ import annotations

@@ -740,9 +740,12 @@ def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
     (m, k), groups = x.shape, scales.shape[1]
     if m != 1:
         raise ValueError(f"int8_row_matmul takes one row of x, got {m}: int8_matmul takes any")
-    if values.shape[1] != k or values.dtype != torch.int8 or values.stride(1) != 1 or k % 4:
-        raise ValueError(f"int8_row_matmul: x of {k} inputs against int8 values {tuple(values.shape)} of "
-                         f"{values.dtype} (rows contiguous, a multiple of 4 inputs): the weight does not have {k} inputs")
+    if values.shape[1] != k:
+        raise ValueError(f"int8_row_matmul: x of {k} inputs against values {tuple(values.shape)}: the weight does not "
+                         f"have {k} inputs")
+    if values.dtype != torch.int8 or values.stride(1) != 1 or k % 4:
+        raise ValueError(f"int8_row_matmul reads int8 values with contiguous rows of a multiple of 4 inputs as int32 "
+                         f"words, got {values.dtype} values of strides {values.stride()} and {k} inputs")
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"int8_row_matmul gates with F.silu only, got {act}")

@@ -7,10 +7,10 @@ layout of the product on the device they sit on: on CPU torch's (_weight_int4pac
 int32 words laid out as the tensor-core operand of its Gluon kernel (int4_mma_words, engine/kernels.py
 int4_mma_matmul; tinygemm ran 0.24x of the bfloat16 product at 32 rows on the H200); .to(device) unpacks and packs
 them again when that layout changes. int8 holds int8 values with one scale per row or per group of 16 or 32 (GGUF's
-Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (int8_row_matmul on the values read as
-int32 words at one row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product
-there); on CPU torch's int8 product for 16-bit activations and one scale a row, else row chunks dequantized small
-enough to stay in cache. Scales are held in the dtype the product runs in, the model's.
+Q6_K and Q8_0). On CUDA maestrale's Triton kernels run them (int8_row_matmul on the values read as int32 words at one
+row, int8_matmul otherwise; torch's _weight_int8pack_mm ran 0.01-0.09x of the bfloat16 product there); on CPU torch's
+int8 product for 16-bit activations and one scale a row, else row chunks dequantized small enough to stay in cache.
+Scales are held in the dtype the product runs in, the model's.
 
 A packed weight is a module (PackedWeight) set as a layer's `weight`: tie_weights() shares it as it shares a
 Parameter, and the engine, finding no Parameter, runs the layer's forward.

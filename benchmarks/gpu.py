@@ -156,19 +156,22 @@ def measure(model, vocab: int, new_tokens: int, **generate_kwargs) -> dict:
     return result
 
 
-def profile_step(model, vocab: int) -> None:
-    """GPU time of one decode step by kernel (the step run eagerly, as captured), for finding where time goes."""
-    ids = torch.randint(3, vocab, (1, PROMPT), device="cuda")
+def profile_step(model, vocab: int, batch: int) -> None:
+    """GPU time of one decode step of `batch` rows by kernel (the step run eagerly, as captured), for finding where
+    time goes."""
+    ids = torch.randint(3, vocab, (batch, PROMPT), device="cuda")
     model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
     decoder = model._static_decoder
-    decoder._step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    # as generate() runs it (no autograd), within the decoder's compile budget (its parts' code is shared by models)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         decoder._step()
         torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decoder._step()
+            torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time_total for e in events)
-    print(f"  one step: {total / 1e3:.2f} ms of kernels, {sum(e.count for e in events)} launches")
+    print(f"  one step of {batch} rows: {total / 1e3:.2f} ms of kernels, {sum(e.count for e in events)} launches")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
         print(f"    {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key[:90]}")
 
@@ -196,7 +199,8 @@ def main() -> None:
     parser.add_argument("--hf-static", action="store_true", help="also run transformers' static cache + compile")
     parser.add_argument("--skip-hf", action="store_true", help="maestrale alone")
     parser.add_argument("--long-generation", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="print one maestrale decode step's kernels")
+    parser.add_argument("--profile", action="store_true",
+                        help="print one maestrale decode step's kernels, at batch 1 and 32")
     parser.add_argument("--quant", nargs="+", default=["bf16"], choices=QUANTS,
                         help="weights: bfloat16 and/or weight-only int8 / int4 (group size) through TorchAoConfig")
     args = parser.parse_args()
@@ -219,7 +223,8 @@ def main() -> None:
                 roofline = rooflines.setdefault(quant, bandwidth / step_bytes(model))
                 weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
                 if args.profile and label.startswith("maestrale"):
-                    profile_step(model, model.config.vocab_size)
+                    for batch in (1, BATCH):
+                        profile_step(model, model.config.vocab_size, batch)
                 r = measure(model, model.config.vocab_size, args.new_tokens, **(extra or {}))
             except Exception:
                 if label.startswith("maestrale"):

@@ -13,7 +13,8 @@ block configuration and prints the fastest per shape; without it, matvec_config'
 
 --quant: Mistral-7B's products at 1, 8 and 32 rows (gate/up as the decode step runs it: cuBLAS and tinygemm bare,
 matvec, int4_mma_matmul and int8_row_matmul with the silu gate fused): bfloat16 cuBLAS and matvec (one row), torch's
-int4 tinygemm (_weight_int4pack_mm) and int4_mma_matmul's own choice (what Int4Weight runs on CUDA) at group 128,
+int4 tinygemm (_weight_int4pack_mm) and int4_mma_matmul's own choice (what Int4Weight runs on CUDA, its partial sums
+left to the consumer as in the decode step: summed=False) at group 128,
 int8_row_matmul (Int8Weight at one row) and int8_matmul (Int8Weight at more rows): us, TB/s of the bytes each reads
 (values, scales, zeros) and the speed-up over cuBLAS bfloat16. Each int8 kernel is the fastest of a sweep of
 configurations (its own choice, int8_row_config / int8_config, first, whose time is printed too), each checked
@@ -25,8 +26,8 @@ more kernel). The grid is compiled first in parallel processes (Triton's cache o
 at a time as --quant times them; the fastest few per product are printed beside int8_row_config's own choice.
 
 --mma: int4_mma_matmul (int4 g128 on tensor cores, int4_mma_words' layout) on Mistral-7B's products at 1, 8 and 32
-rows, its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp, shares, weights a group
-ahead or not), compiled first in parallel processes, beside bfloat16 cuBLAS and tinygemm on the same values.
+rows (summed=False, as --quant), its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp,
+shares, weights a group ahead or not), compiled first in parallel processes, beside bfloat16 cuBLAS and tinygemm on the same values.
 
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s
@@ -47,7 +48,7 @@ import triton
 
 from maestrale.engine.kernels import (attention_splits, decode_attention, decode_attention_torch, int4_mma_config,
                                      int4_mma_matmul, int8_config, int8_matmul, int8_row_config, int8_row_matmul,
-                                     matvec, matvec_config, matvec_torch)
+                                     matvec, matvec_config, matvec_torch, partials_sum)
 from maestrale.quantization.weight_only import int4_mma_words
 
 # (name, outputs, inputs, gated): batch-1 decode products of each model's layers and head.
@@ -155,7 +156,7 @@ def sweep(fn, configs, reference, copies: int, label: str):
     timed = []
     for config in configs:
         try:
-            error = ((fn(0, config).double() - reference).norm() / reference.norm()).item()
+            error = ((partials_sum(fn(0, config), torch.float64) - reference).norm() / reference.norm()).item()
         except Exception as e:  # a config the compiler refuses: reported, the sweep goes on
             print(f"    {label} {config}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -193,7 +194,8 @@ def quant() -> None:
                 show("bf16 matvec", graph_time(lambda i: matvec(x, weights[i % len(weights)], act), len(weights)),
                      bf16_size)
             show(f"tinygemm int4 g{group}", graph_time(lambda i: tiny[i](x), len(tiny)), int4_size)
-            _, mma, config = sweep(lambda i, c: int4_mma_matmul(x, words[i], scale_and_zeros, n, group, act, config=c),
+            _, mma, config = sweep(lambda i, c: int4_mma_matmul(x, words[i], scale_and_zeros, n, group, act, config=c,
+                                                                  summed=False),
                                    [int4_mma_config(m, rows, k, group)], matvec_torch(x.double(), weight4, act),
                                    len(words), f"int4 {name} m={m}")
             show(f"int4 g{group} int4_mma", mma, int4_size, config)
@@ -315,7 +317,7 @@ def _mma_inputs(m: int, n: int, k: int, gated: bool, copies: int, g=None):
     rows, act = (2 * n if gated else n), (F.silu if gated else None)
     values, words, scales, weight = int4_weights(rows, k, 128, copies, g)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    run = lambda i, c: int4_mma_matmul(x, words[i], scales, n, 128, act, config=c)  # noqa: E731
+    run = lambda i, c: int4_mma_matmul(x, words[i], scales, n, 128, act, config=c, summed=False)  # noqa: E731
     tiny = [tinygemm_int4(v, 128, scales) for v in values] if copies > 1 else []
     return x, weight, run, lambda i: tiny[i](x)
 

@@ -83,6 +83,27 @@ def test_rotary_cache_write(heads, kv_heads, head_dim, rot, capacity, t, dtype):
     assert torch.equal(caches[0][:, :, slot + 1:].double(), expected[0][:, :, slot + 1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+def test_rotary_cache_write_adds_partial_sums(paged, dtype):
+    """q/k/v given as float32 partial sums (splits, batch, n), a split product's summed=False result: the kernel adds
+    them in order, rounds to the cache's dtype, then rotates and stores exactly what the summed row gives."""
+    skip_interpreted_bfloat16(dtype)
+    heads, kv_heads, head_dim, batch = 4, 2, 64, 3
+    parts = torch.randn(3, batch, (heads + 2 * kv_heads) * head_dim, device=DEVICE)
+    qkv = (parts[0] + parts[1] + parts[2]).to(dtype)
+    angles = torch.rand(batch, head_dim, device=DEVICE) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    t = torch.tensor([5, 9, 2], device=DEVICE) if paged else torch.tensor(5, device=DEVICE)
+    tables = torch.arange(2 * batch, device=DEVICE, dtype=torch.int32).view(batch, 2).flip(0) if paged else None
+    shape = (2 * batch, 8, kv_heads, head_dim) if paged else (batch, kv_heads, 16, head_dim)
+    caches = [torch.zeros(shape, device=DEVICE, dtype=dtype) for _ in range(4)]
+    q = kernels.rotary_cache_write(parts, cos, sin, *caches[:2], t, heads, tables)
+    q_summed = kernels.rotary_cache_write(qkv, cos, sin, *caches[2:], t, heads, tables)
+    assert q.dtype == dtype and torch.equal(q, q_summed)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3]) and caches[1].any()
+
+
 def paged_pool(lengths, kv_heads, head_dim, block_size, dtype, seed=0):
     """A pool of shuffled blocks holding each row's keys and values at its block table's slots, the same tokens as
     contiguous (row, kv_heads, length, head_dim) tensors, and the (rows, width) tables."""
@@ -241,6 +262,28 @@ def _check(out, x, weight, dtype, act=None):
     torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=error)
 
 
+@pytest.mark.parametrize("m,config", [(1, (1, 2, 64, 4, 4, 1)), (5, (8, 4, 32, 3, 4, 1)), (5, (8, 4, 32, 1, 4, 1))])
+def test_int8_matmul_leaves_its_partial_sums(m, config):
+    """summed=False: a product split in shares returns their float32 partial sums (splits, m, n), which add up to the
+    product (partials_sum); one share returns the product itself as (1, m, n)."""
+    n, k, group = 13, 512, 64
+    values, scale, weight = _int8(n, k, group, torch.float16, seed=m)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+    parts = kernels.int8_matmul(x, values, scale, config=config, summed=False)
+    split = config[3]
+    assert parts.shape == (split, m, n) and parts.dtype == (torch.float32 if split > 1 else torch.float16)
+    summed = kernels.int8_matmul(x, values, scale, config=config)
+    if split == 1:
+        assert torch.equal(parts[0], summed)
+    out = kernels.partials_sum(parts, torch.float16)
+    assert out.shape == (m, n) and out.dtype == torch.float16
+    exact = x.double().cpu() @ weight.T
+    bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
+    if split > 1:  # float32 partials: their sum is the product to float32's precision
+        torch.testing.assert_close(parts.double().sum(0).cpu(), exact, rtol=0, atol=1e-5 * bound)
+    torch.testing.assert_close(out.double().cpu(), summed.double().cpu(), rtol=0, atol=2e-3 * bound)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,group", [(45, 200, 200), (19, 256, 32), (37, 640, 128), (8, 8192, 8192)])
 def test_int8_row_matmul(n, k, group, dtype):
@@ -374,3 +417,9 @@ def test_int4_mma_matmul_configs(m, config, gated):
     act = torch.nn.functional.silu if gated else None
     out = kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group, act, config=config)
     _check(out, x, weight, torch.bfloat16, act)
+    parts = kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group, act, config=config, summed=False)
+    if gated or config[3] == 1:  # the gate needs the sums; one share is the product itself
+        assert parts.shape == (1, m, n) and torch.equal(parts[0], out)
+    else:  # the shares' float32 partial sums, added up by the consumer
+        assert parts.shape == (config[3], m, n) and parts.dtype == torch.float32
+        _check(kernels.partials_sum(parts, torch.bfloat16), x, weight, torch.bfloat16)

@@ -14,11 +14,13 @@ generate() is given a compile_config, as one graph compiled by torch.compile (fu
 GGUF blocks kept packed (keep_quantized, CPU) are stacked like float weights, one product per group, and attend
 through the same library's decode_attention (quantization/gguf_kernels.py). Weight-only int8 and int4 layers
 (TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
-(kernels.py int4_mma_matmul up to 64 rows, int8_row_matmul at batch 1). Other quantized layers (bitsandbytes) are
-not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and kernels, so the
-tokens are those of the reference path. The glue is then left uncompiled (Dynamo would not trace bitsandbytes' layers
-whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit layers split outlier columns with a
-host-side check that a CUDA graph cannot capture: on CUDA they keep the reference path.
+(kernels.py int4_mma_matmul up to 64 rows, int8_row_matmul at batch 1); where their kernels split the inputs in
+shares, the float32 partial sums go to the kernel that reads the product (rotary's, the residual adds'), which adds
+them up, so the sum costs no launch of its own (gate/up's, gated as summed, keeps its own). Other quantized layers
+(bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and
+kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo would not trace
+bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit layers split outlier
+columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the reference path.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
 from ..quantization.weight_only import Int4Weight, Int8Weight, PackedWeight, stacked_packed
-from .kernels import decode_attention, matvec, rotary_cache_write, use_triton
+from .kernels import decode_attention, matvec, partials_sum, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
 
@@ -47,13 +49,20 @@ def _streamed(x, weights) -> bool:
     return x.shape[0] == 1 and isinstance(weights, torch.Tensor) and use_triton(x)
 
 
-def _product(x, weights):
-    """x times one weight matrix, or through layers that run their own product (quantized), side by side."""
+def _product(x, weights, summed: bool = True):
+    """x times one weight matrix, or through layers that run their own product (quantized), side by side.
+    summed=False: as partial sums (splits, rows, n) for the consumer to add up (partials_sum), float32 where an int8 /
+    int4 kernel split the inputs, else the product as (1, rows, n): the split's sum is then no launch of its own."""
+    if isinstance(weights, (Int4Weight, Int8Weight)) and not summed:
+        out = weights.matmul(x, summed=False)
+        return out if out.dtype == torch.float32 else out.to(x.dtype)
     if isinstance(weights, torch.Tensor):
-        return matvec(x, weights) if _streamed(x, weights) else F.linear(x, weights)
-    if isinstance(weights, (BlocksWeight, PackedWeight)):  # quantized rows of one or more layers (stacked_*)
-        return weights.matmul(x).to(x.dtype)
-    return torch.cat([layer(x) for layer in weights], dim=-1)
+        out = matvec(x, weights) if _streamed(x, weights) else F.linear(x, weights)
+    elif isinstance(weights, (BlocksWeight, PackedWeight)):  # quantized rows of one or more layers (stacked_*)
+        out = weights.matmul(x).to(x.dtype)
+    else:
+        out = torch.cat([layer(x) for layer in weights], dim=-1)
+    return out if summed else out[None]
 
 
 def _gated(x, gate_up, act, gate):
@@ -68,8 +77,9 @@ def _gated(x, gate_up, act, gate):
 
 
 def _residual_norm(x, out, norm, eps: float):
-    """The residual add of a block's output; the normed input of the next block."""
-    x = x + out
+    """The residual add of a block's output (its partial sums, _product's summed=False); the normed input of the
+    next block."""
+    x = x + partials_sum(out, x.dtype)
     return x, rms_norm(x, norm, eps)
 
 
@@ -184,7 +194,8 @@ class DecodeStep:
         return self._fingerprint() == self.fingerprint
 
     def _attention(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the fused q/k/v row, store k and v, attend: (batch, heads, head_dim)."""
+        """Rotate the fused q/k/v row (or its partial sums, _product's summed=False), store k and v, attend: (batch,
+        heads, head_dim)."""
         raise NotImplementedError
 
     def _step(self) -> torch.Tensor:
@@ -194,10 +205,11 @@ class DecodeStep:
         h = part["rms_norm"](x, self.layers[0].input_norm, eps)
         next_norms = [w.input_norm for w in self.layers[1:]] + [self.final_norm]
         for i, (w, next_norm) in enumerate(zip(self.layers, next_norms)):
-            attn = self._attention(i, _product(h, w.qkv), cos, sin)
-            x, h = part["_residual_norm"](x, _product(attn.flatten(1), w.o_proj), w.post_norm, eps)
+            # The products' partial sums are added up by the kernels that read them: rotary's, the residual adds'
+            attn = self._attention(i, _product(h, w.qkv, summed=False), cos, sin)
+            x, h = part["_residual_norm"](x, _product(attn.flatten(1), w.o_proj, summed=False), w.post_norm, eps)
             if w.router is None:
-                ffn = _product(_gated(h, w.gate_up, self.act, part["_gate"]), w.down)
+                ffn = _product(_gated(h, w.gate_up, self.act, part["_gate"]), w.down, summed=False)
                 x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)

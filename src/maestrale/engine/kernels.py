@@ -33,7 +33,9 @@ def paged_slots(block_tables: torch.Tensor, block_size: int, tokens: torch.Tenso
 
 def rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tables=None):
     """Split one token a row of fused q/k/v (batch, (heads + 2 kv_heads) * head_dim), rotate q and k, store k and v
-    at token t's slot (see the module's docstring); returns the rotated q (batch, heads, head_dim)."""
+    at token t's slot (see the module's docstring); returns the rotated q (batch, heads, head_dim). qkv may also be
+    partial sums (splits, batch, n), added up first (see partials_sum)."""
+    qkv = partials_sum(qkv, k_cache.dtype)
     b, kv_heads, d = qkv.shape[0], k_cache.shape[-2 if block_tables is not None else 1], k_cache.shape[-1]
     q, k, v = qkv.view(b, heads + 2 * kv_heads, 1, d).split([heads, kv_heads, kv_heads], dim=1)
     cos, sin = cos.view(b, 1, -1), sin.view(b, 1, -1)
@@ -87,21 +89,32 @@ def matvec_torch(x, weight, act=None, experts=None, rows_per_x: int = 1):
 if triton is not None:
 
     @triton.jit
+    def _summed(P, at, keep, s_split, SPLIT: tl.constexpr, dtype: tl.constexpr):
+        """The SPLIT partial sums at P + at (SPLIT apart), added in float32 and rounded to dtype (_split_sum's)."""
+        x = tl.load(P + at, mask=keep, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, SPLIT):
+            x += tl.load(P + s * s_split + at, mask=keep, other=0.0)
+        return x.to(dtype)
+
+    @triton.jit
     def _rotary_cache_write_kernel(QKV, COS, SIN, Q, KC, VC, T, t_stride, TABLE, table_stride, BS, s_block, s_slot,
-                                   s_head, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                   ROT: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr):
-        """One row and one head of the fused projection: rotate a q or k head, copy a v head; k and v go to the cache
-        (row b's token t, at slot t mod BS of block b, or of the block its table names)."""
+                                   s_head, s_split, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                   ROT: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                                   SPLIT: tl.constexpr):
+        """One row and one head of the fused projection (the sum of its SPLIT partial sums): rotate a q or k head,
+        copy a v head; k and v go to the cache (row b's token t, at slot t mod BS of block b, or of the block its
+        table names)."""
         b = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         d = tl.arange(0, BLOCK_D)
         keep = d < D
-        src = QKV + (b * (HEADS + 2 * KV_HEADS) + head) * D
-        x = tl.load(src + d, mask=keep, other=0.0)
+        dtype = Q.dtype.element_ty
+        at = (b * (HEADS + 2 * KV_HEADS) + head) * D
+        x = _summed(QKV, at + d, keep, s_split, SPLIT, dtype)
         if head < HEADS + KV_HEADS:
             in_rot = d < ROT
             partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
-            other = tl.load(src + partner, mask=in_rot, other=0.0).to(tl.float32)
+            other = _summed(QKV, at + partner, in_rot, s_split, SPLIT, dtype).to(tl.float32)
             cos = tl.load(COS + b * ROT + d, mask=in_rot, other=1.0).to(tl.float32)
             sin = tl.load(SIN + b * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
             rotated = x.to(tl.float32) * cos + tl.where(d < ROT // 2, -other, other) * sin
@@ -587,6 +600,27 @@ def _split_sum(partials: torch.Tensor, dtype: torch.dtype, gated: bool = False) 
     return out
 
 
+def _result(out: torch.Tensor, dtype: torch.dtype, gated: bool, summed: bool) -> torch.Tensor:
+    """A product's result from its kernel's output (m, n), or (splits, m, width) float32 partials: the (m, n) product
+    in dtype, or with summed=False (no gate) partial sums (splits, m, n) for the consumer to add up (partials_sum,
+    or a kernel that reads them): one launch fewer."""
+    if out.dim() == 3 and (summed or gated):
+        out = _split_sum(out, dtype, gated)
+    return out if summed or out.dim() == 3 else out[None]
+
+
+def partials_sum(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A product's (m, n) result in dtype from its summed=False partial sums (splits, m, n), added in order (as
+    _split_sum adds them); (m, n) as it is. Element-wise adds, not a sum over the first dimension, so that
+    torch.compile fuses them into the kernel that reads the result (a reduction would be a kernel of its own)."""
+    if out.dim() == 2:
+        return out
+    total = out[0]
+    for part in out[1:]:
+        total = total + part
+    return total.to(dtype)
+
+
 def _as_blocks(k_cache, v_cache, t, block_tables):
     """The kernels' view of either addressing: (k, v) as (blocks, slots, kv_heads, head_dim), t's row stride, the
     table (a dummy for static caches: row b is block b) and its row stride."""
@@ -596,16 +630,18 @@ def _as_blocks(k_cache, v_cache, t, block_tables):
 
 
 def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tables=None):
-    """rotary_cache_write_torch in one kernel launch."""
+    """rotary_cache_write_torch in one kernel launch, which also adds up a split product's partial sums: qkv may be
+    (splits, batch, n), float32 (a product's summed=False result), rounded to the cache's dtype once summed."""
     if not use_triton(qkv):
         return rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads, block_tables)
     k_blocks, v_blocks, t_stride, table, table_stride = _as_blocks(k_cache, v_cache, t, block_tables)
-    b, (_, block_size, kv_heads, d) = qkv.shape[0], k_blocks.shape
-    q = qkv.new_empty(b, heads, d)
+    parts = qkv.contiguous() if qkv.dim() == 3 else qkv.contiguous()[None]
+    (split, b, _), (_, block_size, kv_heads, d) = parts.shape, k_blocks.shape
+    q = parts.new_empty(b, heads, d, dtype=k_cache.dtype)
     _rotary_cache_write_kernel[(b, heads + 2 * kv_heads)](
-        qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, k_blocks, v_blocks, t, t_stride, table, table_stride,
-        block_size, *k_blocks.stride()[:3], HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1],
-        BLOCK_D=triton.next_power_of_2(d), PAGED=block_tables is not None)
+        parts, cos.contiguous(), sin.contiguous(), q, k_blocks, v_blocks, t, t_stride, table, table_stride,
+        block_size, *k_blocks.stride()[:3], parts.stride(0), HEADS=heads, KV_HEADS=kv_heads, D=d, ROT=cos.shape[-1],
+        BLOCK_D=triton.next_power_of_2(d), PAGED=block_tables is not None, SPLIT=split)
     return q
 
 
@@ -695,9 +731,9 @@ def int8_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int,
 
 
 def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
-                config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+                config: tuple[int, int, int, int, int, int] | None = None, summed: bool = True) -> torch.Tensor:
     """x @ w.T in x's dtype, (m, k) by an (n, k) int8 weight w = q * scale, scale (n, groups) of any strides. For any
-    m: the weight is read once per BLOCK_M rows of x."""
+    m: the weight is read once per BLOCK_M rows of x. summed=False: partial sums (see _result)."""
     (m, k), (n, groups) = x.shape, scale.shape
     if tuple(values.shape) != (n, k):
         raise ValueError(f"int8_matmul: x of {k} inputs against int8 values {tuple(values.shape)} and {n} rows of "
@@ -714,7 +750,7 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor,
         x, values, scale, out, m, n, k, *scale.stride(), GROUP=group, SPLIT_K=split,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
-    return out if split == 1 else _split_sum(out, x.dtype)
+    return _result(out, x.dtype, False, summed)
 
 
 
@@ -732,11 +768,11 @@ def int8_row_config(n: int, k: int, gated: bool) -> tuple[int, int, int, int, in
 
 
 def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, n: int, act=None,
-                    config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                    config: tuple[int, int, int, int, int] | None = None, summed: bool = True) -> torch.Tensor:
     """x @ w.T in x's dtype for one row x (1, k) and the first n rows of an int8 weight w = q * scale: values (rows,
     k) int8, rows contiguous and k a multiple of 4 (read as int32 words), scales (rows, groups). act=F.silu: the
     weight is the gate's n rows then the up's n rows, and the result silu(gate) * up. config: int8_row_config's
-    tuple."""
+    tuple. summed=False: partial sums (see _result)."""
     (m, k), groups = x.shape, scales.shape[1]
     if m != 1:
         raise ValueError(f"int8_row_matmul takes one row of x, got {m}: int8_matmul takes any")
@@ -760,22 +796,23 @@ def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
         x, words, scales, out, width, k, words.stride(0), *scales.stride(), 255, GROUP=group,
         GATED=gated and split == 1, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages)
-    return out if split == 1 else _split_sum(out, x.dtype, gated)
+    return _result(out, x.dtype, gated, summed)
 
 
 def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, bool]:
     """(BLOCK_M, num_warps, TILES, SPLIT_K, AHEAD) of int4_mma_matmul for m rows of x and an n x k weight, from
-    benchmarks/gpu_kernels.py --mma on an H100 (BENCHMARKS.md, 2026-12-06): x's rows in blocks of 8 up to 64; one row
-    on 8 warps of 2 tiles of 16 weight rows (4 tiles from 16,384 rows), more rows on 4 warps of 2 tiles (4 from 16,384
-    rows past 8 rows of x, where those up to 8 start in 2 shares); the groups split in shares of at least two until
-    there are 224 programs; the weights loaded a group ahead up to 8 rows of x, in 1 or 2 tiles a warp and shares of
-    4 groups or more."""
+    benchmarks/gpu_kernels.py --mma on an H100 (BENCHMARKS.md, 2026-12-06): x's rows in blocks of 8 up to 64, on 4
+    warps of 2 tiles of 16 weight rows; from 16,384 rows 4 tiles (8 warps at one row; past 8 rows of x, where those up
+    to 8 start in 2 shares); the groups split in shares of at least two until there are 224 programs, 512 at one row
+    below 16,384 rows (partial sums cost little where the consumer adds them up: summed=False); the weights loaded a group ahead up
+    to 8 rows of x, in 1 or 2 tiles a warp and shares of 4 groups or more."""
     block_m = min(64, max(8, triton.next_power_of_2(m)))
     big = n >= 16384
-    warps, tiles = (8, 4 if big else 2) if m == 1 else (4, 4 if big and block_m > 8 else 2)
+    warps = 8 if big and m == 1 else 4
+    tiles = 4 if big and (m == 1 or block_m > 8) else 2
     split = 2 if big and m > 1 and block_m == 8 else 1
     programs = triton.cdiv(n, 16 * warps * tiles) * triton.cdiv(m, block_m)
-    while programs * split < 224 and k // group // (split * 2) >= 2:
+    while programs * split < (512 if m == 1 and not big else 224) and k // group // (split * 2) >= 2:
         split *= 2
     return block_m, warps, tiles, split, block_m == 8 and tiles <= 2 and k // group // split >= 4
 
@@ -792,11 +829,11 @@ def _x_layout(block_m: int, group: int, warps: int):
 
 
 def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, act=None,
-                    config: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
+                    config: tuple[int, int, int, int, bool] | None = None, summed: bool = True) -> torch.Tensor:
     """x @ w.T in x's dtype (float16 or bfloat16, m <= 64 rows) for the first n rows of an int4 weight in
     int4_mma_words' layout (rows padded to 16), w = (q - 8) * scale + zero with scales (groups, rows, 2) of scales and
     zeros, on tensor cores. act=F.silu: the weight is the gate's n rows then the up's n rows (n a multiple of 16), and
-    the result silu(gate) * up. config: int4_mma_config's tuple."""
+    the result silu(gate) * up. config: int4_mma_config's tuple. summed=False: partial sums (see _result)."""
     (m, k), rows = x.shape, words.shape[0]
     if x.dtype not in (torch.float16, torch.bfloat16) or words.dtype != torch.int32 or words.shape[1] * 8 != k \
             or rows % 16 or k % group or not words.is_contiguous():
@@ -814,4 +851,4 @@ def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
         x, words, scales, out, m, width, k, n, scales.stride(1), scales.stride(0), GROUP=group,
         V=2 if group == 32 else 4, WARPS=warps, TILES=tiles, SPLIT_K=split, AHEAD=ahead,
         GATED=gated and split == 1, BLOCK_M=block_m, XL=_x_layout(block_m, group, warps), num_warps=warps)
-    return out if split == 1 else _split_sum(out, x.dtype, gated)
+    return _result(out, x.dtype, gated, summed)

@@ -85,22 +85,25 @@ class Int4Weight(PackedWeight):
         return x.is_cuda and x.shape[0] <= KERNEL_ROWS and self.scale_and_zeros.dtype in (torch.float16,
                                                                                          torch.bfloat16)
 
-    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, act=None, summed: bool = True) -> torch.Tensor:
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
-        silu(gate) * up, in one launch."""
+        silu(gate) * up, in one launch. summed=False: where the kernel splits the inputs, its float32 partial sums
+        (splits, rows, n) for the caller to add up (engine/kernels.py partials_sum)."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
         if self.fuses_gate(x):
             from ..engine.kernels import int4_mma_matmul  # here: the engine imports this module
 
             rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act)
+            return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act, summed=summed)
         if act is not None:
             raise ValueError(f"Int4Weight.matmul: the gate is fused on CUDA for up to {KERNEL_ROWS} rows only, got "
                              f"{x.shape[0]} rows on {x.device}")
         if x.is_cuda:
-            return F.linear(x, self.dequantize())
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
-        return out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
+            out = F.linear(x, self.dequantize())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
+            out = out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
+        return out if summed else out[None]
 
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
@@ -142,29 +145,31 @@ class Int8Weight(PackedWeight):
         """Whether matmul(x, F.silu) runs in one launch: int8_row_matmul's, at one row of x on CUDA."""
         return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
 
-    def matmul(self, x: torch.Tensor, act=None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, act=None, summed: bool = True) -> torch.Tensor:
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
-        silu(gate) * up."""
+        silu(gate) * up. summed=False: as Int4Weight.matmul's."""
         x = x.to(self.scales.dtype)
         if self.fuses_gate(x):
             from ..engine.kernels import int8_row_matmul  # here: the engine imports this module
 
             rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return int8_row_matmul(x, self.values, self.scales, rows, act)
+            return int8_row_matmul(x, self.values, self.scales, rows, act, summed=summed)
         if act is not None:
             raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, got {x.shape[0]} rows "
                              f"on {x.device}")
         if x.is_cuda:
             from ..engine.kernels import int8_matmul
 
-            return int8_matmul(x, self.values, self.scales)
+            return int8_matmul(x, self.values, self.scales, summed=summed)
         # torch's int8 product (one scale per row) is vectorised on CPU for 16-bit activations only: in float32 it ran
         # 20-30x slower than dequantized row chunks on an AVX2 machine (BENCHMARKS.md).
         if self.scales.shape[1] == 1 and x.dtype != torch.float32 and not INT8PACK_CRASHES:
-            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
-        step = max(1, CHUNK_VALUES // self.shape[1])
-        return torch.cat([F.linear(x, self.rows(slice(start, start + step)))
-                          for start in range(0, self.shape[0], step)], dim=-1)
+            out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales[:, 0])
+        else:
+            step = max(1, CHUNK_VALUES // self.shape[1])
+            out = torch.cat([F.linear(x, self.rows(slice(start, start + step)))
+                             for start in range(0, self.shape[0], step)], dim=-1)
+        return out if summed else out[None]
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(slice(None))

@@ -90,7 +90,7 @@ if triton is not None:
 
     @triton.jit
     def _summed(P, at, keep, s_split, SPLIT: tl.constexpr, dtype: tl.constexpr):
-        """The SPLIT partial sums at P + at (SPLIT apart), added in float32 and rounded to dtype (_split_sum's)."""
+        """The SPLIT partial sums at P + at (s_split apart), added in order in float32 and rounded to dtype."""
         x = tl.load(P + at, mask=keep, other=0.0).to(tl.float32)
         for s in tl.static_range(1, SPLIT):
             x += tl.load(P + s * s_split + at, mask=keep, other=0.0)
@@ -443,14 +443,10 @@ if triton is not None:
         keep = i < MN
         width: tl.constexpr = 2 if GATED else 1
         at = (i // N) * (width * N) + i % N
-        acc = tl.zeros([BLOCK], tl.float32)
-        up = tl.zeros([BLOCK], tl.float32)
-        for s in tl.static_range(SPLIT):
-            acc += tl.load(PART + s * width * MN + at, mask=keep, other=0.0)
-            if GATED:
-                up += tl.load(PART + s * width * MN + at + N, mask=keep, other=0.0)
         dtype = OUT.dtype.element_ty
+        acc = _summed(PART, at, keep, width * MN, SPLIT, tl.float32)
         if GATED:
+            up = _summed(PART, at + N, keep, width * MN, SPLIT, tl.float32)
             gate = acc.to(dtype).to(tl.float32)
             acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
         tl.store(OUT + i, acc.to(dtype), mask=keep)
@@ -804,8 +800,8 @@ def int4_mma_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, 
     benchmarks/gpu_kernels.py --mma on an H100 (BENCHMARKS.md, 2026-12-06): x's rows in blocks of 8 up to 64, on 4
     warps of 2 tiles of 16 weight rows; from 16,384 rows 4 tiles (8 warps at one row; past 8 rows of x, where those up
     to 8 start in 2 shares); the groups split in shares of at least two until there are 224 programs, 512 at one row
-    below 16,384 rows (partial sums cost little where the consumer adds them up: summed=False); the weights loaded a group ahead up
-    to 8 rows of x, in 1 or 2 tiles a warp and shares of 4 groups or more."""
+    below 16,384 rows (partial sums cost little where the consumer adds them up: summed=False); the weights loaded a
+    group ahead up to 8 rows of x, in 1 or 2 tiles a warp and shares of 4 groups or more."""
     block_m = min(64, max(8, triton.next_power_of_2(m)))
     big = n >= 16384
     warps = 8 if big and m == 1 else 4

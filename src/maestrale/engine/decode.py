@@ -53,11 +53,11 @@ def _product(x, weights, summed: bool = True):
     """x times one weight matrix, or through layers that run their own product (quantized), side by side.
     summed=False: as partial sums (splits, rows, n) for the consumer to add up (partials_sum), float32 where an int8 /
     int4 kernel split the inputs, else the product as (1, rows, n): the split's sum is then no launch of its own."""
-    if isinstance(weights, (Int4Weight, Int8Weight)) and not summed:
-        out = weights.matmul(x, summed=False)
-        return out if out.dtype == torch.float32 else out.to(x.dtype)
     if isinstance(weights, torch.Tensor):
         out = matvec(x, weights) if _streamed(x, weights) else F.linear(x, weights)
+    elif isinstance(weights, (Int4Weight, Int8Weight)):  # a split kernel's partial sums stay float32
+        out = weights.matmul(x, summed=summed)
+        return out if not summed and out.dtype == torch.float32 else out.to(x.dtype)
     elif isinstance(weights, (BlocksWeight, PackedWeight)):  # quantized rows of one or more layers (stacked_*)
         out = weights.matmul(x).to(x.dtype)
     else:

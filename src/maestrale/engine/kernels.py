@@ -631,7 +631,7 @@ def rotary_cache_write(qkv, cos, sin, k_cache, v_cache, t, heads: int, block_tab
     if not use_triton(qkv):
         return rotary_cache_write_torch(qkv, cos, sin, k_cache, v_cache, t, heads, block_tables)
     k_blocks, v_blocks, t_stride, table, table_stride = _as_blocks(k_cache, v_cache, t, block_tables)
-    parts = qkv.contiguous() if qkv.dim() == 3 else qkv.contiguous()[None]
+    parts = (qkv if qkv.dim() == 3 else qkv[None]).contiguous()
     (split, b, _), (_, block_size, kv_heads, d) = parts.shape, k_blocks.shape
     q = parts.new_empty(b, heads, d, dtype=k_cache.dtype)
     _rotary_cache_write_kernel[(b, heads + 2 * kv_heads)](

@@ -1,5 +1,5 @@
 """Perplexity of the real SmolLM2-135M-Instruct on real English text: float32 against int8 and int4 weight-only
-quantization (TorchAoConfig) through maestrale's kernels.
+quantization (TorchAoConfig, GPTQConfig) through maestrale's kernels.
 
     .venv/bin/python benchmarks/perplexity_quant.py [--dtype bfloat16] [--window 512] [--max-tokens N] [--threads N]
 
@@ -7,7 +7,8 @@ The reference is the GGUF fixture dequantized to float32; each quantized model i
 with TorchAoConfig(Int8WeightOnlyConfig()) or TorchAoConfig(Int4WeightOnlyConfig(group_size=32, 64, 128)) (and with
 int4_choose_qparams_algorithm="hqq" for 64 and 128), running in --dtype (bfloat16 by default: torch's int4 CPU
 product is vectorised for bfloat16 activations only on AVX2 machines; the unquantized model in that dtype and int8 in
-float32 are printed too, to tell bfloat16's rounding from the quantization's). The text and the
+float32 are printed too, to tell bfloat16's rounding from the quantization's). The GPTQ rows quantize with
+GPTQConfig(bits=4, group_size=..., sym=...) calibrated on another text, torch's README. The text and the
 scoring are benchmarks/perplexity.py's. As torchao does, a layer whose inputs are not whole groups stays in float:
 SmolLM2's 576-wide inputs are whole groups of 32 and 64, not of 128, so g128 quantizes only the down projections;
 the head is tied to the embedding and stays in float. Each line says how many linear layers were quantized.
@@ -26,6 +27,13 @@ from cpu_decode import GGUF_NAME, fixture_folder
 from perplexity import english_ids, perplexity
 
 BARS = {"int8": 0.005, "int4 g128": 0.03}  # the issue's bars, relative to float32
+GPTQ_ROWS = ((32, False), (64, False), (128, True), (128, False))  # (group size, sym); transformers' default is sym
+
+
+def calibration_text() -> str:
+    """GPTQ's calibration text: torch's README (its package description, about 3,500 words), another text than the
+    one scored."""
+    return importlib.metadata.distribution("torch").metadata.get_payload()
 
 
 def main() -> None:
@@ -42,37 +50,43 @@ def main() -> None:
     from maestrale.quantization.weight_only import packed_weights
 
     folder = fixture_folder()
-    path, text, ids = english_ids(maestrale.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME), args.max_tokens)
+    tokenizer = maestrale.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    path, text, ids = english_ids(tokenizer, args.max_tokens)
     print(f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), torchao "
           f"{importlib.metadata.version('torchao')}, {args.threads} threads; {path}: {len(text.split())} words, "
           f"{ids.numel()} tokens scored in windows of {args.window}")
     dtype = getattr(torch, args.dtype)
     hqq = {"int4_choose_qparams_algorithm": "hqq"}
+    calibration = calibration_text()
     configs = {"float32": (torch.float32, None)}
     if dtype != torch.float32:
         configs[args.dtype] = (dtype, None)
-    configs["int8"] = (dtype, Int8WeightOnlyConfig())
+    configs["int8"] = (dtype, maestrale.TorchAoConfig(Int8WeightOnlyConfig()))
     if dtype != torch.float32:
-        configs["int8 float32"] = (torch.float32, Int8WeightOnlyConfig())
+        configs["int8 float32"] = (torch.float32, maestrale.TorchAoConfig(Int8WeightOnlyConfig()))
     for group in (32, 64, 128):
-        configs[f"int4 g{group}"] = (dtype, Int4WeightOnlyConfig(group_size=group))
+        configs[f"int4 g{group}"] = (dtype, maestrale.TorchAoConfig(Int4WeightOnlyConfig(group_size=group)))
     for group in (64, 128):
-        configs[f"int4 g{group} hqq"] = (dtype, Int4WeightOnlyConfig(group_size=group, **hqq))
+        configs[f"int4 g{group} hqq"] = (dtype, maestrale.TorchAoConfig(Int4WeightOnlyConfig(group_size=group, **hqq)))
+    for group, sym in GPTQ_ROWS:
+        configs[f"int4 g{group} gptq{'' if sym else ' asym'}"] = (dtype, maestrale.GPTQConfig(
+            bits=4, group_size=group, sym=sym, dataset=[calibration], tokenizer=tokenizer))
 
     results = {}
-    for name, (model_dtype, quant_type) in configs.items():
-        quantization = None if quant_type is None else maestrale.TorchAoConfig(quant_type)
+    for name, (model_dtype, quantization) in configs.items():
+        start = time.perf_counter()
         model = maestrale.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=model_dtype,
                                                                quantization_config=quantization)
+        loaded = time.perf_counter() - start
         linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + len(packed_weights(model))
-        start = time.perf_counter()
         results[name] = perplexity(model, ids, args.window)
         ratio = results[name] / results["float32"]
         bar = f" (bar {BARS[name] * 100:.1f}%: {'met' if abs(ratio - 1) <= BARS[name] else 'MISSED'})" \
             if name in BARS else ""
         print(f"{name:>14} ({model_dtype}): perplexity {results[name]:.4f}, {ratio:.4f} x float32, "
               f"{abs(ratio - 1) * 100:.2f}% apart{bar}; {len(packed_weights(model))} of {linears} linear layers "
-              f"quantized ({time.perf_counter() - start:.0f} s)")
+              f"quantized (loaded and quantized in {loaded:.0f} s, scored in "
+              f"{time.perf_counter() - start - loaded:.0f} s)")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -64,7 +64,7 @@ def test_from_pretrained_refuses_quantization_first(source):
         maestrale.AutoModelForCausalLM.from_pretrained(source, quantization_config=True)
     with pytest.raises(NotImplementedError, match="quantization_config asks for eetq quantization"):
         maestrale.AutoModel.from_pretrained(source, quantization_config={"quant_method": "eetq"})
-    with pytest.raises(ValueError, match="gptq configs describe checkpoints quantized beforehand"):
+    with pytest.raises(ValueError, match="a gptq dict describes a checkpoint quantized beforehand"):
         maestrale.AutoModel.from_pretrained(source, quantization_config={"quant_method": "gptq", "bits": 4})
 
 

@@ -78,7 +78,7 @@ def test_skip_patterns_match_as_in_transformers(family_folder):
     ({"quant_method": "eetq"}, NotImplementedError,
      "quantization_config asks for eetq quantization, which maestrale does not implement"),
     ({"quant_method": "gptq", "bits": 4}, ValueError,
-     "quantization_config: gptq configs describe checkpoints quantized beforehand"),
+     "quantization_config: a gptq dict describes a checkpoint quantized beforehand"),
 ])
 def test_from_pretrained_refuses_before_reading(value, error, message):
     with pytest.raises(error, match=re.escape(message)) as excinfo:

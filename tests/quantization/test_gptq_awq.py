@@ -142,7 +142,7 @@ def test_a_group_size_the_kernels_cannot_take_is_refused(tmp_path):
 def test_gptq_config_cannot_quantize_a_float_checkpoint(tmp_path):
     ref, _ = model_pair("mistral", **SIZES)
     ref.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="gptq configs describe checkpoints quantized beforehand"):
+    with pytest.raises(ValueError, match="a gptq dict describes a checkpoint quantized beforehand"):
         maestrale.AutoModelForCausalLM.from_pretrained(
             tmp_path, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
 

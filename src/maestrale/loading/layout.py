@@ -79,8 +79,18 @@ def is_moe(config) -> bool:
 def checkpoint_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights (or the tensors of `state_dict`, named as the model's) under the names transformers
-    saves (Mixtral experts one by one), tied copies left out."""
+    saves (Mixtral experts one by one), tied copies left out; a GPTQConfig model's int4 weights as GPTQ's tensors."""
     from ..quantization.bnb import quantized_linears, weight_tensors
+    from ..quantization.config import GPTQConfig
+    from ..quantization.load import gptq_pieces
+    from ..quantization.weight_only import packed_weights
+
+    quantization = getattr(model.config, "quantization_config", None)
+    if state_dict is None and isinstance(quantization, GPTQConfig):
+        for name, weight in packed_weights(model).items():
+            layer = name.removesuffix(".weight")
+            for piece, tensor in gptq_pieces(weight, layer, quantization.format).items():
+                yield f"{layer}.{piece}", tensor
 
     inter, moe = model.config.intermediate_size, is_moe(model.config)
     named = model.named_parameters() if state_dict is None else _untied(state_dict)

@@ -18,8 +18,8 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
-from ..quantization.config import (BitsAndBytesConfig, QuantizationConfig, TorchAoConfig, check_quantization,
-                                   saved_quantization_config)
+from ..quantization.config import (BitsAndBytesConfig, GPTQConfig, QuantizationConfig, TorchAoConfig,
+                                   check_quantization, saved_quantization_config)
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import GGUFShard, open_gguf
 from .hub import resolve_file
@@ -99,7 +99,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
     keep_quantized: bool = False,
-    quantization_config: BitsAndBytesConfig | TorchAoConfig | dict | None = None,
+    quantization_config: BitsAndBytesConfig | TorchAoConfig | GPTQConfig | dict | None = None,
     ignore_mismatched_sizes: bool = False,
     output_loading_info: bool = False,
     revision: str | None = None,
@@ -131,8 +131,10 @@ def load_pretrained(
         model = model_class.from_config(config, attn_implementation=attn_implementation, dtype=config.dtype)
     placement = resolve_device_map(device_map, model, max_memory)
     quantized = _quantize_linears(model, quantization_config, placement, device_map, checkpoint)
+    # GPTQ quantizes the loaded float model, on calibration text; a checkpoint saved quantized keeps its own
+    calibrate = isinstance(quantization_config, GPTQConfig) and quantized is None
     if keep_quantized:
-        quantized = _keep_packed(model, checkpoint, quantized)
+        quantized = _keep_packed(model, checkpoint, quantized is not None or calibrate)
 
     layout = Layout(model)
     slots, report = _plan(layout, checkpoint, ignore_mismatched_sizes)
@@ -144,6 +146,10 @@ def load_pretrained(
     model.tie_weights()
     add_device_hooks(model, placement)
     model.eval()
+    if calibrate:
+        from ..quantization.gptq import quantize_gptq
+
+        quantize_gptq(model, quantization_config)
     if checkpoint.generation_config is not None and hasattr(model, "generation_config"):
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.generation_config)
     _warn(model, checkpoint.origin, report)
@@ -186,15 +192,15 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
 def _quantize_linears(model: nn.Module, requested: QuantizationConfig | None, placement, device_map,
                       checkpoint: Checkpoint):
     """Swap the model's linear layers for quantized ones when the checkpoint was saved quantized (its config says
-    how: bitsandbytes, GPTQ, AWQ) or `requested` asks for it (BitsAndBytesConfig, TorchAoConfig); their tensors then go
-    to the returned loader instead of the plan."""
+    how: bitsandbytes, GPTQ, AWQ) or `requested` asks for it (BitsAndBytesConfig, TorchAoConfig; GPTQConfig quantizes
+    after loading); their tensors then go to the returned loader instead of the plan."""
     saved = getattr(model.config, "quantization_config", None)
     if saved is not None:
         config = saved_quantization_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
         if requested is not None:
             logger.warning(f"{checkpoint.config_source} is already quantized; its quantization_config is used and "
                            "the one passed to from_pretrained is ignored")
-    elif requested is not None:
+    elif requested is not None and not isinstance(requested, GPTQConfig):
         config = requested
     else:
         return None
@@ -210,12 +216,13 @@ def _quantize_linears(model: nn.Module, requested: QuantizationConfig | None, pl
     return load
 
 
-def _keep_packed(model: nn.Module, checkpoint: Checkpoint, quantized):
-    """GGUF blocks kept packed in GGUF layers (quantization/gguf.py) instead of dequantized."""
+def _keep_packed(model: nn.Module, checkpoint: Checkpoint, quantized: bool):
+    """GGUF blocks kept packed in GGUF layers (quantization/gguf.py) instead of dequantized; `quantized`: whether
+    the checkpoint or quantization_config quantizes the model otherwise."""
     if not isinstance(checkpoint.shards[0], GGUFShard):
         raise ValueError(f"keep_quantized=True keeps GGUF blocks packed, but {checkpoint.origin} is not a GGUF file; "
                          "pass gguf_file=, or drop keep_quantized")
-    if quantized is not None:
+    if quantized:
         raise ValueError("keep_quantized=True and quantization_config both quantize the model; pass only one")
     from ..quantization.gguf import PackedLoad
 

@@ -185,6 +185,77 @@ class TorchAoConfig:
         return cls(config_from_dict(quant_type["default"]), **data)
 
 
+GPTQ_DATASETS = ("wikitext2", "c4", "c4-new")  # the names transformers' GPTQConfig takes for hub datasets
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ quantization with calibration text, with transformers' names and defaults: from_pretrained(...,
+    quantization_config=GPTQConfig(bits=4, dataset=[texts], tokenizer=tokenizer)) loads the float model, then
+    quantizes its decoder's linear layers to 4 bits in groups of `group_size` inputs (quantization/gptq.py). The
+    tokenizer is a tokenizer object or a folder or hub name that AutoTokenizer loads. act_group_aware (GPTQModel's
+    group-aware reordering, on by default as in transformers) keeps each group's inputs together, so it runs on the
+    int4 products; desc_act (act-order across groups) does not and is refused."""
+
+    bits: int
+    tokenizer: Any = None
+    dataset: list[str] | str | None = None
+    group_size: int = 128
+    damp_percent: float = 0.1
+    desc_act: bool = False
+    act_group_aware: bool = True
+    sym: bool = True
+    true_sequential: bool = True
+    model_seqlen: int | None = None
+    format: str = "gptq"  # the layout save_pretrained writes: "gptq" (v1, zero points stored minus one) or "gptq_v2"
+
+    quant_method: ClassVar[str] = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise NotImplementedError(f"GPTQConfig(bits={self.bits!r}): maestrale's GPTQ quantizes to 4 bits; for 8 "
+                                      "bits use TorchAoConfig(Int8WeightOnlyConfig())")
+        if self.group_size not in INT4_GROUPS:
+            raise ValueError(f"GPTQConfig(group_size={self.group_size!r}) is not supported: use "
+                             f"{', '.join(map(str, INT4_GROUPS))}, the group sizes torch's int4 products take")
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
+                or not 0 < self.damp_percent < 1:
+            raise ValueError(f"GPTQConfig: damp_percent must be a number between 0 and 1, got {self.damp_percent!r}")
+        for name in ("desc_act", "act_group_aware", "sym", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTQConfig: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.desc_act:
+            raise NotImplementedError("GPTQConfig(desc_act=True): act-order permutes each layer's inputs, which the "
+                                      "int4 products cannot follow; use desc_act=False")
+        if self.model_seqlen is not None and (isinstance(self.model_seqlen, bool)
+                                              or not isinstance(self.model_seqlen, int) or self.model_seqlen < 2):
+            raise ValueError(f"GPTQConfig: model_seqlen must be a number of tokens (2 or more), got "
+                             f"{self.model_seqlen!r}")
+        if self.format not in ("gptq", "gptq_v2"):
+            raise ValueError(f"GPTQConfig(format={self.format!r}) is not supported: use 'gptq' (v1) or 'gptq_v2'")
+        if isinstance(self.dataset, str):
+            known = f"one of transformers' hub datasets {list(GPTQ_DATASETS)}" if self.dataset in GPTQ_DATASETS \
+                else "not a dataset name transformers knows either"
+            raise ValueError(f"GPTQConfig(dataset={self.dataset!r}): {known}; maestrale does not download datasets: "
+                             "pass the calibration texts themselves, e.g. dataset=['a few thousand words', ...]")
+        if self.dataset is not None:
+            if not isinstance(self.dataset, list) or not self.dataset \
+                    or not all(isinstance(text, str) for text in self.dataset):
+                raise TypeError(f"GPTQConfig: dataset must be a non-empty list of strings, got "
+                                f"{type(self.dataset).__name__}")
+            if self.tokenizer is None:
+                raise ValueError("GPTQConfig: dataset needs a tokenizer to turn its texts into tokens; pass "
+                                 "tokenizer=AutoTokenizer.from_pretrained(...) or its folder or hub name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As GPTQ checkpoints' config.json holds it (the calibration texts and the tokenizer are not written)."""
+        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
+                "damp_percent": self.damp_percent, "desc_act": self.desc_act,
+                "act_group_aware": self.act_group_aware, "sym": self.sym,
+                "true_sequential": self.true_sequential, "model_seqlen": self.model_seqlen,
+                "checkpoint_format": self.format}
+
+
 @dataclass
 class PackedInt4Config:
     """The quantization_config of a GPTQ or AWQ checkpoint, whose 4-bit tensors maestrale reads (and never writes)."""
@@ -224,20 +295,22 @@ class PackedInt4Config:
         return cls(method, group_size, 0, data)
 
 
-QuantizationConfig = BitsAndBytesConfig | TorchAoConfig | PackedInt4Config
+QuantizationConfig = BitsAndBytesConfig | TorchAoConfig | GPTQConfig | PackedInt4Config
 
 
-def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | TorchAoConfig | None:
-    """from_pretrained(quantization_config=...): a BitsAndBytesConfig or TorchAoConfig (or its dict), or None; other
-    methods and values are refused, naming them."""
-    if quantization_config is None or isinstance(quantization_config, (BitsAndBytesConfig, TorchAoConfig)):
+def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | TorchAoConfig | GPTQConfig | None:
+    """from_pretrained(quantization_config=...): a BitsAndBytesConfig, TorchAoConfig or GPTQConfig (or the dict of
+    one of the first two), or None; other methods and values are refused, naming them."""
+    if quantization_config is None or isinstance(quantization_config, (BitsAndBytesConfig, TorchAoConfig,
+                                                                       GPTQConfig)):
         return quantization_config
     if isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
         config = saved_quantization_config(quantization_config, "quantization_config")
         if isinstance(config, PackedInt4Config):
-            raise ValueError(f"quantization_config: {config.quant_method} configs describe checkpoints quantized "
-                             "beforehand (with calibration data), which maestrale loads but cannot make; load such a "
-                             "checkpoint as it is, or quantize with TorchAoConfig(...) or BitsAndBytesConfig(...)")
+            make = ("quantize with GPTQConfig(bits=4, dataset=[texts], tokenizer=...) to make one"
+                    if config.quant_method == "gptq" else "quantize with TorchAoConfig(...) or GPTQConfig(...)")
+            raise ValueError(f"quantization_config: a {config.quant_method} dict describes a checkpoint quantized "
+                             f"beforehand, which maestrale loads as it is (drop quantization_config); {make}")
         return config
     raise ValueError(
         f"quantization_config={quantization_config!r} is not a quantization config: pass the config object "

@@ -386,8 +386,12 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def refuse_save(model: nn.Module) -> None:
+    """Refuse to save weights kept quantized, except GPTQConfig's, which save as a GPTQ checkpoint."""
+    from .config import GPTQConfig  # here: config.py imports this module
+
     kinds = sorted({weight.kind for weight in packed_weights(model).values()})
-    if kinds:
+    if kinds and not (kinds == ["gptq"] and isinstance(getattr(model.config, "quantization_config", None),
+                                                        GPTQConfig)):
         raise ValueError(f"save_pretrained: {type(model).__name__} holds weights kept quantized ({', '.join(kinds)}), "
                          "which maestrale does not save; call model.dequantize() first to save a float checkpoint, or "
                          "save the float model and quantize it again when loading")

@@ -1,0 +1,52 @@
+"""GPTQConfig on CUDA: gptq_weight there chooses the values it chooses on CPU, and a model quantized on the GPU
+(device_map="cuda", bfloat16) runs through the int4 tensor-core kernel as its dequantized self does, and saves as a
+GPTQ checkpoint that loads back the same. Skipped without CUDA."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from parity import model_pair
+
+import maestrale
+from maestrale.quantization.gptq import gptq_weight
+
+if not torch.cuda.is_available():
+    pytest.skip("GPTQ on CUDA needs a GPU", allow_module_level=True)
+
+TEXTS = ["GPTQ picks each weight's rounding so that the layer's outputs on this text change as little as they can.",
+         "A second calibration text, shorter than the first, to make two calibration pieces."]
+
+
+@pytest.mark.parametrize("group_aware", [False, True])
+def test_gptq_weight_on_cuda_chooses_the_cpu_values(group_aware):
+    x = torch.randn(600, 32, dtype=torch.float64) @ torch.randn(32, 256, dtype=torch.float64)
+    x += 0.3 * torch.randn(600, 256, dtype=torch.float64)
+    w = torch.randn(48, 256, dtype=torch.float64)
+    cpu = gptq_weight(w, x.T @ x, 64, False, 0.1, group_aware)  # asymmetric: no exact ties to fall either way
+    cuda = gptq_weight(w.cuda(), (x.T @ x).cuda(), 64, False, 0.1, group_aware)
+    assert torch.equal(cuda.values().cpu(), cpu.values())
+    torch.testing.assert_close(cuda.dequantize().cpu(), cpu.dequantize(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_a_model_quantized_on_the_gpu_runs_and_saves(tmp_path, family):
+    ref, _ = model_pair(family, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    ref.save_pretrained(tmp_path / "float")
+    vocab = ref.config.vocab_size
+    config = maestrale.GPTQConfig(bits=4, group_size=128, dataset=TEXTS,
+                                  tokenizer=lambda text: SimpleNamespace(input_ids=[ord(c) % vocab for c in text]))
+    model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16,
+                                                           device_map="cuda", quantization_config=config)
+    weights = [m.weight for name, m in model.named_modules() if name.endswith("_proj")]
+    assert weights and all(w.kind == "gptq" and w.packed.is_cuda for w in weights)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 17, 40]], device="cuda") % vocab
+    with torch.no_grad():
+        got = model(ids).logits.float()
+        expected = copy.deepcopy(model).dequantize()(ids).logits.float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+        model.save_pretrained(tmp_path / "gptq")
+        loaded = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cuda")
+        torch.testing.assert_close(loaded(ids).logits.float(), got, rtol=0, atol=0)

@@ -5,8 +5,8 @@ A layer's weight W (rows, cols) is quantized one input column at a time, in orde
 column's rounding error, divided by the diagonal of the inverse of H = X^T X (X: the layer's inputs on the
 calibration text), is spread over the columns not yet quantized along that row of the inverse, so that X W^T changes
 as little as it can. The inverse is taken once as an upper Cholesky factor, and the spreading is deferred to blocks
-of columns (the paper's "lazy batch" form). A group's scale and zero point are chosen when its first column comes up, from the weights as they
-stand then.
+of columns (the paper's "lazy batch" form). A group's scale and zero point are chosen when its first column comes
+up, from the weights as they stand then.
 
 The decoder layers are quantized one after another, each on the outputs of the layers before it as quantized. Within
 a layer (true_sequential) the projections that read one input (q/k/v, gate/up) are quantized together, in the order

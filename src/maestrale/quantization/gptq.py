@@ -104,7 +104,8 @@ def calibration_ids(config: GPTQConfig, model: nn.Module) -> list[torch.Tensor]:
         if ids.numel() < 2:
             raise ValueError(f"GPTQConfig: dataset[{index}] has {ids.numel()} tokens; calibration texts need at least "
                              "two (drop it, or pass longer texts)")
-        pieces += [piece[None] for piece in ids.split(length)]
+        # a last piece of one token would run the decode step's stacked products, which bypass the layers' hooks
+        pieces += [piece[None] for piece in ids.split(length) if piece.numel() > 1]
     return pieces
 
 

@@ -20,7 +20,8 @@ from gpu import MODELS, build
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mistral-7b"], choices=[m for m in MODELS if "mixtral" not in m])
+    dense = [m for m in MODELS if "mixtral" not in m]  # Mixtral's experts are not linear layers: GPTQ leaves them
+    parser.add_argument("--models", nargs="+", default=["mistral-7b"], choices=dense)
     parser.add_argument("--pieces", type=int, default=8, help="calibration pieces")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens a piece")
     parser.add_argument("--group-size", type=int, default=128)

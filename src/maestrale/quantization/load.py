@@ -25,8 +25,8 @@ from ..loading.checkpoint import Shard
 from ..loading.layout import Layout
 from ..loading.placement import DeviceMap, device_for
 from .config import PackedInt4Config, TorchAoConfig
-from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, QuantizedLinear, modules_not_to_convert, quantize_int4,
-                          quantize_int8, skipped)
+from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, QuantizedLinear, modules_not_to_convert, nibble_words,
+                          quantize_int4, quantize_int8, skipped)
 
 PIECES = ("qweight", "qzeros", "scales", "g_idx")
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
@@ -38,19 +38,14 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return (packed[..., None] >> SHIFTS.to(packed.device)) & 15
 
 
-def _words(nibbles: torch.Tensor) -> torch.Tensor:
-    """(..., n, 8) values 0..15 -> (..., n) int32, the first value in the lowest bits: _nibbles' inverse."""
-    words = (nibbles.long() << SHIFTS.to(nibbles.device).long()).sum(-1)
-    return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
-
-
 def gptq_pieces(weight: Int4Weight, name: str, checkpoint_format: str) -> dict[str, torch.Tensor]:
     """The GPTQ tensors (qweight, qzeros, scales, g_idx) of an int4 weight of w = scale * (q - zero) with integer
     zero points (GPTQConfig's), in `checkpoint_format` ("gptq" or "gptq_v2"): unpack's inverse."""
     rows, cols = weight.shape
     if rows % 8 or cols % 8:
         raise ValueError(f"{name}: a {rows}x{cols} weight does not pack into GPTQ's int32 words of eight values")
-    scale, zero = weight.scale_and_zeros[:, :rows].float().unbind(-1)  # (groups, rows)
+    held = weight.scale_and_zeros[:, :rows]  # (groups, rows, 2)
+    scale, zero = held.float().unbind(-1)
     zeros = torch.round(8 - zero / scale)
     offset = 1 if checkpoint_format == "gptq" else 0
     if offset and bool((zeros == 0).any()):
@@ -58,9 +53,9 @@ def gptq_pieces(weight: Int4Weight, name: str, checkpoint_format: str) -> dict[s
                          "minus one) cannot hold; set model.config.quantization_config.format = 'gptq_v2' and save "
                          "again")
     values = weight.values()
-    return {"qweight": _words(values.T.reshape(cols // 8, 8, rows).transpose(1, 2)),
-            "qzeros": _words((zeros.long() - offset).reshape(-1, rows // 8, 8)),
-            "scales": weight.scale_and_zeros[:, :rows, 0].contiguous(),
+    return {"qweight": nibble_words(values.T.reshape(cols // 8, 8, rows).transpose(1, 2)),
+            "qzeros": nibble_words((zeros.long() - offset).reshape(-1, rows // 8, 8)),
+            "scales": held[..., 0].contiguous(),
             "g_idx": (torch.arange(cols, device=values.device) // weight.group_size).to(torch.int32)}
 
 

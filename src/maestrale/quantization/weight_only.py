@@ -194,7 +194,12 @@ def int4_mma_words(values: torch.Tensor, group: int) -> torch.Tensor:
     operand's registers, two inputs each."""
     rows, cols = values.shape
     fields = values.long().view(_mma_dims(rows, cols, group)).permute(MMA_ORDER).flatten(-3)
-    words = (fields << (4 * torch.arange(8, device=values.device))).sum(-1).reshape(rows, cols // 8)
+    return nibble_words(fields).reshape(rows, cols // 8)
+
+
+def nibble_words(nibbles: torch.Tensor) -> torch.Tensor:
+    """(..., 8) values 0..15 -> (...) int32 words, the first value in the lowest bits."""
+    words = (nibbles.long() << (4 * torch.arange(8, device=nibbles.device))).sum(-1)
     return (words - (words >> 31 << 32)).to(torch.int32)  # the top bit as the sign: int32's wrap-around
 
 

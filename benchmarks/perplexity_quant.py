@@ -1,5 +1,5 @@
 """Perplexity of the real SmolLM2-135M-Instruct on real English text: float32 against int8 and int4 weight-only
-quantization (TorchAoConfig, GPTQConfig) through maestrale's kernels.
+quantization (TorchAoConfig, GPTQConfig, AwqConfig) through maestrale's kernels.
 
     .venv/bin/python benchmarks/perplexity_quant.py [--dtype bfloat16] [--window 512] [--max-tokens N] [--threads N]
 
@@ -8,7 +8,8 @@ with TorchAoConfig(Int8WeightOnlyConfig()) or TorchAoConfig(Int4WeightOnlyConfig
 int4_choose_qparams_algorithm="hqq" for 64 and 128), running in --dtype (bfloat16 by default: torch's int4 CPU
 product is vectorised for bfloat16 activations only on AVX2 machines; the unquantized model in that dtype and int8 in
 float32 are printed too, to tell bfloat16's rounding from the quantization's). The GPTQ rows quantize with
-GPTQConfig(bits=4, group_size=..., sym=...) calibrated on another text, torch's README. The text and the
+GPTQConfig(bits=4, group_size=..., sym=...) and the AWQ rows with AwqConfig(group_size=...), each calibrated on
+another text, torch's README. The text and the
 scoring are benchmarks/perplexity.py's. As torchao does, a layer whose inputs are not whole groups stays in float:
 SmolLM2's 576-wide inputs are whole groups of 32 and 64, not of 128, so g128 quantizes only the down projections;
 the head is tied to the embedding and stays in float. Each line says how many linear layers were quantized.
@@ -28,6 +29,7 @@ from perplexity import english_ids, perplexity
 
 BARS = {"int8": 0.005, "int4 g128": 0.03}  # the issue's bars, relative to float32
 GPTQ_ROWS = ((32, False), (64, False), (128, True), (128, False))  # (group size, sym); transformers' default is sym
+AWQ_GROUPS = (64, 128)
 
 
 def calibration_text() -> str:
@@ -71,6 +73,9 @@ def main() -> None:
     for group, sym in GPTQ_ROWS:
         configs[f"int4 g{group} gptq{'' if sym else ' asym'}"] = (dtype, maestrale.GPTQConfig(
             bits=4, group_size=group, sym=sym, dataset=[calibration], tokenizer=tokenizer))
+    for group in AWQ_GROUPS:
+        configs[f"int4 g{group} awq"] = (dtype, maestrale.AwqConfig(group_size=group, dataset=[calibration],
+                                                                    tokenizer=tokenizer))
 
     results = {}
     for name, (model_dtype, quantization) in configs.items():

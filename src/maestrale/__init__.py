@@ -20,7 +20,7 @@ try:
     from .models import *  # noqa: F401,F403
     from .generation import *  # noqa: F401,F403  after models, whose heads import generation
     from .pipelines import TextGenerationPipeline, pipeline
-    from .quantization import BitsAndBytesConfig, GPTQConfig, TorchAoConfig
+    from .quantization import AwqConfig, BitsAndBytesConfig, GPTQConfig, TorchAoConfig
     from .tokenization import *  # noqa: F401,F403
     from .models import (
         AutoModel,

@@ -18,7 +18,7 @@ from ..configs import config_class_for, refuse_remote_code
 from ..configs.base import COMMON_DEFAULTS, CONFIG_NAME, PretrainedConfig, read_config_dict
 from ..generation.configuration import GENERATION_CONFIG_NAME, GenerationConfig
 from ..models.modeling_utils import resolve_dtype
-from ..quantization.config import (BitsAndBytesConfig, GPTQConfig, QuantizationConfig, TorchAoConfig,
+from ..quantization.config import (AwqConfig, BitsAndBytesConfig, GPTQConfig, QuantizationConfig, TorchAoConfig,
                                    check_quantization, saved_quantization_config)
 from .checkpoint import Shard, find_weight_files, open_shard
 from .gguf import GGUFShard, open_gguf
@@ -99,7 +99,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
     keep_quantized: bool = False,
-    quantization_config: BitsAndBytesConfig | TorchAoConfig | GPTQConfig | dict | None = None,
+    quantization_config: BitsAndBytesConfig | TorchAoConfig | GPTQConfig | AwqConfig | dict | None = None,
     ignore_mismatched_sizes: bool = False,
     output_loading_info: bool = False,
     revision: str | None = None,
@@ -131,8 +131,8 @@ def load_pretrained(
         model = model_class.from_config(config, attn_implementation=attn_implementation, dtype=config.dtype)
     placement = resolve_device_map(device_map, model, max_memory)
     quantized = _quantize_linears(model, quantization_config, placement, device_map, checkpoint)
-    # GPTQ quantizes the loaded float model, on calibration text; a checkpoint saved quantized keeps its own
-    calibrate = isinstance(quantization_config, GPTQConfig) and quantized is None
+    # GPTQ and AWQ quantize the loaded float model, on calibration text; a checkpoint saved quantized keeps its own
+    calibrate = isinstance(quantization_config, (GPTQConfig, AwqConfig)) and quantized is None
     if keep_quantized:
         quantized = _keep_packed(model, checkpoint, quantized is not None or calibrate)
 
@@ -147,9 +147,10 @@ def load_pretrained(
     add_device_hooks(model, placement)
     model.eval()
     if calibrate:
+        from ..quantization.awq import quantize_awq
         from ..quantization.gptq import quantize_gptq
 
-        quantize_gptq(model, quantization_config)
+        (quantize_gptq if isinstance(quantization_config, GPTQConfig) else quantize_awq)(model, quantization_config)
     if checkpoint.generation_config is not None and hasattr(model, "generation_config"):
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.generation_config)
     _warn(model, checkpoint.origin, report)
@@ -192,15 +193,15 @@ def _build_config(cls, checkpoint: Checkpoint, config: PretrainedConfig | None, 
 def _quantize_linears(model: nn.Module, requested: QuantizationConfig | None, placement, device_map,
                       checkpoint: Checkpoint):
     """Swap the model's linear layers for quantized ones when the checkpoint was saved quantized (its config says
-    how: bitsandbytes, GPTQ, AWQ) or `requested` asks for it (BitsAndBytesConfig, TorchAoConfig; GPTQConfig quantizes
-    after loading); their tensors then go to the returned loader instead of the plan."""
+    how: bitsandbytes, GPTQ, AWQ) or `requested` asks for it (BitsAndBytesConfig, TorchAoConfig; GPTQConfig and
+    AwqConfig quantize after loading); their tensors then go to the returned loader instead of the plan."""
     saved = getattr(model.config, "quantization_config", None)
     if saved is not None:
         config = saved_quantization_config(saved, checkpoint.config_source) if isinstance(saved, dict) else saved
         if requested is not None:
             logger.warning(f"{checkpoint.config_source} is already quantized; its quantization_config is used and "
                            "the one passed to from_pretrained is ignored")
-    elif requested is not None and not isinstance(requested, GPTQConfig):
+    elif requested is not None and not isinstance(requested, (GPTQConfig, AwqConfig)):
         config = requested
     else:
         return None

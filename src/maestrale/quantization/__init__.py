@@ -2,6 +2,6 @@
 int8/int4 weight-only ones for TorchAoConfig, GPTQ, AWQ and GGUF blocks in weight_only.py); the model code never asks
 which kind it holds. bitsandbytes and torchao are imported only where they are needed."""
 
-from .config import BitsAndBytesConfig, GPTQConfig, TorchAoConfig
+from .config import AwqConfig, BitsAndBytesConfig, GPTQConfig, TorchAoConfig
 
-__all__ = ["BitsAndBytesConfig", "GPTQConfig", "TorchAoConfig"]
+__all__ = ["AwqConfig", "BitsAndBytesConfig", "GPTQConfig", "TorchAoConfig"]

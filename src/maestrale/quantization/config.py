@@ -188,6 +188,33 @@ class TorchAoConfig:
 GPTQ_DATASETS = ("wikitext2", "c4", "c4-new")  # the names transformers' GPTQConfig takes for hub datasets
 
 
+def _check_group_size(name: str, group_size: Any) -> None:
+    if group_size not in INT4_GROUPS:
+        raise ValueError(f"{name}(group_size={group_size!r}) is not supported: use "
+                         f"{', '.join(map(str, INT4_GROUPS))}, the group sizes torch's int4 products take")
+
+
+def _check_calibration(config: GPTQConfig | AwqConfig) -> None:
+    """The calibration options GPTQConfig and AwqConfig share: dataset (texts, not hub names), tokenizer,
+    model_seqlen."""
+    name = type(config).__name__
+    if config.model_seqlen is not None and (isinstance(config.model_seqlen, bool)
+                                            or not isinstance(config.model_seqlen, int) or config.model_seqlen < 2):
+        raise ValueError(f"{name}: model_seqlen must be a number of tokens (2 or more), got {config.model_seqlen!r}")
+    if isinstance(config.dataset, str):
+        known = f"one of transformers' hub datasets {list(GPTQ_DATASETS)}" if config.dataset in GPTQ_DATASETS \
+            else "not a dataset name transformers knows either"
+        raise ValueError(f"{name}(dataset={config.dataset!r}): {known}; maestrale does not download datasets: pass "
+                         "the calibration texts themselves, e.g. dataset=['a few thousand words', ...]")
+    if config.dataset is not None:
+        if not isinstance(config.dataset, list) or not config.dataset \
+                or not all(isinstance(text, str) for text in config.dataset):
+            raise TypeError(f"{name}: dataset must be a non-empty list of strings, got {type(config.dataset).__name__}")
+        if config.tokenizer is None:
+            raise ValueError(f"{name}: dataset needs a tokenizer to turn its texts into tokens; pass "
+                             "tokenizer=AutoTokenizer.from_pretrained(...) or its folder or hub name")
+
+
 @dataclass
 class GPTQConfig:
     """GPTQ quantization with calibration text, with transformers' names and defaults: from_pretrained(...,
@@ -215,9 +242,7 @@ class GPTQConfig:
         if self.bits != 4:
             raise NotImplementedError(f"GPTQConfig(bits={self.bits!r}): maestrale's GPTQ quantizes to 4 bits; for 8 "
                                       "bits use TorchAoConfig(Int8WeightOnlyConfig())")
-        if self.group_size not in INT4_GROUPS:
-            raise ValueError(f"GPTQConfig(group_size={self.group_size!r}) is not supported: use "
-                             f"{', '.join(map(str, INT4_GROUPS))}, the group sizes torch's int4 products take")
+        _check_group_size("GPTQConfig", self.group_size)
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) \
                 or not 0 < self.damp_percent < 1:
             raise ValueError(f"GPTQConfig: damp_percent must be a number between 0 and 1, got {self.damp_percent!r}")
@@ -227,25 +252,9 @@ class GPTQConfig:
         if self.desc_act:
             raise NotImplementedError("GPTQConfig(desc_act=True): act-order permutes each layer's inputs, which the "
                                       "int4 products cannot follow; use desc_act=False")
-        if self.model_seqlen is not None and (isinstance(self.model_seqlen, bool)
-                                              or not isinstance(self.model_seqlen, int) or self.model_seqlen < 2):
-            raise ValueError(f"GPTQConfig: model_seqlen must be a number of tokens (2 or more), got "
-                             f"{self.model_seqlen!r}")
         if self.format not in ("gptq", "gptq_v2"):
             raise ValueError(f"GPTQConfig(format={self.format!r}) is not supported: use 'gptq' (v1) or 'gptq_v2'")
-        if isinstance(self.dataset, str):
-            known = f"one of transformers' hub datasets {list(GPTQ_DATASETS)}" if self.dataset in GPTQ_DATASETS \
-                else "not a dataset name transformers knows either"
-            raise ValueError(f"GPTQConfig(dataset={self.dataset!r}): {known}; maestrale does not download datasets: "
-                             "pass the calibration texts themselves, e.g. dataset=['a few thousand words', ...]")
-        if self.dataset is not None:
-            if not isinstance(self.dataset, list) or not self.dataset \
-                    or not all(isinstance(text, str) for text in self.dataset):
-                raise TypeError(f"GPTQConfig: dataset must be a non-empty list of strings, got "
-                                f"{type(self.dataset).__name__}")
-            if self.tokenizer is None:
-                raise ValueError("GPTQConfig: dataset needs a tokenizer to turn its texts into tokens; pass "
-                                 "tokenizer=AutoTokenizer.from_pretrained(...) or its folder or hub name")
+        _check_calibration(self)
 
     def to_dict(self) -> dict[str, Any]:
         """As GPTQ checkpoints' config.json holds it (the calibration texts and the tokenizer are not written)."""
@@ -254,6 +263,45 @@ class GPTQConfig:
                 "act_group_aware": self.act_group_aware, "sym": self.sym,
                 "true_sequential": self.true_sequential, "model_seqlen": self.model_seqlen,
                 "checkpoint_format": self.format}
+
+
+@dataclass
+class AwqConfig:
+    """AWQ quantization with calibration text (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM
+    Compression and Acceleration"), with the fields of transformers' AwqConfig and GPTQConfig's dataset and tokenizer:
+    from_pretrained(..., quantization_config=AwqConfig(dataset=[texts], tokenizer=tokenizer)) loads the float model,
+    then scales each input channel of the decoder's linear layers by what its activations weigh, folds the inverse
+    into the norm or projection before them, and rounds to 4 bits in groups of `group_size` inputs
+    (quantization/awq.py). save_pretrained writes AWQ's GEMM checkpoint layout. (AWQ checkpoints load without any
+    config.)"""
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    version: str = "gemm"  # the layout save_pretrained writes
+    tokenizer: Any = None
+    dataset: list[str] | str | None = None
+    model_seqlen: int | None = None
+
+    quant_method: ClassVar[str] = "awq"
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise NotImplementedError(f"AwqConfig(bits={self.bits!r}): AWQ quantizes to 4 bits; for 8 bits use "
+                                      "TorchAoConfig(Int8WeightOnlyConfig())")
+        _check_group_size("AwqConfig", self.group_size)
+        if self.zero_point is not True:
+            raise NotImplementedError(f"AwqConfig(zero_point={self.zero_point!r}): AWQ's GEMM layout holds a zero "
+                                      "point per group; use zero_point=True")
+        if str(self.version).lower() != "gemm":
+            raise NotImplementedError(f"AwqConfig(version={self.version!r}): maestrale writes AWQ's 'gemm' layout; "
+                                      "use version='gemm'")
+        _check_calibration(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As AWQ checkpoints' config.json holds it (the calibration texts and the tokenizer are not written)."""
+        return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
+                "zero_point": self.zero_point, "version": "gemm", "modules_to_not_convert": None}
 
 
 @dataclass
@@ -295,20 +343,21 @@ class PackedInt4Config:
         return cls(method, group_size, 0, data)
 
 
-QuantizationConfig = BitsAndBytesConfig | TorchAoConfig | GPTQConfig | PackedInt4Config
+QuantizationConfig = BitsAndBytesConfig | TorchAoConfig | GPTQConfig | AwqConfig | PackedInt4Config
 
 
-def check_quantization(quantization_config: Any) -> BitsAndBytesConfig | TorchAoConfig | GPTQConfig | None:
-    """from_pretrained(quantization_config=...): a BitsAndBytesConfig, TorchAoConfig or GPTQConfig (or the dict of
-    one of the first two), or None; other methods and values are refused, naming them."""
+def check_quantization(quantization_config: Any
+                       ) -> BitsAndBytesConfig | TorchAoConfig | GPTQConfig | AwqConfig | None:
+    """from_pretrained(quantization_config=...): a BitsAndBytesConfig, TorchAoConfig, GPTQConfig or AwqConfig (or the
+    dict of one of the first two), or None; other methods and values are refused, naming them."""
     if quantization_config is None or isinstance(quantization_config, (BitsAndBytesConfig, TorchAoConfig,
-                                                                       GPTQConfig)):
+                                                                       GPTQConfig, AwqConfig)):
         return quantization_config
     if isinstance(quantization_config, dict) and isinstance(quantization_config.get("quant_method"), str):
         config = saved_quantization_config(quantization_config, "quantization_config")
         if isinstance(config, PackedInt4Config):
-            make = ("quantize with GPTQConfig(bits=4, dataset=[texts], tokenizer=...) to make one"
-                    if config.quant_method == "gptq" else "quantize with TorchAoConfig(...) or GPTQConfig(...)")
+            maker = "GPTQConfig" if config.quant_method == "gptq" else "AwqConfig"
+            make = f"quantize with {maker}(bits=4, dataset=[texts], tokenizer=...) to make one"
             raise ValueError(f"quantization_config: a {config.quant_method} dict describes a checkpoint quantized "
                              f"beforehand, which maestrale loads as it is (drop quantization_config); {make}")
         return config

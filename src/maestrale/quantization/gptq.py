@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..loading.progress import progress
+from .calibration import Inputs, collect, input_groups, quantize_layers
 from .config import GPTQConfig
-from .weight_only import LINEARS, Int4Weight, QuantizedLinear
+from .weight_only import Int4Weight
 
 BLOCK = 128  # columns whose error updates are deferred together
 
@@ -87,57 +87,12 @@ def _qparams(group: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor
     return scale, zero
 
 
-def calibration_ids(config: GPTQConfig, model: nn.Module) -> list[torch.Tensor]:
-    """The calibration texts as (1, tokens) id tensors, each cut into pieces of at most model_seqlen tokens."""
-    if config.dataset is None:
-        raise ValueError("GPTQConfig: quantizing needs calibration text: pass dataset=[texts] (a few thousand words "
-                         "or more, like what the model will read) and tokenizer=...")
-    tokenizer = config.tokenizer
-    if isinstance(tokenizer, str):
-        from ..tokenization import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    length = config.model_seqlen or min(2048, model.config.max_position_embeddings)
-    pieces = []
-    for index, text in enumerate(config.dataset):
-        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
-        if ids.numel() < 2:
-            raise ValueError(f"GPTQConfig: dataset[{index}] has {ids.numel()} tokens; calibration texts need at least "
-                             "two (drop it, or pass longer texts)")
-        # a last piece of one token would run the decode step's stacked products, which bypass the layers' hooks
-        pieces += [piece[None] for piece in ids.split(length) if piece.numel() > 1]
-    return pieces
-
-
-class _Captured(Exception):
-    """Raised by a hook to stop a forward once the hook has the inputs it waits for."""
-
-
-@torch.no_grad()
 def quantize_gptq(model: nn.Module, config: GPTQConfig) -> None:
-    """Replace the linear layers of the model's decoder layers by int4 GPTQ weights chosen on config.dataset; the
-    head, the embeddings, layers whose inputs are not whole groups and Mixtral's routers and stacked experts (which
-    are not linear layers) stay in float."""
-    samples = calibration_ids(config, model)
-    layers = model.base_model.layers
-    device = next(layers[0].parameters()).device
-    inputs: list[tuple[torch.Tensor, dict]] = []
+    """Replace the linear layers of the model's decoder layers by int4 GPTQ weights chosen on config.dataset (see
+    calibration.py for which layers)."""
 
-    def capture(module, args, kwargs):
-        inputs.append((args[0], kwargs))
-        raise _Captured
-
-    hook = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for ids in samples:
-            try:
-                model(ids.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    for index, layer in enumerate(progress(layers, "GPTQ: quantizing decoder layers")):
-        groups = _input_groups(layer, inputs[0], config.group_size)
+    def choose(index: int, layer: nn.Module, inputs: Inputs) -> dict[str, Int4Weight]:
+        groups = input_groups(layer, inputs[0], config.group_size)
         chosen: dict[str, Int4Weight] = {}
         for part in ([group] for group in groups) if config.true_sequential else [groups]:
             hessians = _hessians(layer, [group[0] for group in part], inputs)
@@ -145,15 +100,9 @@ def quantize_gptq(model: nn.Module, config: GPTQConfig) -> None:
                 for name in group:
                     chosen[name] = _choose(layer.get_submodule(name), hessians[group[0]], config,
                                            f"layers.{index}.{name}")
-        # The next layer reads this one's outputs as quantized, computed by the float layers holding the chosen
-        # weights (torch's CPU int4 product is slow in float32).
-        inputs = [(layer(x, **kwargs)[0], kwargs) for x, kwargs in inputs]
-        for name, weight in chosen.items():
-            linear = layer.get_submodule(name)
-            quantized = QuantizedLinear(linear.in_features, linear.out_features, linear.bias)
-            quantized.weight = weight
-            layer.set_submodule(name, quantized)
-    model.config.quantization_config = config
+        return chosen
+
+    quantize_layers(model, config, choose)
 
 
 def _choose(linear: nn.Module, hessian: torch.Tensor, config: GPTQConfig, name: str) -> Int4Weight:
@@ -169,47 +118,12 @@ def _choose(linear: nn.Module, hessian: torch.Tensor, config: GPTQConfig, name: 
     return weight
 
 
-def _input_groups(layer: nn.Module, first: tuple[torch.Tensor, dict], group_size: int) -> list[list[str]]:
-    """The layer's linear layers whose inputs are whole groups, in sets that read one input (q/k/v, gate/up), in
-    the order the layer runs them."""
-    order: list[tuple[str, int]] = []
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: order.append((name, id(args[0]))))
-             for name, module in layer.named_modules()
-             if type(module) in LINEARS and module.in_features % group_size == 0]
-    try:
-        layer(first[0], **first[1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    groups: list[list[str]] = []
-    for position, (name, source) in enumerate(order):
-        if position and source == order[position - 1][1]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
-
-
-def _hessians(layer: nn.Module, names: list[str], inputs: list[tuple[torch.Tensor, dict]]) -> dict[str, torch.Tensor]:
-    """{name: X^T X} of the named linear layers' inputs X over the calibration pieces, in float32; `names` in the
-    order the layer runs them, each forward stopping after the last."""
+def _hessians(layer: nn.Module, names: list[str], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """{name: X^T X} of the named linear layers' inputs X over the calibration pieces, in float32."""
     hessians: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
         hessians[name] = hessians.get(name, 0) + x.T @ x
-        if name == names[-1]:
-            raise _Captured
 
-    hooks = [layer.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: add(name, args[0]))
-             for name in names]
-    try:
-        for x, kwargs in inputs:
-            try:
-                layer(x, **kwargs)
-            except _Captured:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    collect(layer, names, inputs, add)
     return hessians

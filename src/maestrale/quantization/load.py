@@ -24,7 +24,7 @@ from torch import nn
 from ..loading.checkpoint import Shard
 from ..loading.layout import Layout
 from ..loading.placement import DeviceMap, device_for
-from .config import PackedInt4Config, TorchAoConfig
+from .config import AwqConfig, GPTQConfig, PackedInt4Config, TorchAoConfig
 from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, QuantizedLinear, modules_not_to_convert, nibble_words,
                           quantize_int4, quantize_int8, skipped)
 
@@ -57,6 +57,27 @@ def gptq_pieces(weight: Int4Weight, name: str, checkpoint_format: str) -> dict[s
             "qzeros": nibble_words((zeros.long() - offset).reshape(-1, rows // 8, 8)),
             "scales": held[..., 0].contiguous(),
             "g_idx": (torch.arange(cols, device=values.device) // weight.group_size).to(torch.int32)}
+
+
+def awq_pieces(weight: Int4Weight, name: str) -> dict[str, torch.Tensor]:
+    """The AWQ (GEMM) tensors (qweight, qzeros, scales) of an int4 weight with integer zero points (AwqConfig's):
+    unpack's inverse."""
+    rows, cols = weight.shape
+    if rows % 8:
+        raise ValueError(f"{name}: a weight of {rows} outputs does not pack into AWQ's int32 words of eight outputs")
+    held = weight.scale_and_zeros[:, :rows]  # (groups, rows, 2)
+    scale, zero = held.float().unbind(-1)
+    packing = [AWQ_COLUMNS.index(nibble) for nibble in range(8)]  # the output each nibble holds
+    values = weight.values().T.reshape(cols, rows // 8, 8)[..., packing]
+    zeros = torch.round(8 - zero / scale).long().reshape(-1, rows // 8, 8)[..., packing]
+    return {"qweight": nibble_words(values), "qzeros": nibble_words(zeros), "scales": held[..., 0].contiguous()}
+
+
+def calibrated_pieces(weight: Int4Weight, name: str, config: GPTQConfig | AwqConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a weight GPTQConfig or AwqConfig chose, in the config's layout."""
+    if isinstance(config, GPTQConfig):
+        return gptq_pieces(weight, name, config.format)
+    return awq_pieces(weight, name)
 
 
 def unpack(pieces: dict[str, torch.Tensor], config: PackedInt4Config, name: str

@@ -2,6 +2,7 @@
 quantization (TorchAoConfig, GPTQConfig, AwqConfig) through maestrale's kernels.
 
     .venv/bin/python benchmarks/perplexity_quant.py [--dtype bfloat16] [--window 512] [--max-tokens N] [--threads N]
+        [--rows awq gptq ...]
 
 The reference is the GGUF fixture dequantized to float32; each quantized model is that same file quantized on load
 with TorchAoConfig(Int8WeightOnlyConfig()) or TorchAoConfig(Int4WeightOnlyConfig(group_size=32, 64, 128)) (and with
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, help="score only the first N tokens (a quick run)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rows", nargs="+", help="run only the rows whose names contain one of these (and float32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
@@ -77,6 +79,8 @@ def main() -> None:
         configs[f"int4 g{group} awq"] = (dtype, maestrale.AwqConfig(group_size=group, dataset=[calibration],
                                                                     tokenizer=tokenizer))
 
+    if args.rows:
+        configs = {name: c for name, c in configs.items() if name == "float32" or any(r in name for r in args.rows)}
     results = {}
     for name, (model_dtype, quantization) in configs.items():
         start = time.perf_counter()

@@ -21,23 +21,25 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 17, 40], [3, 3, 8, 60, 11, 12, 55]])
 
 
 def rounded(w, group):
-    """w rounded to AWQ's grid, written out: per group, scale = (max(w, 0) - min(w, 0)) / 15, integer zero point
-    round(-min / scale), q = round(w / scale) + zero in 0..15."""
+    """w rounded to AWQ's grid, written out: per group, scale = (max - min) / 15, integer zero point
+    -round(min / scale) in 0..15, q = round(w / scale) + zero in 0..15."""
     g = w.reshape(-1, group)
-    low, high = g.amin(1, keepdim=True).clamp(max=0), g.amax(1, keepdim=True).clamp(min=0)
+    low, high = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
     scale = (high - low) / 15
-    zero = torch.round(-low / scale)
+    zero = torch.clamp(-torch.round(low / scale), 0, 15)
     return ((torch.clamp(torch.round(g / scale) + zero, 0, 15) - zero) * scale).reshape(w.shape)
 
 
 def test_awq_rounding_is_awqs_grid():
     w = torch.randn(16, 128, dtype=torch.float64)
-    w[3, :32] = w[3, :32].abs() + 0.5  # a group of positive weights: its grid still starts at 0
+    w[3, :32] = w[3, :32].abs() + 0.5  # a group of positive weights: zero point 0, its largest weights clipped
     values, scale, zero = awq_rounding(w, 32)
     assert values.dtype == torch.int32 and scale.shape == zero.shape == (4, 16)
     assert bool(((zero >= 0) & (zero <= 15) & (zero == zero.round())).all()) and bool((zero[0, 3] == 0))
     dequantized = (values.double().reshape(16, 4, 32) - zero.T[..., None]) * scale.T[..., None]
     torch.testing.assert_close(dequantized.reshape(16, 128), rounded(w, 32), rtol=0, atol=1e-12)
+    inside = dequantized.reshape(16, 128) - w
+    assert inside[:3].abs().max() <= scale.max() / 2 + 1e-12  # groups that straddle 0 are rounded to a half step
 
 
 def test_input_scales_lower_the_output_error_where_channels_differ():

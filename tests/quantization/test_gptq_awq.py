@@ -155,3 +155,29 @@ def test_a_layer_without_its_qzeros_is_named(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="has no qzeros for model.layers.1.mlp.up_proj; a gptq layer needs"):
         maestrale.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["gptq-g128", "gptq_v2-g64", "awq-g128", "awq-g32-phi3"])
+def test_a_loaded_checkpoint_saves_back_its_own_tensors(tmp_path, case):
+    options = CASES[case]
+    build(tmp_path / "in", **options)
+    model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "in")
+    model.save_pretrained(tmp_path / "out")
+    original, saved = load_file(tmp_path / "in" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(saved) == sorted(original)
+    for name, tensor in original.items():  # the packed words bit for bit; scales in the model's dtype, same values
+        assert torch.equal(saved[name], tensor.to(saved[name].dtype)), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((tmp_path / "in" / "config.json").read_text())["quantization_config"]
+    loaded = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(PROMPT).logits, model(PROMPT).logits, rtol=0, atol=0)
+
+
+def test_a_checkpoint_whose_groups_were_split_on_loading_is_not_saved_in_its_layout(tmp_path):
+    build(tmp_path / "in", method="gptq", group_size=-1)
+    model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "in")
+    with pytest.raises(ValueError, match=r"q_proj: its checkpoint's group_size -1 was split into groups of 128 "
+                                         r"inputs on loading.*model.dequantize\(\) and save"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -79,15 +79,15 @@ def is_moe(config) -> bool:
 def checkpoint_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights (or the tensors of `state_dict`, named as the model's) under the names transformers
-    saves (Mixtral experts one by one), tied copies left out; a GPTQConfig or AwqConfig model's int4 weights as its
-    method's tensors."""
+    saves (Mixtral experts one by one), tied copies left out; the int4 weights of a GPTQ or AWQ model (quantized by
+    GPTQConfig or AwqConfig, or loaded from such a checkpoint) as its method's tensors."""
     from ..quantization.bnb import quantized_linears, weight_tensors
-    from ..quantization.config import AwqConfig, GPTQConfig
-    from ..quantization.load import calibrated_pieces
+    from ..quantization.config import AwqConfig, GPTQConfig, PackedInt4Config
+    from ..quantization.load import packed_pieces
     from ..quantization.weight_only import packed_weights
 
     quantization = getattr(model.config, "quantization_config", None)
-    if isinstance(quantization, (GPTQConfig, AwqConfig)):
+    if isinstance(quantization, (GPTQConfig, AwqConfig, PackedInt4Config)):
         if state_dict is not None:
             method = quantization.quant_method
             raise ValueError(f"save_pretrained(state_dict=...): {type(model).__name__} holds {method} int4 weights, "
@@ -95,7 +95,7 @@ def checkpoint_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
                              "save_pretrained without state_dict")
         for name, weight in packed_weights(model).items():
             layer = name.removesuffix(".weight")
-            for piece, tensor in calibrated_pieces(weight, layer, quantization).items():
+            for piece, tensor in packed_pieces(weight, layer, quantization).items():
                 yield f"{layer}.{piece}", tensor
 
     inter, moe = model.config.intermediate_size, is_moe(model.config)

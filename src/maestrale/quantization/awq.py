@@ -7,8 +7,8 @@ that matter get finer steps) and divides the rows that produce x_j by s_j (the n
 the up rows before down, the v rows before o where each query head has its own value head), which leaves the float
 model's outputs as they were. alpha is chosen per set of layers that read one input, on a grid of GRID points in
 [0, 1), as the one whose rounding changes those layers' outputs on the calibration inputs the least; alpha 0 is
-plain rounding. The grid is AWQ's: per group, a scale and an integer zero point spanning the group's values and 0
-(AutoAWQ's GEMM checkpoints). Scales are chosen for all of a decoder layer's sets first, then its weights rounded
+plain rounding. The grid is AWQ's: per group, a scale and an integer zero point spanning the group's values
+(awq_rounding). Scales are chosen for all of a decoder layer's sets first, then its weights rounded
 (a later set's scale may fold into an earlier set's rows); the layers run as calibration.py describes.
 """
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from .calibration import Inputs, collect, input_groups, quantize_layers
 from .config import AwqConfig
-from .gptq import _qparams
 from .load import int4_weight
 from .weight_only import Int4Weight
 
@@ -28,11 +27,14 @@ GRID = 20
 
 def awq_rounding(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values (rows, cols) 0..15, scales (groups, rows), integer zero points (groups, rows)) of `weight` rounded to
-    AWQ's grid, the scales rounded to the weight's dtype as they are held."""
+    AWQ's grid, as AutoAWQ rounds: per group, scale = (max - min) / 15 (at least 1e-5 / 15), zero = -round(min /
+    scale) clamped to 0..15, q = round(w / scale) + zero clamped to 0..15; the scales rounded to the weight's dtype as
+    they are held."""
     rows, cols = weight.shape
     groups = weight.to(torch.promote_types(weight.dtype, torch.float32)).reshape(-1, group_size)
-    scale, zero = _qparams(groups, sym=False)
-    scale = scale.to(weight.dtype).to(groups.dtype)
+    low, high = groups.amin(1), groups.amax(1)
+    scale = ((high - low).clamp(min=1e-5) / 15).to(weight.dtype).to(groups.dtype)
+    zero = torch.clamp(-torch.round(low / scale), 0, 15)
     values = torch.clamp(torch.round(groups / scale[:, None]) + zero[:, None], 0, 15)
     return (values.reshape(rows, cols).to(torch.int32), scale.reshape(rows, -1).T, zero.reshape(rows, -1).T)
 

@@ -306,7 +306,8 @@ class AwqConfig:
 
 @dataclass
 class PackedInt4Config:
-    """The quantization_config of a GPTQ or AWQ checkpoint, whose 4-bit tensors maestrale reads (and never writes)."""
+    """The quantization_config of a GPTQ or AWQ checkpoint, whose 4-bit tensors maestrale reads (and writes back in
+    their layout: loading/layout.py)."""
 
     quant_method: str  # "gptq" or "awq"
     group_size: int  # -1: one group per row

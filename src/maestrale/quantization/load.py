@@ -73,10 +73,18 @@ def awq_pieces(weight: Int4Weight, name: str) -> dict[str, torch.Tensor]:
     return {"qweight": nibble_words(values), "qzeros": nibble_words(zeros), "scales": held[..., 0].contiguous()}
 
 
-def calibrated_pieces(weight: Int4Weight, name: str, config: GPTQConfig | AwqConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of a weight GPTQConfig or AwqConfig chose, in the config's layout."""
+def packed_pieces(weight: Int4Weight, name: str, config: GPTQConfig | AwqConfig | PackedInt4Config
+                  ) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a weight GPTQConfig or AwqConfig chose, or a GPTQ or AWQ checkpoint held, in its
+    method's layout (a checkpoint's own: written back as it was read)."""
+    if isinstance(config, PackedInt4Config) and weight.group_size != config.group_size:
+        raise ValueError(f"{name}: its checkpoint's group_size {config.group_size} was split into groups of "
+                         f"{weight.group_size} inputs on loading (the int4 products' sizes), which the checkpoint's "
+                         "layout cannot describe; save the original files, or model.dequantize() and save")
     if isinstance(config, GPTQConfig):
         return gptq_pieces(weight, name, config.format)
+    if isinstance(config, PackedInt4Config) and config.quant_method == "gptq":
+        return gptq_pieces(weight, name, "gptq" if config.zero_offset else "gptq_v2")
     return awq_pieces(weight, name)
 
 

@@ -391,13 +391,14 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def refuse_save(model: nn.Module) -> None:
-    """Refuse to save weights kept quantized, except GPTQConfig's and AwqConfig's, which save as checkpoints of their
-    method."""
-    from .config import AwqConfig, GPTQConfig  # here: config.py imports this module
+    """Refuse to save weights kept quantized, except GPTQ's and AWQ's (GPTQConfig's, AwqConfig's or a checkpoint's),
+    which save as checkpoints of their method."""
+    from .config import AwqConfig, GPTQConfig, PackedInt4Config  # here: config.py imports this module
 
     kinds = sorted({weight.kind for weight in packed_weights(model).values()})
     config = getattr(model.config, "quantization_config", None)
-    if kinds and not (isinstance(config, (GPTQConfig, AwqConfig)) and kinds == [config.quant_method]):
+    if kinds and not (isinstance(config, (GPTQConfig, AwqConfig, PackedInt4Config))
+                      and kinds == [config.quant_method]):
         raise ValueError(f"save_pretrained: {type(model).__name__} holds weights kept quantized ({', '.join(kinds)}), "
                          "which maestrale does not save; call model.dequantize() first to save a float checkpoint, or "
                          "save the float model and quantize it again when loading")

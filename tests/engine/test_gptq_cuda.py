@@ -1,6 +1,6 @@
-"""GPTQConfig on CUDA: gptq_weight there chooses the values it chooses on CPU, and a model quantized on the GPU
-(device_map="cuda", bfloat16) runs through the int4 tensor-core kernel as its dequantized self does, and saves as a
-GPTQ checkpoint that loads back the same. Skipped without CUDA."""
+"""GPTQConfig and AwqConfig on CUDA: gptq_weight there chooses the values it chooses on CPU, and a model quantized on
+the GPU (device_map="cuda", bfloat16) runs through the int4 tensor-core kernel as its dequantized self does, and saves
+as a GPTQ or AWQ checkpoint that loads back the same. Skipped without CUDA."""
 
 import copy
 from types import SimpleNamespace
@@ -33,18 +33,21 @@ def test_gptq_weight_on_cuda_chooses_the_cpu_values(group_aware):
 
 # Failed on an H100 on 2026-12-07 (commit 6cddf4b). Its output, flooded by torch's debug log, did not show which
 # assertion failed, and no later call got a machine; see BENCHMARKS.md, GPTQ quantization on calibration text.
-@pytest.mark.xfail(reason="failed on an H100 at 6cddf4b, cause not yet read", strict=False)
+@pytest.mark.xfail(reason="failed on an H100 at 6cddf4b (GPTQ; AWQ not yet run on a GPU), cause not yet read",
+                   strict=False)
+@pytest.mark.parametrize("method", ["gptq", "awq"])
 @pytest.mark.parametrize("family", ["mistral", "phi3"])
-def test_a_model_quantized_on_the_gpu_runs_and_saves(tmp_path, family):
+def test_a_model_quantized_on_the_gpu_runs_and_saves(tmp_path, family, method):
     ref, _ = model_pair(family, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
     ref.save_pretrained(tmp_path / "float")
     vocab = ref.config.vocab_size
-    config = maestrale.GPTQConfig(bits=4, group_size=128, dataset=TEXTS,
-                                  tokenizer=lambda text: SimpleNamespace(input_ids=[ord(c) % vocab for c in text]))
+    tokenizer = lambda text: SimpleNamespace(input_ids=[ord(c) % vocab for c in text])  # noqa: E731
+    config = maestrale.GPTQConfig(bits=4, group_size=128, dataset=TEXTS, tokenizer=tokenizer) if method == "gptq" \
+        else maestrale.AwqConfig(group_size=128, dataset=TEXTS, tokenizer=tokenizer)
     model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.bfloat16,
                                                            device_map="cuda", quantization_config=config)
     weights = [m.weight for name, m in model.named_modules() if name.endswith("_proj")]
-    assert weights and all(w.kind == "gptq" and w.packed.is_cuda for w in weights)
+    assert weights and all(w.kind == method and w.packed.is_cuda for w in weights)
     ids = torch.tensor([[1, 5, 9, 33, 2, 17, 40]], device="cuda") % vocab
     with torch.no_grad():
         got = model(ids).logits.float()
@@ -53,8 +56,8 @@ def test_a_model_quantized_on_the_gpu_runs_and_saves(tmp_path, family):
         assert out[0, ids.shape[1]] == got[0, -1].argmax()
         expected = copy.deepcopy(model).dequantize()(ids).logits.float()
         torch.testing.assert_close(got, expected, rtol=0, atol=5e-2 * expected.abs().max().item())
-        model.save_pretrained(tmp_path / "gptq")
-        loaded = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cuda")
+        model.save_pretrained(tmp_path / method)
+        loaded = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path / method, device_map="cuda")
         for name, weight in model.named_modules():
             if name.endswith("_proj.weight"):  # the same values, scales and zero points, bit for bit
                 again = loaded.get_submodule(name)

@@ -17,8 +17,10 @@ its name (the libraries' state dicts share names and shapes). One model is in me
 87 GiB, fits one H200). --quant adds weight-only rows: the bfloat16 model is saved to a temporary folder and loaded
 again with quantization_config=TorchAoConfig(Int8WeightOnlyConfig() or Int4WeightOnlyConfig(group_size=G)), by each
 library with its own TorchAoConfig, as a user would (torchao needed; a failure on transformers' side is printed and the
-run goes on). A quantized row's roofline counts maestrale's packed bytes; "x bf16" is a row's batch-1 speed over
-maestrale's bfloat16 one.
+run goes on). Mixtral's config is FqnToConfig({"_default": that, "re:.*\\.experts": that}), which quantizes its
+experts too; where the checkpoint would not fit the disk (Mixtral-8x7B whole), the built model is quantized in memory
+by the same steps (quantize_in_memory). A quantized row's roofline counts maestrale's packed bytes; "x bf16" is a row's
+batch-1 speed over maestrale's bfloat16 one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import shutil
 import statistics
 import tempfile
 import time
@@ -57,6 +60,7 @@ MODELS = {
 }
 PROMPT, BATCH = 512, 32
 QUANTS = ["bf16", "int8", "int4-g32", "int4-g64", "int4-g128"]
+EXPERTS = r"re:.*\.experts"  # FqnToConfig's key for the stacked experts of every layer
 
 
 def sync_time(fn) -> float:
@@ -116,16 +120,49 @@ def build(library, name: str, mixtral_layers: int):
     return model
 
 
-def load_quantized(library, folder: str, quant: str):
-    """`library`'s model from `folder`, quantized on load with its own TorchAoConfig for `quant` (int8, int4-gG)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+def quant_config(library, quant: str, moe: bool):
+    """`library`'s TorchAoConfig for `quant` (int8, int4-gG); for a mixture of experts, FqnToConfig also reaching the
+    stacked experts (a plain config leaves them in bfloat16, in both libraries)."""
+    from torchao.quantization import FqnToConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     # int4 in torchao's tinygemm packing (torch's own kernel): its default, "plain", needs the mslk package, which
     # PyPI holds only as an empty placeholder. maestrale quantizes the same either way (it keeps its own layout).
-    kind = Int8WeightOnlyConfig() if quant == "int8" else Int4WeightOnlyConfig(
+    rule = Int8WeightOnlyConfig() if quant == "int8" else Int4WeightOnlyConfig(
         group_size=int(quant.split("-g")[1]), int4_packing_format="tile_packed_to_4d")
+    return library.TorchAoConfig(FqnToConfig({"_default": rule, EXPERTS: rule}) if moe else rule)
+
+
+def load_quantized(library, folder: str, quant: str, moe: bool):
+    """`library`'s model from `folder`, quantized on load with its own TorchAoConfig for `quant`."""
     return library.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.bfloat16, device_map="cuda", quantization_config=library.TorchAoConfig(kind)).eval()
+        folder, dtype=torch.bfloat16, device_map="cuda", quantization_config=quant_config(library, quant, moe)).eval()
+
+
+def quantize_in_memory(library, model, quant: str, moe: bool):
+    """The bfloat16 `model` quantized in place by the steps its library's from_pretrained takes with the same
+    TorchAoConfig, each weight as it would stream in, for a model whose checkpoint the disk cannot hold: maestrale's
+    loader fed the model's own tensors; transformers' quantize_ per module (its linear layers; the experts' 3-D
+    weights through FqnToConfig of their names)."""
+    config = quant_config(library, quant, moe)
+    if library.__name__ == "maestrale":
+        from maestrale.quantization.load import WeightOnlyLoad
+
+        params = dict(model.named_parameters())
+        load = WeightOnlyLoad(model, config, {"": torch.device("cuda")}, [])
+        for param in [*load.linears, *load.experts]:
+            load.take(param, (), params.pop(param).detach())
+        load.finish("the model in memory")
+        return model
+    from torchao.quantization import FqnToConfig, quantize_
+
+    rule = config.quant_type.fqn_to_config["_default"] if moe else config.quant_type
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            quantize_(module, rule)
+        elif moe and name.endswith(".experts"):
+            quantize_(module, FqnToConfig({"gate_up_proj": rule, "down_proj": rule}), filter_fn=None)
+    return model
 
 
 def free() -> None:
@@ -254,14 +291,25 @@ def main() -> None:
         if "bf16" in args.quant:
             runs("bf16", lambda library: build(library, name, args.mixtral_layers))
         quants = [q for q in QUANTS[1:] if q in args.quant]
+        moe = MODELS[name][0] == "Mixtral"
         if quants:
             with tempfile.TemporaryDirectory() as folder:
                 model = build(maestrale, name, args.mixtral_layers)
-                model.save_pretrained(folder)
+                checkpoint = sum(p.numel() * p.element_size() for p in model.parameters())
+                on_disk = checkpoint < 0.9 * shutil.disk_usage(folder).free
+                if on_disk:
+                    model.save_pretrained(folder)
+                else:
+                    print(f"  {name}: its {checkpoint / 2**30:.0f} GiB checkpoint does not fit the disk: the quantized "
+                          "rows quantize the built bfloat16 model in memory (quantize_in_memory)", flush=True)
                 model = None
                 free()
                 for quant in quants:
-                    runs(quant, lambda library: load_quantized(library, folder, quant))
+                    if on_disk:
+                        runs(quant, lambda library: load_quantized(library, folder, quant, moe))
+                    else:
+                        runs(quant, lambda library: quantize_in_memory(
+                            library, build(library, name, args.mixtral_layers), quant, moe))
     if args.long_generation:
         long_generation(args.long_generation)
     print("\n| model | library | batch-1 tok/s | roofline tok/s | fraction | batch-32 tok/s | TTFT 512 ms | "

@@ -317,6 +317,38 @@ def test_int8_row_matmul_configs(config):
     _check(kernels.int8_row_matmul(x, values, scales, n, config=config), x, weight, torch.float16)
 
 
+def _experts_inputs(gated, rows_per_x, k, dtype):
+    """x of 3 tokens, the (token, expert) pairs' experts among 4, and the gate."""
+    x = torch.randn(3, k, device=DEVICE, dtype=dtype)
+    chosen = torch.tensor([3, 0, 3, 2, 1, 1][:3 * rows_per_x], device=DEVICE)
+    return x, chosen, torch.nn.functional.silu if gated else None
+
+
+def _check_experts(out, x, weight, chosen, rows_per_x, act, tolerance):
+    """Output row i against the float64 product of expert chosen[i] (weight: the 4 experts' rows stacked) and x's row
+    i // rows_per_x, within `tolerance` of the largest product (three times that gated)."""
+    experts = weight.view(4, -1, weight.shape[1])
+    exact = torch.stack([kernels.matvec_torch(x[i // rows_per_x][None].double().cpu(), experts[e], act)[0]
+                         for i, e in enumerate(chosen.tolist())])
+    assert out.shape == exact.shape == (len(chosen), experts.shape[1] // (2 if act else 1))
+    bound = (x.double().abs().cpu() @ weight.abs().T).max().item()
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=0, atol=tolerance * bound * (3 if act else 1))
+
+
+@pytest.mark.parametrize("rows_per_x,gated,config", [(2, True, None), (2, True, (8, 64, 3, 2, 1)),
+                                                     (1, False, None), (1, False, (2, 64, 3, 4, 1))])
+def test_int8_row_matmul_experts(rows_per_x, gated, config):
+    """experts: the weight stacks 4 experts' int8 rows; each (token, expert) pair reads its expert's rows and its
+    token's row of x, gated or not, in one share or as summed partials."""
+    n, k, group = 24, 256, 64
+    values, scales, weight = _int8(4 * (2 * n if gated else n), k, group, torch.float16, seed=rows_per_x + gated)
+    x, chosen, act = _experts_inputs(gated, rows_per_x, k, torch.float16)
+    out = kernels.int8_row_matmul(x, values, scales, n, act, config=config, experts=chosen, rows_per_x=rows_per_x)
+    _check_experts(out, x, weight, chosen, rows_per_x, act, 2e-3)
+    with pytest.raises(ValueError, match="do not stack experts of"):
+        kernels.int8_row_matmul(x, values[:-8], scales[:-8], n, act, experts=chosen, rows_per_x=rows_per_x)
+
+
 def test_int8_row_matmul_refuses_other_inputs():
     """x of another width than the weight's rows, several rows of x, or values that are not int8 words: a ValueError
     naming what is wrong."""
@@ -400,6 +432,21 @@ def test_int4_mma_matmul(n, k, group, m, dtype):
     words, scale_and_zeros, weight = _int4_mma(n, k, group, dtype, seed=n + k + m)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     _check(kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group), x, weight, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows_per_x,gated,config", [(2, True, None), (2, True, (8, 4, 1, 3, True)),
+                                                     (1, False, None), (1, False, (8, 4, 2, 4, False))])
+def test_int4_mma_matmul_experts(rows_per_x, gated, config):
+    """experts: the weight stacks 4 experts' int4 rows (words and scales); each (token, expert) pair reads its
+    expert's rows and its token's row of x, gated or not, in one share or as summed partials."""
+    n, k, group = 48, 1024, 128
+    words, scale_and_zeros, weight = _int4_mma(4 * (2 * n if gated else n), k, group, torch.bfloat16,
+                                               seed=rows_per_x + gated)
+    x, chosen, act = _experts_inputs(gated, rows_per_x, k, torch.bfloat16)
+    out = kernels.int4_mma_matmul(x, words, scale_and_zeros, n, group, act, config=config, experts=chosen,
+                                  rows_per_x=rows_per_x)
+    _check_experts(out, x, weight, chosen, rows_per_x, act, 1e-2)
 
 
 @needs_cuda

@@ -107,6 +107,43 @@ def test_torchao_config_model_on_cuda_equals_its_dequantized_model(tmp_path, qua
                                    atol=5e-2 * quantized.abs().max().item())
 
 
+@pytest.mark.parametrize("quant_type", ["int8", "int4"])
+def test_mixtral_experts_quantized_on_cuda_decode_through_the_expert_kernels(tmp_path, quant_type):
+    """FqnToConfig's quantized experts: the static decoder (a CUDA graph) reads them stacked, by expert, in one product
+    each for gate/up and down (int4_mma_matmul / int8_row_matmul's experts=); its logits equal the forward's (the
+    experts run one at a time on their rows), and the forward's equal the dequantized model's, at batch 1 and 3."""
+    torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed")
+    from maestrale.quantization.weight_only import PackedWeight
+
+    config = maestrale.MixtralConfig(vocab_size=1000, hidden_size=512, intermediate_size=768, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(0)
+    maestrale.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    rule = torchao.Int8WeightOnlyConfig() if quant_type == "int8" else torchao.Int4WeightOnlyConfig(group_size=128)
+    fqn = torchao.FqnToConfig({"_default": rule, r"re:.*\.experts": rule})
+    model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda",
+                                                           quantization_config=maestrale.TorchAoConfig(fqn))
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, output_logits=True, max_new_tokens=6)
+    for batch in (1, 3):
+        ids = torch.randint(0, 1000, (batch, 20), device="cuda")
+        with torch.no_grad():
+            ref = model.generate(ids, cache_implementation="dynamic", **kwargs)
+            fast = model.generate(ids, cache_implementation="static", **kwargs)
+        layer = model.__dict__["_static_decoder"].layers[0]
+        assert isinstance(layer.gate_up, PackedWeight) and layer.gate_up.num_experts == 4
+        assert layer.gate_up.shape == (4 * 2 * 768, 512) and layer.down.shape == (4 * 512, 768)
+        for step, (a, b) in enumerate(zip(ref.logits, fast.logits)):
+            torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=3e-2 * a.float().abs().max().item())
+            if not torch.equal(ref.sequences[:, 20 + step], fast.sequences[:, 20 + step]):
+                break  # a near tie rounded the other way: the steps after read other tokens
+    with torch.no_grad():
+        quantized = model(ids).logits.float()
+        model.dequantize()
+        torch.testing.assert_close(model(ids).logits.float(), quantized, rtol=0,
+                                   atol=5e-2 * quantized.abs().max().item())
+
+
 def test_stacked_int4_layers_run_one_product_and_fuse_the_gate():
     """gate/up-like int4 layers in CUDA's layout stacked: one product equal to the layers' own, nothing stored twice,
     and the fused silu gate equal to the gate of the dequantized product."""

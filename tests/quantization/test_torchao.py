@@ -194,3 +194,119 @@ def test_static_decoder_stacks_int8_layers(folder):
     assert torch.equal(ref.sequences, fast.sequences)
     for a, b in zip(ref.logits, fast.logits):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+EXPERTS_KEY = r"re:.*\.experts"
+
+
+def per_layer(rule, **more):
+    from torchao.quantization import FqnToConfig
+
+    return maestrale.TorchAoConfig(FqnToConfig({"_default": rule, EXPERTS_KEY: rule, **more}))
+
+
+def fused_checkpoint(folder, tmp_path):
+    """The checkpoint of `folder` with each layer's experts as the two 3-D tensors the model holds (gate_up_proj,
+    down_proj), as some converters write them, in place of transformers' one tensor an expert."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = maestrale.AutoModelForCausalLM.from_pretrained(folder)
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    state = {name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"
+             or not model.config.tie_word_embeddings}
+    save_file(state, tmp_path / "model.safetensors")
+    assert any(name.endswith("experts.gate_up_proj") for name in state)
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["one tensor an expert", "3-D"])
+@pytest.mark.parametrize("config", ["int8", "int4-g32", "int4-g64-hqq"])
+def test_fqn_to_config_quantizes_stacked_experts(folder, tmp_path, config, layout):
+    """FqnToConfig reaches Mixtral's stacked experts: each expert's weights are quantized as torchao quantizes a
+    weight (maestrale's quantize_int8 / quantize_int4, equal to torchao's), from either checkpoint layout; the
+    logits equal those of the dequantized model, and the static decoder gives the dynamic path's tokens."""
+    from maestrale.quantization.weight_only import QuantizedExperts, quantize_int4, quantize_int8
+
+    path = folder("mixtral") if layout != "3-D" else fused_checkpoint(folder("mixtral"), tmp_path)
+    rule = CONFIGS[config]
+    ours = maestrale.AutoModelForCausalLM.from_pretrained(path, quantization_config=per_layer(rule))
+    plain = maestrale.AutoModelForCausalLM.from_pretrained(path)
+    group = getattr(rule, "group_size", None)
+    algorithm = "hqq" if "hqq" in config else "tinygemm"
+    for layer, float_layer in zip(ours.model.layers, plain.model.layers):
+        experts = layer.mlp.experts
+        assert isinstance(experts, QuantizedExperts) and len(experts.gate_up_proj) == 4
+        for piece in ("gate_up_proj", "down_proj"):
+            for held, weight in zip(getattr(experts, piece), getattr(float_layer.mlp.experts, piece).detach()):
+                expected = quantize_int8(weight) if group is None else quantize_int4(weight, group, algorithm)
+                assert held.kind == (f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "") if group else "int8")
+                for name, buffer in expected.named_buffers():
+                    assert torch.equal(held.get_buffer(name), buffer), (piece, name)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = ours(PROMPT).logits
+        tokens = ours.generate(PROMPT[:1], **kwargs)
+        assert torch.equal(ours.generate(PROMPT[:1], cache_implementation="static", **kwargs), tokens)
+    ours.dequantize()
+    assert not quantized(ours) and type(ours.model.layers[0].mlp.experts).__name__ == "Experts"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(PROMPT).logits, logits, rtol=0, atol=1e-5 * logits.abs().max().item())
+
+
+def test_int8_experts_equal_transformers_torchao(folder):
+    """With the same FqnToConfig, transformers + torchao hold each layer's experts as a 3-D Int8Tensor (its Mixtral
+    forward cannot run it on CPU: torchao lacks the transpose its grouped product takes); maestrale holds the same
+    values and scales, an expert at a time."""
+    import transformers
+    from torchao.quantization import FqnToConfig
+
+    config = FqnToConfig({"_default": Int8WeightOnlyConfig(), EXPERTS_KEY: Int8WeightOnlyConfig()})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        folder("mixtral"), quantization_config=transformers.TorchAoConfig(config))
+    ours = maestrale.AutoModelForCausalLM.from_pretrained(folder("mixtral"),
+                                                          quantization_config=maestrale.TorchAoConfig(config))
+    assert quantized(ours) == quantized(ref)
+    for theirs, mine in zip(ref.model.layers, ours.model.layers):
+        for piece in ("gate_up_proj", "down_proj"):
+            tensor = getattr(theirs.mlp.experts, piece)
+            assert type(tensor).__name__ == "Int8Tensor" and tensor.qdata.dim() == 3
+            for e, held in enumerate(getattr(mine.mlp.experts, piece)):
+                assert torch.equal(held.values, tensor.qdata[e])
+                assert torch.equal(held.scales, tensor.scale[e].to(held.scales.dtype))
+
+
+def test_fqn_to_config_resolves_as_transformers():
+    """A parameter's name, then its module's, then the first regex matching either, then "_default" (linear layers
+    only); None leaves a weight in float."""
+    from torchao.quantization import FqnToConfig
+
+    int4, int8 = Int4WeightOnlyConfig(group_size=32), Int8WeightOnlyConfig()
+    config = maestrale.TorchAoConfig(FqnToConfig({
+        "model.layers.0.self_attn.q_proj.weight": int8, "model.layers.1.self_attn.q_proj": None,
+        r"re:.*\.q_proj": int4, r"re:model\.layers\.0\..*": None, "_default": int8}))
+    assert config.weight_config("model.layers.0.self_attn.q_proj.weight", True) is int8
+    assert config.weight_config("model.layers.1.self_attn.q_proj.weight", True) is None
+    assert config.weight_config("model.layers.2.self_attn.q_proj.weight", True) is int4
+    assert config.weight_config("model.layers.0.mlp.down_proj.weight", True) is None
+    assert config.weight_config("model.layers.2.mlp.down_proj.weight", True) is int8
+    assert config.weight_config("model.layers.2.mlp.experts.gate_up_proj", False) is None  # "_default": linears
+    assert maestrale.TorchAoConfig(int4).weight_config("model.layers.2.mlp.experts.down_proj", False) is None
+
+
+def test_fqn_to_config_refusals_name_the_entry(folder):
+    from torchao.quantization import FqnToConfig, Float8WeightOnlyConfig
+
+    with pytest.raises(ValueError, match=r"FqnToConfig\['re:.\*experts'\] = quant_type Float8WeightOnlyConfig"):
+        maestrale.TorchAoConfig(FqnToConfig({"re:.*experts": Float8WeightOnlyConfig()}))
+    with pytest.raises(ValueError, match=r"FqnToConfig key 're:\(' is not a regular expression"):
+        maestrale.TorchAoConfig(FqnToConfig({"re:(": Int8WeightOnlyConfig()}))
+    with pytest.raises(ValueError, match=r"FqnToConfig\['lm_head'\] = Int4WeightOnlyConfig\(group_size=48\)"):
+        maestrale.TorchAoConfig(FqnToConfig({"lm_head": Int4WeightOnlyConfig(group_size=48)}))
+    half = maestrale.TorchAoConfig(FqnToConfig({r"re:.*\.experts\.gate_up_proj": Int8WeightOnlyConfig()}))
+    with pytest.raises(NotImplementedError, match=r"leaves model\.layers\.0\.mlp\.experts\.down_proj in float"):
+        maestrale.AutoModelForCausalLM.from_pretrained(folder("mixtral"), quantization_config=half)
+    # a dict round trip, as config.json holds it
+    config = per_layer(Int4WeightOnlyConfig(group_size=64))
+    assert maestrale.TorchAoConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()

@@ -16,8 +16,10 @@ through the same library's decode_attention (quantization/gguf_kernels.py). Weig
 (TorchAoConfig, GPTQ, AWQ; int4 in CUDA's layout) are stacked too, and on CUDA their gate/up runs with the gate fused
 (kernels.py int4_mma_matmul up to 64 rows, int8_row_matmul at batch 1); where their kernels split the inputs in
 shares, the float32 partial sums go to the kernel that reads the product (rotary's, the residual adds'), which adds
-them up, so the sum costs no launch of its own (gate/up's, gated as summed, keeps its own). Other quantized layers
-(bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and
+them up, so the sum costs no launch of its own (gate/up's, gated as summed, keeps its own). Mixtral's experts
+quantized by FqnToConfig are stacked on CUDA into one weight per projection that the kernels index by expert
+(experts=: the chosen pairs' rows, or each expert once on every row past as many pairs as experts); elsewhere their
+module runs them. Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and
 kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo would not trace
 bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit layers split outlier
 columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the reference path.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models.decoder import rms_norm
 from ..models.linear import stacked_weight
@@ -37,7 +40,8 @@ from ..models.outputs import CausalLMOutputWithPast
 from ..quantization.bnb import quantized_linears
 from ..quantization.gguf_kernels import BlocksWeight, stacked_blocks
 from ..quantization.gguf_kernels import decode_attention as blocks_decode_attention
-from ..quantization.weight_only import Int4Weight, Int8Weight, PackedWeight, stacked_packed
+from ..quantization.weight_only import (Int4Weight, Int8Weight, PackedWeight, QuantizedExperts, stacked_experts,
+                                        stacked_packed)
 from .kernels import decode_attention, matvec, partials_sum, rotary_cache_write, use_triton
 
 MIN_CAPACITY = 256  # full-attention caches hold a power of two >= the longest sequence, so few sizes get captured
@@ -140,14 +144,21 @@ class _LayerWeights:
     gate_up: torch.Tensor | tuple  # (2 * inter, hidden), or (experts, 2 * inter, hidden) for Mixtral
     down: torch.Tensor | tuple
     router: torch.Tensor | None = None
+    experts: nn.Module | None = None  # quantized experts that run their own products (not stacked)
 
     @classmethod
     def of(cls, layer) -> _LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = _weights(attn.qkv_proj) if hasattr(attn, "qkv_proj") else _weights(attn.q_proj, attn.k_proj, attn.v_proj)
         if hasattr(mlp, "experts"):
-            ffn = dict(gate_up=mlp.experts.gate_up_proj.detach(), down=mlp.experts.down_proj.detach(),
-                       router=mlp.gate.weight.detach())
+            experts, router = mlp.experts, mlp.gate.weight.detach()
+            if isinstance(experts, QuantizedExperts):
+                gate_up, down = stacked_experts(experts.gate_up_proj), stacked_experts(experts.down_proj)
+                stacked = gate_up is not None and down is not None
+                ffn = dict(gate_up=gate_up, down=down) if stacked else dict(gate_up=None, down=None, experts=experts)
+                ffn["router"] = router
+            else:
+                ffn = dict(gate_up=experts.gate_up_proj.detach(), down=experts.down_proj.detach(), router=router)
         else:
             gate_up = _weights(mlp.gate_up_proj) if hasattr(mlp, "gate_up_proj") else _weights(mlp.gate_proj, mlp.up_proj)
             ffn = dict(gate_up=gate_up, down=_weights(mlp.down_proj))
@@ -213,6 +224,17 @@ class DecodeStep:
                 x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)
+            if w.experts is not None:
+                x, h = part["_residual_norm"](x, w.experts(h, top_experts, top_weights), next_norm, eps)
+                continue
+            if isinstance(w.gate_up, PackedWeight) and h.shape[0] * self.top_k > w.gate_up.num_experts:
+                x, h = part["_residual_norm"](x, self._every_expert(h, w, top_weights, top_experts), next_norm, eps)
+                continue
+            if isinstance(w.gate_up, PackedWeight):  # stacked int8 / int4 experts, read by expert (CUDA's kernels)
+                experts = top_experts.flatten()
+                gated = w.gate_up.matmul(h, self.act, experts=experts, rows_per_x=self.top_k)
+                x, h = part["_mix"](x, w.down.matmul(gated, experts=experts), top_weights, next_norm, eps)
+                continue
             # Gathered up to one pair per expert (no more bytes than dense), as the model's Experts decode: the same
             # sums, which bitsandbytes' bfloat16 CPU kernels (AVX512-BF16) would turn from ulps into 1e-2 apart.
             if h.shape[0] * self.top_k > w.gate_up.shape[0]:
@@ -222,6 +244,17 @@ class DecodeStep:
                 gated = matvec(h, w.gate_up, self.act, experts, rows_per_x=self.top_k)
                 x, h = part["_mix"](x, matvec(gated, w.down, experts=experts), top_weights, next_norm, eps)
         return _product(h, self.lm_head)
+
+    def _every_expert(self, h, w, top_weights, top_experts) -> torch.Tensor:
+        """Stacked int8 / int4 experts once the rows route to more pairs than there are experts: each expert's
+        product on every row (each expert's weight read once), weighted by the router (zero where not chosen)."""
+        count = w.gate_up.num_experts
+        weights = torch.zeros(h.shape[0], count, device=h.device).scatter(1, top_experts, top_weights)
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        for e in range(count):
+            gated = _gated(h, w.gate_up.expert(e), self.act, self.part["_gate"])
+            out += _product(gated, w.down.expert(e)).float() * weights[:, e:e + 1]
+        return out.to(h.dtype)
 
     def _graph(self, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The step captured in a CUDA graph, after runs that compile and load every kernel (they write the slot

@@ -376,14 +376,23 @@ if triton is not None:
         return tl.sum(row_acc, 1)
 
     @triton.jit
-    def _int8_row_kernel(X, W, S, OUT, N, K, s_w, s_row, s_group, ones, GROUP: tl.constexpr, GATED: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_row_kernel(X, W, S, OUT, E, N, K, s_w, s_row, s_group, ones, expert_rows, GROUP: tl.constexpr,
+                         GATED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EXPERTS: tl.constexpr, ROWS_PER_X: tl.constexpr):
         """One row of x times BLOCK_N weight rows of int8 values read as int32 words, by fused multiply-adds, over
         one of SPLIT_K shares of the inputs. GATED: the weight holds the gate rows then the up rows, read in one tile
         (gate row i beside up row i), and the kernel stores silu(gate) * up, rounded as matvec_torch rounds it. One
-        share stores the rounded outputs, several their float32 partial sums."""
+        share stores the rounded outputs, several their float32 partial sums. EXPERTS: the weight stacks experts of
+        expert_rows rows each, and program (., ., i) is output row i: expert E[i] times x's row i // ROWS_PER_X."""
         nb = tl.program_id(0)
         split = tl.program_id(1)
+        pair = tl.program_id(2)
+        X += (pair // ROWS_PER_X) * K
+        OUT += pair * N
+        if EXPERTS:
+            expert = tl.load(E + pair).to(tl.int64)
+            W += expert * expert_rows * s_w
+            S += expert * expert_rows * s_row
         dtype = OUT.dtype.element_ty
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         keep_n = n < N
@@ -403,7 +412,7 @@ if triton is not None:
         if SPLIT_K == 1:
             tl.store(OUT + n, acc.to(dtype), mask=keep_n)
         else:
-            tl.store(OUT + split * N + n, acc, mask=keep_n)
+            tl.store(OUT + split * tl.num_programs(2) * N + n, acc, mask=keep_n)
 
     def _pairs_ptx(bf16: bool) -> str:
         """PTX that turns an int4 word ($4) into 4 registers of two halves each, $f holding q - 8 of fields f (low
@@ -502,9 +511,10 @@ if triton is not None:
                       gl.zeros([16 * RT, xv.shape[1]], gl.float32, MMA))
 
     @gluon.jit
-    def _int4_mma_kernel(X, W, S, OUT, M, N, K, UP, s_row, s_group, GROUP: gl.constexpr, V: gl.constexpr,
-                         WARPS: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, AHEAD: gl.constexpr,
-                         GATED: gl.constexpr, BLOCK_M: gl.constexpr, XL: gl.constexpr):
+    def _int4_mma_kernel(X, W, S, OUT, E, M, N, K, UP, s_row, s_group, expert_rows, GROUP: gl.constexpr,
+                         V: gl.constexpr, WARPS: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr,
+                         AHEAD: gl.constexpr, GATED: gl.constexpr, BLOCK_M: gl.constexpr, XL: gl.constexpr,
+                         EXPERTS: gl.constexpr, ROWS_PER_X: gl.constexpr):
         """BLOCK_M rows of 16-bit x times 16 * WARPS * TILES int4 weight rows (int4_mma_words' layout: each thread's
         word is its share of a 16 x 16 tensor-core tile), over one of SPLIT_K shares of the groups, on mma.sync with
         the weight as the left operand and x's rows as the columns (8 a block: one row of x wastes 7). A group's
@@ -512,7 +522,9 @@ if triton is not None:
         GATED: rows UP.. are the up rows of gate rows 0..N, and the kernel stores silu(gate) * up rounded as
         matvec_torch rounds it. One share stores the rounded outputs, several their float32 partial sums. AHEAD:
         each group's weights are loaded before the previous group's products, so that they overlap (x, from L2, is
-        loaded where it is used: carried to the next iteration, its pairs would be packed again)."""
+        loaded where it is used: carried to the next iteration, its pairs would be packed again). EXPERTS: the
+        weight stacks experts of expert_rows rows each, and program (., i, .) is output row i: expert E[i] times x's
+        row i // ROWS_PER_X (one row a block)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -523,8 +535,19 @@ if triton is not None:
         BLOCK_N: gl.constexpr = 16 * RT
         dtype = OUT.dtype.element_ty
         nb = gl.program_id(0)
-        m0 = gl.program_id(1) * BLOCK_M
         split = gl.program_id(2)
+        if EXPERTS:
+            pair = gl.program_id(1)
+            expert = gl.load(E + pair).to(gl.int64)
+            W += expert * expert_rows * (K // 8)
+            S += expert * expert_rows * s_row
+            m0 = pair // ROWS_PER_X
+            end = m0 + 1  # x's rows this block reads
+            o0 = pair  # its first output row
+        else:
+            m0 = gl.program_id(1) * BLOCK_M
+            end = M
+            o0 = m0
         groups = K // GROUP
         share = gl.cdiv(groups, SPLIT_K)
         g0 = split * share
@@ -536,7 +559,7 @@ if triton is not None:
         # thread's share of a group is contiguous (16-byte loads)
         m_x = m0 + _index(BLOCK_M, 2, XL)
         xat = m_x.to(gl.int64) * K + _index(4, 0, XL) * (GROUP // 4) + _index(GROUP // 4, 1, XL)
-        keep_x = m_x < M
+        keep_x = m_x < end
         rows = nb * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, MMA))
         keep_r = rows < N
         ones = gl.full([BLOCK_N, GROUP], 1.0, X.dtype.element_ty, A_L)
@@ -577,9 +600,9 @@ if triton is not None:
         if GATED:
             gate = out.to(dtype).to(gl.float32)
             out = (gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32) * up.to(dtype).to(gl.float32)
-        m = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(0, MMA))
-        at_o = gl.expand_dims(m, 0) * N + gl.expand_dims(rows, 1)
-        keep = gl.expand_dims(m < M, 0) & gl.expand_dims(keep_r, 1)
+        m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, MMA))
+        at_o = gl.expand_dims(o0 + m, 0) * N + gl.expand_dims(rows, 1)
+        keep = gl.expand_dims(m0 + m < end, 0) & gl.expand_dims(keep_r, 1)
         if SPLIT_K == 1:
             gl.store(OUT + at_o, out.to(dtype), mask=keep)
         else:
@@ -764,13 +787,15 @@ def int8_row_config(n: int, k: int, gated: bool) -> tuple[int, int, int, int, in
 
 
 def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, n: int, act=None,
-                    config: tuple[int, int, int, int, int] | None = None, summed: bool = True) -> torch.Tensor:
+                    config: tuple[int, int, int, int, int] | None = None, summed: bool = True,
+                    experts: torch.Tensor | None = None, rows_per_x: int = 1) -> torch.Tensor:
     """x @ w.T in x's dtype for one row x (1, k) and the first n rows of an int8 weight w = q * scale: values (rows,
     k) int8, rows contiguous and k a multiple of 4 (read as int32 words), scales (rows, groups). act=F.silu: the
     weight is the gate's n rows then the up's n rows, and the result silu(gate) * up. config: int8_row_config's
-    tuple. summed=False: partial sums (see _result)."""
+    tuple. summed=False: partial sums (see _result). experts (pairs,): x may have several rows, the weight stacks
+    equal experts, and output row i is expert experts[i] times x's row i // rows_per_x, as matvec's experts."""
     (m, k), groups = x.shape, scales.shape[1]
-    if m != 1:
+    if m != 1 and experts is None:
         raise ValueError(f"int8_row_matmul takes one row of x, got {m}: int8_matmul takes any")
     if values.shape[1] != k:
         raise ValueError(f"int8_row_matmul: x of {k} inputs against values {tuple(values.shape)}: the weight does not "
@@ -781,17 +806,22 @@ def int8_row_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
     gated = act is not None
     if gated and act is not F.silu:
         raise ValueError(f"int8_row_matmul gates with F.silu only, got {act}")
+    expert_rows = 2 * n if gated else n
+    if experts is not None and values.shape[0] % expert_rows:
+        raise ValueError(f"int8_row_matmul: {values.shape[0]} weight rows do not stack experts of {expert_rows} rows "
+                         "each")
     block_n, block_k, split, warps, stages = config or int8_row_config(n, k, gated)
     group = k // groups if groups > 1 else 1 << 30  # one scale a row: one kernel for every row length
     x = x.contiguous()
+    pairs = 1 if experts is None else experts.numel()
     # split and gated: the partials of the gate's rows and the up's (2n outputs), gated as they are summed
     width = 2 * n if gated and split > 1 else n
-    out = x.new_empty(1, n) if split == 1 else x.new_empty(split, 1, width, dtype=torch.float32)
+    out = x.new_empty(pairs, n) if split == 1 else x.new_empty(split, pairs, width, dtype=torch.float32)
     words = values.view(torch.int32)
-    _int8_row_kernel[(triton.cdiv(width, block_n), split)](
-        x, words, scales, out, width, k, words.stride(0), *scales.stride(), 255, GROUP=group,
-        GATED=gated and split == 1, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages)
+    _int8_row_kernel[(triton.cdiv(width, block_n), split, pairs)](
+        x, words, scales, out, experts, width, k, words.stride(0), *scales.stride(), 255, expert_rows, GROUP=group,
+        GATED=gated and split == 1, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, EXPERTS=experts is not None,
+        ROWS_PER_X=rows_per_x, num_warps=warps, num_stages=stages)
     return _result(out, x.dtype, gated, summed)
 
 
@@ -825,11 +855,14 @@ def _x_layout(block_m: int, group: int, warps: int):
 
 
 def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, n: int, group: int, act=None,
-                    config: tuple[int, int, int, int, bool] | None = None, summed: bool = True) -> torch.Tensor:
+                    config: tuple[int, int, int, int, bool] | None = None, summed: bool = True,
+                    experts: torch.Tensor | None = None, rows_per_x: int = 1) -> torch.Tensor:
     """x @ w.T in x's dtype (float16 or bfloat16, m <= 64 rows) for the first n rows of an int4 weight in
     int4_mma_words' layout (rows padded to 16), w = (q - 8) * scale + zero with scales (groups, rows, 2) of scales and
     zeros, on tensor cores. act=F.silu: the weight is the gate's n rows then the up's n rows (n a multiple of 16), and
-    the result silu(gate) * up. config: int4_mma_config's tuple. summed=False: partial sums (see _result)."""
+    the result silu(gate) * up. config: int4_mma_config's tuple. summed=False: partial sums (see _result). experts
+    (pairs,): the weight stacks equal experts (each a multiple of 16 rows), and output row i is expert experts[i]
+    times x's row i // rows_per_x, as matvec's experts (no host sync)."""
     (m, k), rows = x.shape, words.shape[0]
     if x.dtype not in (torch.float16, torch.bfloat16) or words.dtype != torch.int32 or words.shape[1] * 8 != k \
             or rows % 16 or k % group or not words.is_contiguous():
@@ -839,12 +872,18 @@ def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
     gated = act is not None
     if gated and (act is not F.silu or n % 16):
         raise ValueError(f"int4_mma_matmul gates with F.silu on gate rows a multiple of 16, got {act}, {n} rows")
-    block_m, warps, tiles, split, ahead = config or int4_mma_config(m, 2 * n if gated else n, k, group)
+    expert_rows = 2 * n if gated else n
+    pairs = m if experts is None else experts.numel()
+    if experts is not None and rows % expert_rows:
+        raise ValueError(f"int4_mma_matmul: {rows} weight rows do not stack experts of {expert_rows} rows each")
+    block_m, warps, tiles, split, ahead = config or int4_mma_config(m if experts is None else 1, expert_rows, k, group)
     x = x.contiguous()
-    width = 2 * n if gated and split > 1 else n  # split and gated: the gate's and the up's partials, gated as summed
-    out = x.new_empty(m, n) if split == 1 else x.new_empty(split, m, width, dtype=torch.float32)
-    _int4_mma_kernel[(triton.cdiv(width, 16 * warps * tiles), triton.cdiv(m, block_m), split)](
-        x, words, scales, out, m, width, k, n, scales.stride(1), scales.stride(0), GROUP=group,
-        V=2 if group == 32 else 4, WARPS=warps, TILES=tiles, SPLIT_K=split, AHEAD=ahead,
-        GATED=gated and split == 1, BLOCK_M=block_m, XL=_x_layout(block_m, group, warps), num_warps=warps)
+    width = width if gated and split > 1 else n  # split and gated: the gate's and the up's partials, gated as summed
+    out = x.new_empty(pairs, n) if split == 1 else x.new_empty(split, pairs, width, dtype=torch.float32)
+    blocks = triton.cdiv(m, block_m) if experts is None else pairs
+    _int4_mma_kernel[(triton.cdiv(width, 16 * warps * tiles), blocks, split)](
+        x, words, scales, out, experts, pairs, width, k, n, scales.stride(1), scales.stride(0),
+        expert_rows, GROUP=group, V=2 if group == 32 else 4, WARPS=warps,
+        TILES=tiles, SPLIT_K=split, AHEAD=ahead, GATED=gated and split == 1, BLOCK_M=block_m,
+        XL=_x_layout(block_m, group, warps), EXPERTS=experts is not None, ROWS_PER_X=rows_per_x, num_warps=warps)
     return _result(out, x.dtype, gated, summed)

@@ -80,18 +80,26 @@ class Experts(nn.Module):
             out = torch.bmm(self.down_proj[experts], (self.act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)
             out = out * top_weights.reshape(-1, 1)
             return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
-        # Prefill: sort the (token, expert) pairs by expert and run each expert once on its contiguous group.
-        order = experts.argsort(stable=True)
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # one host sync per layer
-        token_of = order // k
-        groups = x[token_of].split(counts)
-        outs = []
-        for e, group in enumerate(groups):
-            if group.shape[0]:
-                gate, up = F.linear(group, self.gate_up_proj[e]).chunk(2, dim=-1)
-                outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[e]))
-        weighted = torch.cat(outs) * top_weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
+        # Prefill: each expert once, on the rows routed to it
+        return grouped_experts(x, top_experts, top_weights, self.num_experts, self._ffn)
+
+    def _ffn(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+
+def grouped_experts(x: torch.Tensor, top_experts: torch.Tensor, top_weights: torch.Tensor, num_experts: int,
+                    ffn) -> torch.Tensor:
+    """The routers' mix of expert outputs: the (token, expert) pairs sorted by expert, each expert run once on its
+    contiguous group of rows (`ffn(e, rows)`), one host sync per layer."""
+    k = top_experts.shape[1]
+    experts = top_experts.reshape(-1)
+    order = experts.argsort(stable=True)
+    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    token_of = order // k
+    outs = [ffn(e, group) for e, group in enumerate(x[token_of].split(counts)) if group.shape[0]]
+    weighted = torch.cat(outs) * top_weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
 
 
 class SparseMoeBlock(nn.Module):

@@ -3,6 +3,7 @@ AWQ checkpoints, and from_pretrained's check of `quantization_config`."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -109,8 +110,9 @@ class TorchAoConfig:
     """torchao weight-only quantization as transformers takes it: `quant_type` is a torchao config object,
     Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) with
     int4_choose_qparams_algorithm "tinygemm" (the default) or "hqq" (PrototypeInt4WeightOnlyConfig, torchao's CPU
-    one, is the same quantization). maestrale quantizes with its own code and kernels; torchao is needed for its
-    config objects only."""
+    one, is the same quantization), or FqnToConfig({name: config or None}) to choose per layer, which also reaches
+    Mixtral's stacked experts (e.g. {"_default": int4, r"re:.*\.experts": int4}). maestrale quantizes with its own
+    code and kernels; torchao is needed for its config objects only."""
 
     quant_type: Any
     modules_to_not_convert: list[str] | None = None
@@ -128,38 +130,35 @@ class TorchAoConfig:
         if not type(quant_type).__module__.startswith("torchao."):
             raise TypeError(f"TorchAoConfig: quant_type must be a torchao config object such as Int8WeightOnlyConfig() "
                             f"or Int4WeightOnlyConfig(group_size=128), got {quant_type!r}")
-        if name == "Int8WeightOnlyConfig":
-            granularity = type(quant_type.granularity).__name__
-            if granularity != "PerRow":
-                raise ValueError(f"TorchAoConfig: Int8WeightOnlyConfig(granularity={granularity}()) is not supported; "
-                                 "maestrale's int8 weights have one scale per row (granularity=PerRow(), the default)")
-        elif name in INT4_CONFIGS:
-            if quant_type.group_size not in INT4_GROUPS:
-                raise ValueError(f"TorchAoConfig: {name}(group_size={quant_type.group_size}) is not supported; use "
-                                 f"group_size {', '.join(map(str, INT4_GROUPS))}")
-            if self.int4_algorithm not in ("tinygemm", "hqq"):
-                raise ValueError(f"TorchAoConfig: {name}(int4_choose_qparams_algorithm={self.int4_algorithm!r}) is "
-                                 "not supported; use 'tinygemm' (the default) or 'hqq'")
+        if name == "FqnToConfig":
+            for key, config in quant_type.fqn_to_config.items():
+                if key.startswith("re:"):
+                    try:
+                        re.compile(key[3:])
+                    except re.error as e:
+                        raise ValueError(f"TorchAoConfig: FqnToConfig key {key!r} is not a regular expression: {e}") from None
+                if config is not None:
+                    _check_weight_config(config, f"FqnToConfig[{key!r}] = ")
         else:
-            raise ValueError(f"TorchAoConfig: quant_type {name} is not supported; maestrale implements torchao's "
-                             "weight-only Int8WeightOnlyConfig() and Int4WeightOnlyConfig(group_size=...)")
+            _check_weight_config(quant_type, "")
         if self.include_input_output_embeddings:
             raise ValueError("TorchAoConfig: include_input_output_embeddings=True (quantized embeddings) is not "
                              "supported; leave it False to keep the embeddings in float")
 
-    @property
-    def bits(self) -> int:
-        return 4 if type(self.quant_type).__name__ in INT4_CONFIGS else 8
-
-    @property
-    def group_size(self) -> int | None:
-        return self.quant_type.group_size if self.bits == 4 else None
-
-    @property
-    def int4_algorithm(self) -> str:
-        """How int4 scales and zero points are chosen: torchao's int4_choose_qparams_algorithm."""
-        algorithm = self.quant_type.int4_choose_qparams_algorithm
-        return str(getattr(algorithm, "value", algorithm)).lower()
+    def weight_config(self, param: str, linear: bool) -> Any:
+        """The torchao config of the weight `param` (a linear layer's `weight`, or stacked experts' `gate_up_proj` /
+        `down_proj`), None to leave it in float, as transformers resolves FqnToConfig: the parameter's name, its
+        module's, then the first regex ("re:...") fully matching either, then "_default" (linear layers only)."""
+        if type(self.quant_type).__name__ != "FqnToConfig":
+            return self.quant_type if linear else None
+        table, module = self.quant_type.fqn_to_config, param.rpartition(".")[0]
+        for key in (param, module):
+            if key in table:
+                return table[key]
+        for key, config in table.items():
+            if key.startswith("re:") and (re.fullmatch(key[3:], param) or re.fullmatch(key[3:], module)):
+                return config
+        return table.get("_default") if linear else None
 
     def to_dict(self) -> dict[str, Any]:
         """As transformers writes it in config.json: quant_type serialized by torchao under "default"."""
@@ -183,6 +182,36 @@ class TorchAoConfig:
             raise ValueError(f"quantization_config: torchao's quant_type must be {{'default': ...}}, got "
                              f"{quant_type!r}")
         return cls(config_from_dict(quant_type["default"]), **data)
+
+
+def _check_weight_config(config: Any, where: str) -> None:
+    """Refuse, by name, a torchao config maestrale does not implement (`where` says which entry it is)."""
+    name = type(config).__name__
+    if name == "Int8WeightOnlyConfig":
+        granularity = type(config.granularity).__name__
+        if granularity != "PerRow":
+            raise ValueError(f"TorchAoConfig: {where}Int8WeightOnlyConfig(granularity={granularity}()) is not "
+                             "supported; maestrale's int8 weights have one scale per row (granularity=PerRow(), the "
+                             "default)")
+    elif name in INT4_CONFIGS:
+        if config.group_size not in INT4_GROUPS:
+            raise ValueError(f"TorchAoConfig: {where}{name}(group_size={config.group_size}) is not supported; use "
+                             f"group_size {', '.join(map(str, INT4_GROUPS))}")
+        if int4_rule(config)[1] not in ("tinygemm", "hqq"):
+            raise ValueError(f"TorchAoConfig: {where}{name}(int4_choose_qparams_algorithm={int4_rule(config)[1]!r}) "
+                             "is not supported; use 'tinygemm' (the default) or 'hqq'")
+    else:
+        raise ValueError(f"TorchAoConfig: {where}quant_type {name} is not supported; maestrale implements torchao's "
+                         "weight-only Int8WeightOnlyConfig() and Int4WeightOnlyConfig(group_size=...), chosen per "
+                         "layer by FqnToConfig")
+
+
+def int4_rule(config: Any) -> tuple[int | None, str]:
+    """(group size, int4_choose_qparams_algorithm) of a torchao weight config; (None, "") for int8."""
+    if type(config).__name__ not in INT4_CONFIGS:
+        return None, ""
+    algorithm = config.int4_choose_qparams_algorithm
+    return config.group_size, str(getattr(algorithm, "value", algorithm)).lower()
 
 
 GPTQ_DATASETS = ("wikitext2", "c4", "c4-new")  # the names transformers' GPTQConfig takes for hub datasets

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,9 +25,10 @@ from torch import nn
 from ..loading.checkpoint import Shard
 from ..loading.layout import Layout
 from ..loading.placement import DeviceMap, device_for
-from .config import AwqConfig, GPTQConfig, PackedInt4Config, TorchAoConfig
-from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, QuantizedLinear, modules_not_to_convert, nibble_words,
-                          quantize_int4, quantize_int8, skipped)
+from ..models.mlp import Experts
+from .config import AwqConfig, GPTQConfig, PackedInt4Config, TorchAoConfig, int4_rule
+from .weight_only import (INT4_GROUPS, LINEARS, Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear,
+                          modules_not_to_convert, nibble_words, quantize_int4, quantize_int8, skipped)
 
 PIECES = ("qweight", "qzeros", "scales", "g_idx")
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
@@ -215,6 +217,9 @@ class WeightOnlyLoad(LinearSwapLoad):
                  shards: list[Shard]):
         super().__init__(model, config, isinstance(config, PackedInt4Config), placement)
         self.expected: dict[str, set[str]] = defaultdict(set)  # weight name -> the packed pieces the checkpoint has
+        self.rules: dict[str, Any] = {}  # weight name -> the torchao config quantizing it
+        self.experts: dict[str, tuple[QuantizedExperts, str, tuple]] = {}  # 3-D weight -> (its module, name, shape)
+        self.gathering: dict[str, tuple[torch.Tensor, int]] = {}  # 3-D weight -> (its parts so far, values filled)
         modules = dict(model.named_modules())
         if self.pre_quantized:
             for shard in shards:
@@ -242,11 +247,75 @@ class WeightOnlyLoad(LinearSwapLoad):
             keep = modules_not_to_convert(model, config.modules_to_not_convert, "TorchAoConfig: modules_to_not_convert")
             head = model.get_output_embeddings()
             tied = getattr(model.config, "tie_word_embeddings", False)
-            # torchao leaves a layer in float when its inputs are not whole groups
-            owners = [name for name, module in modules.items()
-                      if type(module) in LINEARS and not skipped(name, keep) and not (tied and module is head)
-                      and (config.group_size is None or module.in_features % config.group_size == 0)]
+            owners = []
+            for name, module in modules.items():
+                if skipped(name, keep):
+                    continue
+                if type(module) in LINEARS and not (tied and module is head):
+                    rule = _rule(config, f"{name}.weight", True, module.in_features)
+                    if rule is not None:
+                        owners.append(name)
+                        self.rules[f"{name}.weight"] = rule
+                elif type(module) is Experts:
+                    self._swap_experts(name, module)
         self.swap(owners, lambda module: QuantizedLinear(module.in_features, module.out_features, module.bias))
+
+    def _swap_experts(self, name: str, module: Experts) -> None:
+        """Stacked experts that FqnToConfig quantizes become QuantizedExperts; their 3-D weights are gathered (from
+        one tensor, or one a hub expert) and quantized an expert at a time."""
+        pieces = {piece: getattr(module, piece) for piece in ("gate_up_proj", "down_proj")}
+        rules = {piece: _rule(self.config, f"{name}.{piece}", False, p.shape[-1]) for piece, p in pieces.items()}
+        if all(rule is None for rule in rules.values()):
+            return
+        if any(rule is None for rule in rules.values()):
+            left = next(piece for piece, rule in rules.items() if rule is None)
+            raise NotImplementedError(f"TorchAoConfig: FqnToConfig leaves {name}.{left} in float but quantizes the "
+                                      "other weight of those experts; maestrale quantizes stacked experts whole: give "
+                                      f"both the config (e.g. the key 're:.*\\.experts'), or neither")
+        new = QuantizedExperts(module.num_experts, module.act_fn)
+        self.model.set_submodule(name, new)
+        for piece, p in pieces.items():
+            self.experts[f"{name}.{piece}"] = (new, piece, tuple(p.shape))
+            self.rules[f"{name}.{piece}"] = rules[piece]
+
+    def owner(self, name: str) -> tuple[str, Any] | None:
+        slot = self.layout.slot(name) if not self.pre_quantized else None
+        if slot is not None and slot.param in self.experts:
+            return slot.param, slot.index  # the part of the stacked weight this tensor fills
+        return super().owner(name)
+
+    def take(self, param: str, piece: Any, tensor: torch.Tensor) -> None:
+        if param not in self.experts:
+            return super().take(param, piece, tensor)
+        shape = self.experts[param][2]
+        if tuple(tensor.shape) == shape:
+            return self._quantize_experts(param, tensor)
+        gathered, filled = self.gathering.get(param, (None, 0))
+        if gathered is None:
+            gathered = torch.empty(shape, dtype=self.dtype, device=device_for(self.placement, param))
+        gathered[piece] = tensor
+        filled += tensor.numel()
+        if filled < gathered.numel():
+            self.gathering[param] = (gathered, filled)
+        else:
+            self.gathering.pop(param, None)
+            self._quantize_experts(param, gathered)
+
+    def _quantize_experts(self, param: str, tensor: torch.Tensor) -> None:
+        module, piece, _ = self.experts[param]
+        weight = tensor.to(device=device_for(self.placement, param), dtype=self.dtype)
+        getattr(module, piece).extend(_quantized(expert, self.rules[param]) for expert in weight)
+        self.filled.add(param)
+
+    def finish(self, origin: str) -> list[str]:
+        if self.gathering:
+            raise ValueError(f"{origin} holds only some experts of {', '.join(sorted(self.gathering))}; the "
+                             "checkpoint does not fit the model its config describes")
+        missing = [param for param in self.experts if param not in self.filled]
+        for param in missing:
+            fresh = torch.empty(self.experts[param][2], dtype=self.dtype)
+            self._quantize_experts(param, fresh.normal_(0.0, self.model.config.initializer_range))
+        return super().finish(origin) + missing
 
     def split(self, name: str) -> tuple[str, str] | None:
         base, _, piece = name.rpartition(".")
@@ -255,13 +324,7 @@ class WeightOnlyLoad(LinearSwapLoad):
     def quantize(self, param: str, tensor: torch.Tensor) -> None:
         # on its device, from the model's dtype, as transformers does
         weight = tensor.to(device=device_for(self.placement, param), dtype=self.dtype)
-        group = self.config.group_size
-        if group is None:
-            self.linears[param].weight = quantize_int8(weight)
-        else:
-            algorithm = self.config.int4_algorithm
-            kind = f"int4 g{group}" + (" hqq" if algorithm == "hqq" else "")
-            self.linears[param].weight = quantize_int4(weight, group, algorithm, kind)
+        self.linears[param].weight = _quantized(weight, self.rules[param])
 
     def complete(self, param: str, pieces: dict[str, torch.Tensor]) -> bool:
         return pieces.keys() == self.expected[param]
@@ -271,6 +334,22 @@ class WeightOnlyLoad(LinearSwapLoad):
         pieces = {piece: tensor.to(device) for piece, tensor in pieces.items()}
         values = unpack(pieces, self.config, param.removesuffix(".weight"))
         self.linears[param].weight = int4_weight(*values, self.dtype, self.config.quant_method)
+
+
+def _rule(config: TorchAoConfig, param: str, linear: bool, inputs: int) -> Any:
+    """The torchao config quantizing `param` (a weight of `inputs` inputs), None where it stays in float: torchao
+    leaves a weight in float when its inputs are not whole groups."""
+    rule = config.weight_config(param, linear)
+    group = int4_rule(rule)[0] if rule is not None else None
+    return None if rule is None or (group is not None and inputs % group) else rule
+
+
+def _quantized(weight: torch.Tensor, rule: Any) -> Int4Weight | Int8Weight:
+    """A float (rows, cols) weight quantized by a torchao weight config (int8 per row, or int4 in groups)."""
+    group, algorithm = int4_rule(rule)
+    if group is None:
+        return quantize_int8(weight)
+    return quantize_int4(weight, group, algorithm, f"int4 g{group}" + (" hqq" if algorithm == "hqq" else ""))
 
 
 class InterceptedShard:

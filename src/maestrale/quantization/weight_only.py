@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.linear import Linear, stacked_rows
+from ..models.mlp import Experts, grouped_experts
 
 # torch 2.13's AVX-512 build of its int8 product crashes (a segmentation fault) on some shapes, e.g. 37 x 200 by 3
 # rows of bfloat16: not used there.
@@ -43,11 +44,30 @@ LINEARS = (nn.Linear, Linear)  # exactly these types: heads' and projections' la
 
 
 class PackedWeight(nn.Module):
-    """A (rows, cols) weight held quantized; `matmul` is x @ weight.T, `dequantize` the float matrix."""
+    """A (rows, cols) weight held quantized; `matmul` is x @ weight.T, `dequantize` the float matrix. The rows may
+    stack `num_experts` equal experts (stacked_experts), which `matmul(..., experts=)` indexes."""
+
+    num_experts = 1
 
     def __init__(self, kind: str, shape: tuple[int, int]):
         super().__init__()
         self.kind, self.shape = kind, shape  # kind: where the values came from ("Q4_K", "int4", "gptq", ...)
+
+    def expert(self, e: int) -> PackedWeight:
+        """Expert e's rows of a weight of stacked experts, as a weight of its own (views, no copy)."""
+        rows = self.shape[0] // self.num_experts
+        return self._rows(e * rows, rows)
+
+    def _rows(self, start: int, count: int) -> PackedWeight:
+        raise NotImplementedError
+
+    def _expert_rows(self, act, experts: torch.Tensor | None) -> int:
+        """The outputs of one product: the weight's rows, one expert's with `experts`, halved by a gate."""
+        if experts is not None and self.num_experts == 1:
+            raise ValueError(f"{type(self).__name__}.matmul: experts= indexes a weight of stacked experts "
+                             "(stacked_experts), not one of a single layer")
+        rows = self.shape[0] // self.num_experts
+        return rows // 2 if act is not None else rows
 
     def extra_repr(self) -> str:
         return f"{self.kind}, shape={self.shape}"
@@ -85,25 +105,32 @@ class Int4Weight(PackedWeight):
         return x.is_cuda and x.shape[0] <= KERNEL_ROWS and self.scale_and_zeros.dtype in (torch.float16,
                                                                                          torch.bfloat16)
 
-    def matmul(self, x: torch.Tensor, act=None, summed: bool = True) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, act=None, summed: bool = True, experts: torch.Tensor | None = None,
+               rows_per_x: int = 1) -> torch.Tensor:
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
         silu(gate) * up, in one launch. summed=False: where the kernel splits the inputs, its float32 partial sums
-        (splits, rows, n) for the caller to add up (engine/kernels.py partials_sum)."""
+        (splits, rows, n) for the caller to add up (engine/kernels.py partials_sum). experts (pairs,), for stacked
+        experts where fuses_gate: output row i is expert experts[i] times x's row i // rows_per_x."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
+        rows = self._expert_rows(act, experts)
         if self.fuses_gate(x):
             from ..engine.kernels import int4_mma_matmul  # here: the engine imports this module
 
-            rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act, summed=summed)
-        if act is not None:
-            raise ValueError(f"Int4Weight.matmul: the gate is fused on CUDA for up to {KERNEL_ROWS} rows only, got "
-                             f"{x.shape[0]} rows on {x.device}")
+            return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act, summed=summed,
+                                   experts=experts, rows_per_x=rows_per_x)
+        if act is not None or experts is not None:
+            raise ValueError(f"Int4Weight.matmul: the gate and experts= run on CUDA for up to {KERNEL_ROWS} rows of "
+                             f"16-bit x only, got {x.shape[0]} rows of {x.dtype} on {x.device}")
         if x.is_cuda:
             out = F.linear(x, self.dequantize())
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zeros)
             out = out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
         return out if summed else out[None]
+
+    def _rows(self, start: int, count: int) -> Int4Weight:
+        return Int4Weight.of_packed(self.kind, (count, self.shape[1]), self.group_size,
+                                    self.packed[start:start + count], self.scale_and_zeros[:, start:start + count])
 
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
@@ -136,6 +163,9 @@ class Int8Weight(PackedWeight):
         self.register_buffer("values", values)
         self.register_buffer("scales", scales)
 
+    def _rows(self, start: int, count: int) -> Int8Weight:
+        return Int8Weight(self.kind, self.values[start:start + count], self.scales[start:start + count])
+
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """The dequantized rows at `index` (any shape): an embedding lookup."""
         values = self.values[index].unflatten(-1, (self.scales.shape[-1], -1))
@@ -145,18 +175,20 @@ class Int8Weight(PackedWeight):
         """Whether matmul(x, F.silu) runs in one launch: int8_row_matmul's, at one row of x on CUDA."""
         return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
 
-    def matmul(self, x: torch.Tensor, act=None, summed: bool = True) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, act=None, summed: bool = True, experts: torch.Tensor | None = None,
+               rows_per_x: int = 1) -> torch.Tensor:
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
-        silu(gate) * up. summed=False: as Int4Weight.matmul's."""
+        silu(gate) * up. summed=False, experts (on CUDA, any rows of x), rows_per_x: as Int4Weight.matmul's."""
         x = x.to(self.scales.dtype)
-        if self.fuses_gate(x):
+        rows = self._expert_rows(act, experts)
+        if self.fuses_gate(x) or (experts is not None and x.is_cuda and self.shape[1] % 4 == 0):
             from ..engine.kernels import int8_row_matmul  # here: the engine imports this module
 
-            rows = self.shape[0] // 2 if act is not None else self.shape[0]
-            return int8_row_matmul(x, self.values, self.scales, rows, act, summed=summed)
-        if act is not None:
-            raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, got {x.shape[0]} rows "
-                             f"on {x.device}")
+            return int8_row_matmul(x, self.values, self.scales, rows, act, summed=summed, experts=experts,
+                                   rows_per_x=rows_per_x)
+        if act is not None or experts is not None:
+            raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, and experts= runs on "
+                             f"CUDA only, got {x.shape[0]} rows on {x.device}")
         if x.is_cuda:
             from ..engine.kernels import int8_matmul
 
@@ -340,14 +372,34 @@ def _stacked(weights: list[PackedWeight], name: str) -> torch.Tensor:
 def stacked_packed(linears) -> PackedWeight | None:
     """The int8 weights, or int4 weights in CUDA's layout, of bias-free QuantizedLinear layers that read the same
     input, as one weight of all their rows: a decode step then runs one product instead of several (and fuses the gate
-    into gate/up's). The values are laid out once (stacked_rows); int4's scales and zeros, (groups, rows, 2), are
-    concatenated (a few hundredths of the values' bytes). None where the layers are not all such layers of one kind of
-    weight, group size and dtype, or an int4 weight other than the last has rows padded."""
-    weights = [linear.weight for linear in linears]
-    first = weights[0]
+    into gate/up's). None where the layers are not all such layers (see _stacked_weights)."""
     if any(type(linear) is not QuantizedLinear or linear.bias is not None or linear._forward_hooks
-           or linear._forward_pre_hooks or type(w) is not type(first) or w.shape[1] != first.shape[1]
-           for linear, w in zip(linears, weights)) or not isinstance(first, (Int4Weight, Int8Weight)):
+           or linear._forward_pre_hooks for linear in linears):
+        return None
+    return _stacked_weights([linear.weight for linear in linears])
+
+
+def stacked_experts(weights: nn.ModuleList) -> PackedWeight | None:
+    """QuantizedExperts' per-expert weights as one weight of `num_experts` stacked experts, which CUDA's int8 and
+    int4 kernels index by expert (matmul's experts=); None off CUDA, or where they do not stack."""
+    first = weights[0]
+    held = first.packed if isinstance(first, Int4Weight) else getattr(first, "values", None)
+    if held is None or not held.is_cuda or any(w.shape[0] % INT4_ROWS for w in weights):
+        return None
+    stacked = _stacked_weights(list(weights))
+    if stacked is not None:
+        stacked.num_experts = len(weights)
+    return stacked
+
+
+def _stacked_weights(weights: list[PackedWeight]) -> PackedWeight | None:
+    """The weights' rows as one weight, the values laid out once (stacked_rows); int4's scales and zeros, (groups,
+    rows, 2), are concatenated (a few hundredths of the values' bytes). None where they are not all int8 weights or
+    int4 weights in CUDA's layout of one group size and dtype and width, or an int4 weight other than the last has
+    rows padded."""
+    first = weights[0]
+    if any(type(w) is not type(first) or w.shape[1] != first.shape[1] for w in weights) \
+            or not isinstance(first, (Int4Weight, Int8Weight)):
         return None
     rows = (sum(w.shape[0] for w in weights), first.shape[1])
     if isinstance(first, Int8Weight):
@@ -366,16 +418,43 @@ def stacked_packed(linears) -> PackedWeight | None:
                                 torch.cat([w.scale_and_zeros for w in weights], dim=1))
 
 
+class QuantizedExperts(nn.Module):
+    """Mixtral's stacked experts (models/mlp.py Experts) held packed: gate_up_proj and down_proj hold one
+    PackedWeight per expert, (2I, H) and (H, I). Each expert runs on the rows routed to it (grouped_experts); the
+    decode step on CUDA reads them stacked, indexed by expert (stacked_experts)."""
+
+    def __init__(self, num_experts: int, act_fn):
+        super().__init__()
+        self.num_experts, self.act_fn = num_experts, act_fn
+        self.gate_up_proj = nn.ModuleList()  # filled by the loader
+        self.down_proj = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor, top_experts: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x, top_experts, top_weights, self.num_experts, self._ffn)
+
+    def _ffn(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj[e].matmul(rows).to(rows.dtype).chunk(2, dim=-1)
+        return self.down_proj[e].matmul(self.act_fn(gate) * up).to(rows.dtype)
+
+
 def packed_weights(model: nn.Module) -> dict[str, PackedWeight]:
     """{module name: packed weight} of the model's quantized layers (a tied weight once)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, PackedWeight)}
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace each quantized layer by a Linear or nn.Embedding holding its dequantized weight in `dtype`; a weight
-    tied between the embedding and the head stays one Parameter."""
+    """Replace each quantized layer by a Linear or nn.Embedding holding its dequantized weight in `dtype` (quantized
+    experts by Experts); a weight tied between the embedding and the head stays one Parameter."""
     floats: dict[int, nn.Parameter] = {}
     for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedExperts):
+            with torch.device("meta"):
+                new = Experts(model.config)
+            for piece in ("gate_up_proj", "down_proj"):
+                stacked = torch.stack([w.dequantize().to(dtype) for w in getattr(module, piece)])
+                setattr(new, piece, nn.Parameter(stacked, requires_grad=False))
+            model.set_submodule(name, new)
+            continue
         if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             continue
         weight = floats.get(id(module.weight))

@@ -81,8 +81,9 @@ def quantize_layers(model: nn.Module, config, choose: Callable[[int, nn.Module, 
 def input_groups(layer: nn.Module, first: tuple[torch.Tensor, dict], group_size: int) -> list[list[str]]:
     """The layer's linear layers whose inputs are whole groups, in sets that read one input (q/k/v, gate/up), in
     the order the layer runs them."""
-    order: list[tuple[str, int]] = []
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: order.append((name, id(args[0]))))
+    # the inputs themselves, not their ids: a tensor freed by then can leave its id to the next layer's input
+    order: list[tuple[str, torch.Tensor]] = []
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0])))
              for name, module in layer.named_modules()
              if type(module) in LINEARS and module.in_features % group_size == 0]
     try:
@@ -92,7 +93,7 @@ def input_groups(layer: nn.Module, first: tuple[torch.Tensor, dict], group_size:
             hook.remove()
     groups: list[list[str]] = []
     for position, (name, source) in enumerate(order):
-        if position and source == order[position - 1][1]:
+        if position and source is order[position - 1][1]:
             groups[-1].append(name)
         else:
             groups.append([name])

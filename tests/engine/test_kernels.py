@@ -386,6 +386,41 @@ def test_batch1_decode_step_streams_its_products_through_matvec(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_step_reads_quantized_experts_by_expert(tmp_path, monkeypatch):
+    """Mixtral's experts quantized to int8 by FqnToConfig: the decode step reads them stacked, by expert
+    (int8_row_matmul's experts= at batch 1; each expert once on every row at batch 3, past as many pairs as
+    experts), with the tokens and logits of the reference path (each expert on its own rows)."""
+    torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed (test extra)")
+    import maestrale
+
+    config = maestrale.MixtralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    maestrale.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    rule = torchao.Int8WeightOnlyConfig()
+    quantization = maestrale.TorchAoConfig(torchao.FqnToConfig({"_default": rule, r"re:.*\.experts": rule}))
+    model = maestrale.AutoModelForCausalLM.from_pretrained(tmp_path, device_map=DEVICE,
+                                                           quantization_config=quantization)
+    pairs = []
+    row_matmul = kernels.int8_row_matmul
+    monkeypatch.setattr(kernels, "int8_row_matmul", lambda *args, experts=None, **kw: pairs.append(
+        None if experts is None else experts.numel()) or row_matmul(*args, experts=experts, **kw))
+    kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    for batch in (1, 3):
+        ids = torch.randint(3, 97, (batch, 7), device=DEVICE)
+        ref = model.generate(ids, cache_implementation="dynamic", **kwargs)
+        pairs.clear()
+        fast = model.generate(ids, cache_implementation="static", **kwargs)
+        # batch 1: gate/up and down of each layer read the 2 chosen experts' rows
+        assert (pairs.count(2) >= 2 * 2 * config.num_hidden_layers) == (batch == 1)
+        assert torch.equal(ref.sequences, fast.sequences)
+        for a, b in zip(ref.logits, fast.logits):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    layer = model.__dict__["_static_decoder"].layers[0]
+    assert layer.gate_up.num_experts == 4 and layer.gate_up.shape == (4 * 192, 64)
+
+
 def _int4_mma(n, k, group, dtype, seed):
     """Random int4 values, scales and zeros a (row, group) in int4_mma_words' layout, rows padded to 16 (zero values,
     scales and zeros), and the float64 weight."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.kernels import use_triton
 from ..models.linear import Linear, stacked_rows
 from ..models.mlp import Experts, grouped_experts
 
@@ -172,8 +173,9 @@ class Int8Weight(PackedWeight):
         return (values.to(self.scales.dtype) * self.scales[index][..., None]).flatten(-2)
 
     def fuses_gate(self, x: torch.Tensor) -> bool:
-        """Whether matmul(x, F.silu) runs in one launch: int8_row_matmul's, at one row of x on CUDA."""
-        return x.is_cuda and x.shape[0] == 1 and self.shape[1] % 4 == 0
+        """Whether matmul(x, F.silu) runs in one launch: int8_row_matmul's, at one row of x where Triton runs (CUDA,
+        or its interpreter)."""
+        return use_triton(x) and x.shape[0] == 1 and self.shape[1] % 4 == 0
 
     def matmul(self, x: torch.Tensor, act=None, summed: bool = True, experts: torch.Tensor | None = None,
                rows_per_x: int = 1) -> torch.Tensor:
@@ -181,7 +183,7 @@ class Int8Weight(PackedWeight):
         silu(gate) * up. summed=False, experts (on CUDA, any rows of x), rows_per_x: as Int4Weight.matmul's."""
         x = x.to(self.scales.dtype)
         rows = self._expert_rows(act, experts)
-        if self.fuses_gate(x) or (experts is not None and x.is_cuda and self.shape[1] % 4 == 0):
+        if self.fuses_gate(x) or (experts is not None and use_triton(x) and self.shape[1] % 4 == 0):
             from ..engine.kernels import int8_row_matmul  # here: the engine imports this module
 
             return int8_row_matmul(x, self.values, self.scales, rows, act, summed=summed, experts=experts,
@@ -189,7 +191,7 @@ class Int8Weight(PackedWeight):
         if act is not None or experts is not None:
             raise ValueError(f"Int8Weight.matmul: the gate is fused on CUDA at one row only, and experts= runs on "
                              f"CUDA only, got {x.shape[0]} rows on {x.device}")
-        if x.is_cuda:
+        if use_triton(x):
             from ..engine.kernels import int8_matmul
 
             return int8_matmul(x, self.values, self.scales, summed=summed)
@@ -381,11 +383,12 @@ def stacked_packed(linears) -> PackedWeight | None:
 
 def stacked_experts(weights: nn.ModuleList) -> PackedWeight | None:
     """QuantizedExperts' per-expert weights as one weight of `num_experts` stacked experts, which CUDA's int8 and
-    int4 kernels index by expert (matmul's experts=); None off CUDA, or where they do not stack."""
+    int4 kernels index by expert (matmul's experts=); None where Triton does not run (CUDA, or int8 under its
+    interpreter), or where they do not stack."""
     first = weights[0]
     held = first.packed if isinstance(first, Int4Weight) else getattr(first, "values", None)
-    if held is None or not held.is_cuda or any(w.shape[0] % INT4_ROWS for w in weights):
-        return None
+    if held is None or not use_triton(held) or any(w.shape[0] % INT4_ROWS for w in weights):
+        return None  # (int4 in CPU's layout: _stacked_weights declines it)
     stacked = _stacked_weights(list(weights))
     if stacked is not None:
         stacked.num_experts = len(weights)

@@ -111,7 +111,7 @@ class TorchAoConfig:
     Int8WeightOnlyConfig() (per row) or Int4WeightOnlyConfig(group_size=32, 64, 128 or 256) with
     int4_choose_qparams_algorithm "tinygemm" (the default) or "hqq" (PrototypeInt4WeightOnlyConfig, torchao's CPU
     one, is the same quantization), or FqnToConfig({name: config or None}) to choose per layer, which also reaches
-    Mixtral's stacked experts (e.g. {"_default": int4, r"re:.*\.experts": int4}). maestrale quantizes with its own
+    Mixtral's stacked experts (e.g. {"_default": int4, r"re:.*\\.experts": int4}). maestrale quantizes with its own
     code and kernels; torchao is needed for its config objects only."""
 
     quant_type: Any

@@ -19,10 +19,11 @@ shares, the float32 partial sums go to the kernel that reads the product (rotary
 them up, so the sum costs no launch of its own (gate/up's, gated as summed, keeps its own). Mixtral's experts
 quantized by FqnToConfig are stacked on CUDA into one weight per projection that the kernels index by expert
 (experts=: the chosen pairs' rows, or each expert once on every row past as many pairs as experts); elsewhere their
-module runs them. Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its product, i.e. runs the layer's own forward and
-kernels, so the tokens are those of the reference path. The glue is then left uncompiled (Dynamo would not trace
-bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit kernels with it. 8-bit layers split outlier
-columns with a host-side check that a CUDA graph cannot capture: on CUDA they keep the reference path.
+module runs them. Other quantized layers (bitsandbytes) are not stacked: the step asks each such layer for its
+product, i.e. runs the layer's own forward and kernels, so the tokens are those of the reference path. The glue is
+then left uncompiled (Dynamo would not trace bitsandbytes' layers whole), and the graph captures bitsandbytes' 4-bit
+kernels with it. 8-bit layers split outlier columns with a host-side check that a CUDA graph cannot capture: on CUDA
+they keep the reference path.
 """
 
 from __future__ import annotations

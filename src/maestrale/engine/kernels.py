@@ -878,7 +878,8 @@ def int4_mma_matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, 
         raise ValueError(f"int4_mma_matmul: {rows} weight rows do not stack experts of {expert_rows} rows each")
     block_m, warps, tiles, split, ahead = config or int4_mma_config(m if experts is None else 1, expert_rows, k, group)
     x = x.contiguous()
-    width = expert_rows if gated and split > 1 else n  # split and gated: the gate's and the up's partials, gated as summed
+    # split and gated: the gate's and the up's partials, gated as summed
+    width = expert_rows if gated and split > 1 else n
     out = x.new_empty(pairs, n) if split == 1 else x.new_empty(split, pairs, width, dtype=torch.float32)
     blocks = triton.cdiv(m, block_m) if experts is None else pairs
     _int4_mma_kernel[(triton.cdiv(width, 16 * warps * tiles), blocks, split)](

@@ -136,7 +136,8 @@ class TorchAoConfig:
                     try:
                         re.compile(key[3:])
                     except re.error as e:
-                        raise ValueError(f"TorchAoConfig: FqnToConfig key {key!r} is not a regular expression: {e}") from None
+                        raise ValueError(f"TorchAoConfig: FqnToConfig key {key!r} is not a regular expression: "
+                                         f"{e}") from None
                 if config is not None:
                     _check_weight_config(config, f"FqnToConfig[{key!r}] = ")
         else:

@@ -310,3 +310,17 @@ def test_fqn_to_config_refusals_name_the_entry(folder):
     # a dict round trip, as config.json holds it
     config = per_layer(Int4WeightOnlyConfig(group_size=64))
     assert maestrale.TorchAoConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_experts_in_two_layouts_at_once_are_refused(folder, tmp_path):
+    """A checkpoint holding one expert both inside the 3-D tensor and as a tensor of its own: an error naming the
+    weight, not an expert quantized from half-written rows."""
+    from safetensors.torch import load_file, save_file
+
+    path = fused_checkpoint(folder("mixtral"), tmp_path)
+    state = load_file(path / "model.safetensors")
+    hub = load_file(folder("mixtral") / "model.safetensors")
+    extra = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    save_file({**state, extra: hub[extra]}, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj .*twice"):
+        maestrale.AutoModelForCausalLM.from_pretrained(path, quantization_config=per_layer(Int8WeightOnlyConfig()))

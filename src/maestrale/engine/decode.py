@@ -154,7 +154,7 @@ class _LayerWeights:
         if hasattr(mlp, "experts"):
             experts, router = mlp.experts, mlp.gate.weight.detach()
             if isinstance(experts, QuantizedExperts):
-                gate_up, down = stacked_experts(experts.gate_up_proj), stacked_experts(experts.down_proj)
+                gate_up, down = stacked_experts(experts.gate_up_proj, gated=True), stacked_experts(experts.down_proj)
                 stacked = gate_up is not None and down is not None
                 ffn = dict(gate_up=gate_up, down=down) if stacked else dict(gate_up=None, down=None, experts=experts)
                 ffn["router"] = router
@@ -225,10 +225,11 @@ class DecodeStep:
                 x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)
-            if w.experts is not None:
+            if w.experts is not None and not self.on_cuda:  # each expert on its own rows: a host sync, no graph
                 x, h = part["_residual_norm"](x, w.experts(h, top_experts, top_weights), next_norm, eps)
                 continue
-            if isinstance(w.gate_up, PackedWeight) and h.shape[0] * self.top_k > w.gate_up.num_experts:
+            if w.experts is not None or (isinstance(w.gate_up, PackedWeight)
+                                         and h.shape[0] * self.top_k > w.gate_up.num_experts):
                 x, h = part["_residual_norm"](x, self._every_expert(h, w, top_weights, top_experts), next_norm, eps)
                 continue
             if isinstance(w.gate_up, PackedWeight):  # stacked int8 / int4 experts, read by expert (CUDA's kernels)
@@ -247,14 +248,18 @@ class DecodeStep:
         return _product(h, self.lm_head)
 
     def _every_expert(self, h, w, top_weights, top_experts) -> torch.Tensor:
-        """Stacked int8 / int4 experts once the rows route to more pairs than there are experts: each expert's
-        product on every row (each expert's weight read once), weighted by the router (zero where not chosen)."""
-        count = w.gate_up.num_experts
-        weights = torch.zeros(h.shape[0], count, device=h.device).scatter(1, top_experts, top_weights)
+        """Quantized experts, stacked once the rows route to more pairs than there are experts, or on CUDA not
+        stacked (no host sync in a graph): each expert's product on every row (each expert's weight read once),
+        weighted by the router (zero where not chosen)."""
+        if w.experts is not None:
+            gate_ups, downs = list(w.experts.gate_up_proj), list(w.experts.down_proj)
+        else:
+            gate_ups = [w.gate_up.expert(e) for e in range(w.gate_up.num_experts)]
+            downs = [w.down.expert(e) for e in range(w.down.num_experts)]
+        weights = torch.zeros(h.shape[0], len(gate_ups), device=h.device).scatter(1, top_experts, top_weights)
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for e in range(count):
-            gated = _gated(h, w.gate_up.expert(e), self.act, self.part["_gate"])
-            out += _product(gated, w.down.expert(e)).float() * weights[:, e:e + 1]
+        for e, (gate_up, down) in enumerate(zip(gate_ups, downs)):
+            out += _product(_gated(h, gate_up, self.act, self.part["_gate"]), down).float() * weights[:, e:e + 1]
         return out.to(h.dtype)
 
     def _graph(self, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -219,7 +219,8 @@ class WeightOnlyLoad(LinearSwapLoad):
         self.expected: dict[str, set[str]] = defaultdict(set)  # weight name -> the packed pieces the checkpoint has
         self.rules: dict[str, Any] = {}  # weight name -> the torchao config quantizing it
         self.experts: dict[str, tuple[QuantizedExperts, str, tuple]] = {}  # 3-D weight -> (its module, name, shape)
-        self.gathering: dict[str, tuple[torch.Tensor, int]] = {}  # 3-D weight -> (its parts so far, values filled)
+        # 3-D weight -> (its parts so far, which (expert, row) they have filled)
+        self.gathering: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         modules = dict(model.named_modules())
         if self.pre_quantized:
             for shard in shards:
@@ -288,17 +289,20 @@ class WeightOnlyLoad(LinearSwapLoad):
         if param not in self.experts:
             return super().take(param, piece, tensor)
         shape = self.experts[param][2]
+        if param in self.filled or (tuple(tensor.shape) == shape and param in self.gathering):
+            raise ValueError(f"the checkpoint holds {param} (or one of its experts) twice")
         if tuple(tensor.shape) == shape:
             return self._quantize_experts(param, tensor)
-        gathered, filled = self.gathering.get(param, (None, 0))
-        if gathered is None:
-            gathered = torch.empty(shape, dtype=self.dtype, device=device_for(self.placement, param))
+        if param not in self.gathering:
+            self.gathering[param] = (torch.empty(shape, dtype=self.dtype, device=device_for(self.placement, param)),
+                                     torch.zeros(shape[:2], dtype=torch.bool))
+        gathered, covered = self.gathering[param]
+        if covered[piece].any():
+            raise ValueError(f"the checkpoint holds rows of expert {piece[0]} of {param} twice (in two tensors)")
         gathered[piece] = tensor
-        filled += tensor.numel()
-        if filled < gathered.numel():
-            self.gathering[param] = (gathered, filled)
-        else:
-            self.gathering.pop(param, None)
+        covered[piece] = True
+        if covered.all():
+            del self.gathering[param]
             self._quantize_experts(param, gathered)
 
     def _quantize_experts(self, param: str, tensor: torch.Tensor) -> None:

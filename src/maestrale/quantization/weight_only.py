@@ -64,9 +64,6 @@ class PackedWeight(nn.Module):
 
     def _expert_rows(self, act, experts: torch.Tensor | None) -> int:
         """The outputs of one product: the weight's rows, one expert's with `experts`, halved by a gate."""
-        if experts is not None and self.num_experts == 1:
-            raise ValueError(f"{type(self).__name__}.matmul: experts= indexes a weight of stacked experts "
-                             "(stacked_experts), not one of a single layer")
         rows = self.shape[0] // self.num_experts
         return rows // 2 if act is not None else rows
 
@@ -102,7 +99,12 @@ class Int4Weight(PackedWeight):
         return weight
 
     def fuses_gate(self, x: torch.Tensor) -> bool:
-        """Whether matmul(x, F.silu) runs in one launch: the tensor-core kernel's, for 16-bit x on CUDA."""
+        """Whether matmul(x, F.silu) runs in one launch: the tensor-core kernel's (_on_kernel), its gate rows whole
+        tiles of 16."""
+        return self._on_kernel(x) and (self.shape[0] // self.num_experts // 2) % INT4_ROWS == 0
+
+    def _on_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the tensor-core kernel runs x: 16-bit, on CUDA, up to KERNEL_ROWS rows."""
         return x.is_cuda and x.shape[0] <= KERNEL_ROWS and self.scale_and_zeros.dtype in (torch.float16,
                                                                                          torch.bfloat16)
 
@@ -111,10 +113,10 @@ class Int4Weight(PackedWeight):
         """x @ weight.T; act (F.silu, where fuses_gate): the weight holds gate rows then up rows, the result is
         silu(gate) * up, in one launch. summed=False: where the kernel splits the inputs, its float32 partial sums
         (splits, rows, n) for the caller to add up (engine/kernels.py partials_sum). experts (pairs,), for stacked
-        experts where fuses_gate: output row i is expert experts[i] times x's row i // rows_per_x."""
+        experts where _on_kernel: output row i is expert experts[i] times x's row i // rows_per_x."""
         x = x.to(self.scale_and_zeros.dtype).contiguous()
         rows = self._expert_rows(act, experts)
-        if self.fuses_gate(x):
+        if self._on_kernel(x):
             from ..engine.kernels import int4_mma_matmul  # here: the engine imports this module
 
             return int4_mma_matmul(x, self.packed, self.scale_and_zeros, rows, self.group_size, act, summed=summed,
@@ -381,13 +383,15 @@ def stacked_packed(linears) -> PackedWeight | None:
     return _stacked_weights([linear.weight for linear in linears])
 
 
-def stacked_experts(weights: nn.ModuleList) -> PackedWeight | None:
+def stacked_experts(weights: nn.ModuleList, gated: bool = False) -> PackedWeight | None:
     """QuantizedExperts' per-expert weights as one weight of `num_experts` stacked experts, which CUDA's int8 and
     int4 kernels index by expert (matmul's experts=); None where Triton does not run (CUDA, or int8 under its
-    interpreter), or where they do not stack."""
+    interpreter), or where they do not stack (int4: an expert's rows, each half of them if gated, whole tiles of 16
+    rows, as the kernel reads them)."""
     first = weights[0]
     held = first.packed if isinstance(first, Int4Weight) else getattr(first, "values", None)
-    if held is None or not use_triton(held) or any(w.shape[0] % INT4_ROWS for w in weights):
+    tile = ((2 if gated else 1) * INT4_ROWS) if isinstance(first, Int4Weight) else 1
+    if held is None or not use_triton(held) or any(w.shape[0] % tile for w in weights):
         return None  # (int4 in CPU's layout: _stacked_weights declines it)
     stacked = _stacked_weights(list(weights))
     if stacked is not None:

@@ -145,7 +145,7 @@ class _LayerWeights:
     gate_up: torch.Tensor | tuple  # (2 * inter, hidden), or (experts, 2 * inter, hidden) for Mixtral
     down: torch.Tensor | tuple
     router: torch.Tensor | None = None
-    experts: nn.Module | None = None  # quantized experts that run their own products (not stacked)
+    experts: nn.Module | None = None  # quantized experts (gate_up and down: their stacked weights, or None)
 
     @classmethod
     def of(cls, layer) -> _LayerWeights:
@@ -155,9 +155,9 @@ class _LayerWeights:
             experts, router = mlp.experts, mlp.gate.weight.detach()
             if isinstance(experts, QuantizedExperts):
                 gate_up, down = stacked_experts(experts.gate_up_proj, gated=True), stacked_experts(experts.down_proj)
-                stacked = gate_up is not None and down is not None
-                ffn = dict(gate_up=gate_up, down=down) if stacked else dict(gate_up=None, down=None, experts=experts)
-                ffn["router"] = router
+                if gate_up is None or down is None:
+                    gate_up = down = None
+                ffn = dict(gate_up=gate_up, down=down, router=router, experts=experts)
             else:
                 ffn = dict(gate_up=experts.gate_up_proj.detach(), down=experts.down_proj.detach(), router=router)
         else:
@@ -225,17 +225,8 @@ class DecodeStep:
                 x, h = part["_residual_norm"](x, ffn, next_norm, eps)
                 continue
             top_weights, top_experts = part["_route"](h, w.router, self.top_k)
-            if w.experts is not None and not self.on_cuda:  # each expert on its own rows: a host sync, no graph
-                x, h = part["_residual_norm"](x, w.experts(h, top_experts, top_weights), next_norm, eps)
-                continue
-            if w.experts is not None or (isinstance(w.gate_up, PackedWeight)
-                                         and h.shape[0] * self.top_k > w.gate_up.num_experts):
-                x, h = part["_residual_norm"](x, self._every_expert(h, w, top_weights, top_experts), next_norm, eps)
-                continue
-            if isinstance(w.gate_up, PackedWeight):  # stacked int8 / int4 experts, read by expert (CUDA's kernels)
-                experts = top_experts.flatten()
-                gated = w.gate_up.matmul(h, self.act, experts=experts, rows_per_x=self.top_k)
-                x, h = part["_mix"](x, w.down.matmul(gated, experts=experts), top_weights, next_norm, eps)
+            if w.experts is not None:
+                x, h = self._quantized_experts(x, h, w, top_weights, top_experts, next_norm)
                 continue
             # Gathered up to one pair per expert (no more bytes than dense), as the model's Experts decode: the same
             # sums, which bitsandbytes' bfloat16 CPU kernels (AVX512-BF16) would turn from ulps into 1e-2 apart.
@@ -247,20 +238,23 @@ class DecodeStep:
                 x, h = part["_mix"](x, matvec(gated, w.down, experts=experts), top_weights, next_norm, eps)
         return _product(h, self.lm_head)
 
-    def _every_expert(self, h, w, top_weights, top_experts) -> torch.Tensor:
-        """Quantized experts, stacked once the rows route to more pairs than there are experts, or on CUDA not
-        stacked (no host sync in a graph): each expert's product on every row (each expert's weight read once),
-        weighted by the router (zero where not chosen)."""
-        if w.experts is not None:
-            gate_ups, downs = list(w.experts.gate_up_proj), list(w.experts.down_proj)
-        else:
-            gate_ups = [w.gate_up.expert(e) for e in range(w.gate_up.num_experts)]
-            downs = [w.down.expert(e) for e in range(w.down.num_experts)]
-        weights = torch.zeros(h.shape[0], len(gate_ups), device=h.device).scatter(1, top_experts, top_weights)
+    def _quantized_experts(self, x, h, w, top_weights, top_experts, next_norm):
+        """Quantized experts' mix added to x, and the next normed input. Stacked (stacked_experts), the chosen pairs
+        read their experts' rows (the kernels' experts=); past as many pairs as experts, or on CUDA not stacked (no
+        host sync in a graph), each expert runs on every row, weighted by the router (zero where not chosen);
+        elsewhere each expert on its own rows (the module)."""
+        part, eps, experts = self.part, self.eps, w.experts
+        if w.gate_up is not None and h.shape[0] * self.top_k <= experts.num_experts:
+            chosen = top_experts.flatten()
+            gated = w.gate_up.matmul(h, self.act, experts=chosen, rows_per_x=self.top_k)
+            return part["_mix"](x, w.down.matmul(gated, experts=chosen), top_weights, next_norm, eps)
+        if w.gate_up is None and not self.on_cuda:
+            return part["_residual_norm"](x, experts(h, top_experts, top_weights), next_norm, eps)
+        weights = torch.zeros(h.shape[0], experts.num_experts, device=h.device).scatter(1, top_experts, top_weights)
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for e, (gate_up, down) in enumerate(zip(gate_ups, downs)):
-            out += _product(_gated(h, gate_up, self.act, self.part["_gate"]), down).float() * weights[:, e:e + 1]
-        return out.to(h.dtype)
+        for e, (gate_up, down) in enumerate(zip(experts.gate_up_proj, experts.down_proj)):
+            out += _product(_gated(h, gate_up, self.act, part["_gate"]), down).float() * weights[:, e:e + 1]
+        return part["_residual_norm"](x, out.to(h.dtype), next_norm, eps)
 
     def _graph(self, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The step captured in a CUDA graph, after runs that compile and load every kernel (they write the slot

@@ -198,9 +198,10 @@ def _check_weight_config(config: Any, where: str) -> None:
         if config.group_size not in INT4_GROUPS:
             raise ValueError(f"TorchAoConfig: {where}{name}(group_size={config.group_size}) is not supported; use "
                              f"group_size {', '.join(map(str, INT4_GROUPS))}")
-        if int4_rule(config)[1] not in ("tinygemm", "hqq"):
-            raise ValueError(f"TorchAoConfig: {where}{name}(int4_choose_qparams_algorithm={int4_rule(config)[1]!r}) "
-                             "is not supported; use 'tinygemm' (the default) or 'hqq'")
+        algorithm = int4_rule(config)[1]
+        if algorithm not in ("tinygemm", "hqq"):
+            raise ValueError(f"TorchAoConfig: {where}{name}(int4_choose_qparams_algorithm={algorithm!r}) is not "
+                             "supported; use 'tinygemm' (the default) or 'hqq'")
     else:
         raise ValueError(f"TorchAoConfig: {where}quant_type {name} is not supported; maestrale implements torchao's "
                          "weight-only Int8WeightOnlyConfig() and Int4WeightOnlyConfig(group_size=...), chosen per "

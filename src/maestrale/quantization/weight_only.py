@@ -54,14 +54,6 @@ class PackedWeight(nn.Module):
         super().__init__()
         self.kind, self.shape = kind, shape  # kind: where the values came from ("Q4_K", "int4", "gptq", ...)
 
-    def expert(self, e: int) -> PackedWeight:
-        """Expert e's rows of a weight of stacked experts, as a weight of its own (views, no copy)."""
-        rows = self.shape[0] // self.num_experts
-        return self._rows(e * rows, rows)
-
-    def _rows(self, start: int, count: int) -> PackedWeight:
-        raise NotImplementedError
-
     def _expert_rows(self, act, experts: torch.Tensor | None) -> int:
         """The outputs of one product: the weight's rows, one expert's with `experts`, halved by a gate."""
         rows = self.shape[0] // self.num_experts
@@ -131,10 +123,6 @@ class Int4Weight(PackedWeight):
             out = out if out.shape[-1] == self.shape[0] else out[:, :self.shape[0]]
         return out if summed else out[None]
 
-    def _rows(self, start: int, count: int) -> Int4Weight:
-        return Int4Weight.of_packed(self.kind, (count, self.shape[1]), self.group_size,
-                                    self.packed[start:start + count], self.scale_and_zeros[:, start:start + count])
-
     def values(self) -> torch.Tensor:
         """The (rows, cols) values 0..15, as uint8."""
         rows = self.scale_and_zeros.shape[1]
@@ -165,9 +153,6 @@ class Int8Weight(PackedWeight):
         super().__init__(kind, tuple(values.shape))
         self.register_buffer("values", values)
         self.register_buffer("scales", scales)
-
-    def _rows(self, start: int, count: int) -> Int8Weight:
-        return Int8Weight(self.kind, self.values[start:start + count], self.scales[start:start + count])
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         """The dequantized rows at `index` (any shape): an embedding lookup."""
